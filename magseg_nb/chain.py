@@ -102,7 +102,9 @@ def read_state(stage_dir: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise StageError(f"{path} is not valid JSON ({err}); delete {stage_dir} and rerun that stage") from err
+        raise StageError(
+            f"{path} is not valid JSON ({err}); delete {stage_dir} and rerun that stage"
+        ) from err
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -360,10 +362,14 @@ def run_chain(
             ) from None
         state = read_state(run_dir / stage)
         if state is None:
-            raise StageError(f"[{stage}] ran but wrote no {STATE_FILE}: the notebook must call stage.finish()")
+            raise StageError(
+                f"[{stage}] ran but wrote no {STATE_FILE}: the notebook must call stage.finish()"
+            )
         state["run_key"] = key
         _write_json_atomic(run_dir / stage / STATE_FILE, state)
         seconds = time.time() - t0
-        log(f"[{stage}] done in {seconds:.0f} s; summary: {json.dumps(state.get('summary', {}), default=str)}")
+        log(
+            f"[{stage}] done in {seconds:.0f} s; summary: {json.dumps(state.get('summary', {}), default=str)}"
+        )
         records.append({"stage": stage, "status": "ran", "seconds": seconds, "summary": state.get("summary")})
     return records

@@ -12,7 +12,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="magseg-nb", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the numbered notebooks with papermill")
-    run.add_argument("--profile", default="demo", help="profile name in profiles/ or a YAML path (default: demo)")
+    run.add_argument(
+        "--profile", default="demo", help="profile name in profiles/ or a YAML path (default: demo)"
+    )
     run.add_argument("--from", dest="start", help="first stage, e.g. 03")
     run.add_argument("--to", dest="stop", help="last stage, e.g. 05")
     run.add_argument("--force", action="store_true", help="rerun stages even when they are up to date")

@@ -1,0 +1,1 @@
+"""Figures (matplotlib) and maps (leafmap), one module per stage: dataset, formats, training, inference, metrics, maps."""

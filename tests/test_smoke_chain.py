@@ -1,0 +1,34 @@
+"""The whole notebook chain runs with papermill on the smoke profile (what CI proves end to end)."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from magseg_nb import chain
+
+from .conftest import stage_dir
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_stage_ran_and_left_state_and_executed_notebook(smoke_run):
+    for stage in chain.STAGES:
+        folder = stage_dir(smoke_run, stage)
+        state = json.loads((folder / "state.json").read_text())
+        assert state["stage"] == stage
+        assert state["outputs"], f"{stage} listed no outputs"
+        assert chain.outputs_intact(folder, state)
+        assert state["params"]["profile"] == "smoke"
+        executed = nbformat.read(smoke_run / "notebooks" / f"{stage}.ipynb", as_version=4)
+        injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert injected and "smoke" in injected[0].source
+    assert not list(smoke_run.glob("*.partial"))
+
+
+def test_a_second_run_skips_everything(smoke_run):
+    path = smoke_run.parent / "smoke.yaml"
+    records = chain.run_chain(str(path), log=lambda *_: None)
+    assert [r["status"] for r in records] == ["skipped"] * len(chain.STAGES)
