@@ -141,3 +141,461 @@ def match_instances(
     out["mean_matched_iou"] = float(miou.mean()) if tp else 0.0
     out["panoptic_quality"] = out["f1"] * out["mean_matched_iou"]
     return out
+
+
+def merge_groups(ct: Contingency, min_inside: float = 0.5) -> np.ndarray:
+    """ALU-style grouping of predictions: for each pred column, the gt row it is merged into (0 = none).
+
+    Rule: a prediction is assigned to the ground-truth field it overlaps most, provided at least
+    ``min_inside`` of the prediction's own pixels lie inside that field. Every prediction assigned
+    to the same field is then merged into one object; unassigned predictions stay alone.
+    """
+    coo = ct.table.tocoo()
+    real = (coo.row > 0) & (coo.col > 0)
+    best_row = np.zeros(ct.pred_ids.size, np.int64)
+    best_px = np.zeros(ct.pred_ids.size, np.int64)
+    # Largest overlap per column (ties: the lower gt id): sort by (col, overlap, -row), keep each
+    # column's last entry.
+    order = np.lexsort((-coo.row[real], coo.data[real], coo.col[real]))
+    cols, rows, data = coo.col[real][order], coo.row[real][order], coo.data[real][order]
+    last = np.r_[cols[1:] != cols[:-1], True] if cols.size else np.zeros(0, bool)
+    best_row[cols[last]], best_px[cols[last]] = rows[last], data[last]
+    inside = best_px >= min_inside * np.maximum(ct.pred_area, 1)
+    return np.where(inside, best_row, 0)
+
+
+def _merged_contingency(ct: Contingency, groups: np.ndarray) -> Contingency:
+    """The table after merging the predictions of each group (a sparse column-summing product)."""
+    n_pred = ct.pred_ids.size
+    # Column 0 stays the background; then one column per field that received predictions (merged),
+    # then one per unassigned prediction (kept alone).
+    assigned = groups > 0
+    assigned[0] = False
+    new_col = np.zeros(n_pred, np.int64)
+    fields, inv = np.unique(groups[assigned], return_inverse=True)
+    new_col[assigned] = 1 + inv
+    alone = np.flatnonzero(~assigned)[1:]
+    new_col[alone] = 1 + fields.size + np.arange(alone.size)
+    assign = scipy.sparse.csr_matrix(
+        (np.ones(n_pred, np.int64), (np.arange(n_pred), new_col)),
+        shape=(n_pred, 1 + fields.size + alone.size),
+    )
+    table = (ct.table @ assign).tocsr()
+    pred_area = np.asarray(table.sum(axis=0)).ravel()
+    return Contingency(table, ct.gt_ids, np.arange(table.shape[1]), ct.gt_area, pred_area)
+
+
+def _best_overlap(ct: Contingency) -> tuple[np.ndarray, np.ndarray]:
+    """For each gt row: the pred column with the largest overlap (0 = none) and that overlap."""
+    fg = ct.table[:, 1:]
+    best = np.asarray(fg.argmax(axis=1)).ravel() + 1
+    px = np.asarray(fg.max(axis=1).todense()).ravel() if fg.shape[1] else np.zeros(fg.shape[0])
+    return np.where(px > 0, best, 0), px
+
+
+def field_table(
+    gt: np.ndarray,
+    pred: np.ndarray,
+    iou_threshold: float = 0.5,
+    valid: np.ndarray | None = None,
+    pixel_area_m2: float | None = None,
+    min_inside: float = 0.5,
+    min_cover: float = 0.5,
+) -> tuple:
+    """Per ground-truth field and per prediction tables (pandas), from one contingency table.
+
+    Field columns: ``gt_id, area_px, area_m2, pred_id`` (one-to-one match, 0 = none), ``iou``,
+    ``matched``, ``alu_matched, alu_iou, n_merged`` (predictions merged into it under the ALU rule),
+    ``over_segmented`` (n_merged >= 2), ``under_segmented`` (a prediction covers >= ``min_cover``
+    of this field and of another field), ``os_error, us_error`` (Persello et al. 2019:
+    1 - |g & p*| / |g| and 1 - |g & p*| / |p*|, p* = the prediction overlapping g most).
+    Prediction columns: ``pred_id, area_px, area_m2, gt_id, iou, matched``.
+    """
+    import pandas as pd
+
+    ct = contingency(gt, pred, valid)
+    rows, cols, inter, iou = _pairs(ct)
+    mr, mc, miou = _one_to_one(rows, cols, iou, iou_threshold)
+    n_g, n_p = ct.gt_ids.size, ct.pred_ids.size
+    g_pred, g_iou = np.zeros(n_g, np.int64), np.zeros(n_g)
+    g_pred[mr], g_iou[mr] = ct.pred_ids[mc], miou
+    p_gt, p_iou = np.zeros(n_p, np.int64), np.zeros(n_p)
+    p_gt[mc], p_iou[mc] = ct.gt_ids[mr], miou
+
+    groups = merge_groups(ct, min_inside)
+    n_merged = np.bincount(groups[1:], minlength=n_g)
+    merged = _merged_contingency(ct, groups)
+    ar, ac, _, aiou = _pairs(merged)
+    amr, _, amiou = _one_to_one(ar, ac, aiou, iou_threshold)
+    a_iou = np.zeros(n_g)
+    a_iou[amr] = amiou
+    a_matched = np.zeros(n_g, bool)
+    a_matched[amr] = True
+
+    # Under-segmentation: predictions covering >= min_cover of two or more fields.
+    covers = inter >= min_cover * ct.gt_area[rows]
+    n_covered = np.bincount(cols[covers], minlength=n_p)
+    under = np.zeros(n_g, bool)
+    under[rows[covers & (n_covered[cols] >= 2)]] = True
+
+    best, best_px = _best_overlap(ct)
+    os_err = 1 - best_px / np.maximum(ct.gt_area, 1)
+    us_err = np.where(best > 0, 1 - best_px / np.maximum(ct.pred_area[best], 1), 1.0)
+
+    px_m2 = pixel_area_m2 if pixel_area_m2 is not None else np.nan
+    fields = pd.DataFrame(
+        {
+            "gt_id": ct.gt_ids,
+            "area_px": ct.gt_area,
+            "area_m2": ct.gt_area * px_m2,
+            "pred_id": g_pred,
+            "iou": g_iou,
+            "matched": g_pred > 0,
+            "alu_matched": a_matched,
+            "alu_iou": a_iou,
+            "n_merged": n_merged,
+            "over_segmented": n_merged >= 2,
+            "under_segmented": under,
+            "os_error": os_err,
+            "us_error": us_err,
+        }
+    ).iloc[1:]
+    preds = pd.DataFrame(
+        {
+            "pred_id": ct.pred_ids,
+            "area_px": ct.pred_area,
+            "area_m2": ct.pred_area * px_m2,
+            "gt_id": p_gt,
+            "iou": p_iou,
+            "matched": p_gt > 0,
+        }
+    ).iloc[1:]
+    return fields.reset_index(drop=True), preds.reset_index(drop=True)
+
+
+def instance_counts(gt, pred, iou_threshold: float = 0.5, valid=None, **kw) -> dict:
+    """Additive counts for one tile (sum over tiles, then :func:`instance_scores_from_counts`)."""
+    fields, preds = field_table(gt, pred, iou_threshold, valid, **kw)
+    n_alu_pred = int(preds.shape[0] - (fields["n_merged"].clip(lower=1) - 1).sum())
+    return {
+        "n_gt": len(fields),
+        "n_pred": len(preds),
+        "tp": int(fields["matched"].sum()),
+        "iou_sum": float(fields["iou"].sum()),
+        "alu_tp": int(fields["alu_matched"].sum()),
+        "alu_n_pred": n_alu_pred,
+        "n_over": int(fields["over_segmented"].sum()),
+        "n_under": int(fields["under_segmented"].sum()),
+        "os_sum": float(fields["os_error"].sum()),
+        "us_sum": float(fields["us_error"].sum()),
+    }
+
+
+def instance_scores(gt, pred, iou_threshold: float = 0.5, valid=None, **kw) -> dict:
+    """Instance scores of one image: one-to-one and ALU-style P/R/F1, over/under-segmentation rates."""
+    c = instance_counts(gt, pred, iou_threshold, valid, **kw)
+    return {k: float(v) for k, v in instance_scores_from_counts(c).items()}
+
+
+def instance_scores_from_counts(c) -> dict:
+    """Scores from (summed) instance counts; works elementwise on numpy arrays (for the bootstrap)."""
+    n_gt, n_pred, tp = (np.asarray(c[k], float) for k in ("n_gt", "n_pred", "tp"))
+    alu_tp, alu_np = np.asarray(c["alu_tp"], float), np.asarray(c["alu_n_pred"], float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {
+            "inst_precision": _safe(tp, n_pred, n_gt == 0),
+            "inst_recall": _safe(tp, n_gt, n_pred == 0),
+            "inst_f1": _safe(2 * tp, n_gt + n_pred, True),
+            "inst_mean_iou": _safe(np.asarray(c["iou_sum"], float), tp, False),
+            "alu_precision": _safe(alu_tp, alu_np, n_gt == 0),
+            "alu_recall": _safe(alu_tp, n_gt, alu_np == 0),
+            "alu_f1": _safe(2 * alu_tp, n_gt + alu_np, True),
+            "over_seg_rate": _safe(np.asarray(c["n_over"], float), n_gt, False),
+            "under_seg_rate": _safe(np.asarray(c["n_under"], float), n_gt, False),
+            "os_error": _safe(np.asarray(c["os_sum"], float), n_gt, False),
+            "us_error": _safe(np.asarray(c["us_sum"], float), n_gt, False),
+        }
+    return out
+
+
+def _safe(num, den, empty_value):
+    """num / den, and ``empty_value`` (1.0 if true, else 0.0) where den == 0."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    res = np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
+    res = np.where(den > 0, res, np.where(empty_value, 1.0, 0.0))
+    return res if res.ndim else float(res)
+
+
+# --- semantic ---------------------------------------------------------------------------------------
+
+
+def confusion_matrix(gt: np.ndarray, pred: np.ndarray, n_classes: int = 4, ignore: int = 255) -> np.ndarray:
+    """(n, n) int64 counts, rows = ground truth, columns = prediction.
+
+    Pixels equal to ``ignore`` in either mask are skipped (NODATA in the labels, or outside the
+    tiles a model was run on).
+    """
+    gt, pred = np.asarray(gt), np.asarray(pred)
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} must have the same shape")
+    keep = (gt != ignore) & (pred != ignore)
+    g, p = gt[keep].astype(np.int64), pred[keep].astype(np.int64)
+    bad = (g < 0) | (g >= n_classes) | (p < 0) | (p >= n_classes)
+    if bad.any():
+        vals = np.unique(np.r_[g[(g < 0) | (g >= n_classes)], p[(p < 0) | (p >= n_classes)]])
+        raise ValueError(f"class ids {vals.tolist()} outside 0..{n_classes - 1} (and not ignore={ignore})")
+    return np.bincount(g * n_classes + p, minlength=n_classes**2).reshape(n_classes, n_classes)
+
+
+def semantic_scores(cm: np.ndarray, classes=None):
+    """Per-class IoU, Dice, precision, recall, support (pandas); NaN where a class is absent on both sides.
+
+    The frame's ``attrs`` hold ``miou`` and ``mdice`` (means over classes that are present) and
+    ``pixel_accuracy``.
+    """
+    import pandas as pd
+
+    from .labels import CLASSES
+
+    cm = np.asarray(cm, float)
+    classes = list(classes or CLASSES[: cm.shape[0]])
+    s = semantic_from_cm(cm)
+    df = pd.DataFrame(
+        {
+            "iou": s["iou"],
+            "dice": s["dice"],
+            "precision": s["precision"],
+            "recall": s["recall"],
+            "support": cm.sum(axis=1).astype(np.int64),
+        },
+        index=pd.Index(classes, name="class"),
+    )
+    df.attrs.update(miou=float(s["miou"]), mdice=float(s["mdice"]), pixel_accuracy=float(s["pixel_accuracy"]))
+    return df
+
+
+def semantic_from_cm(cm: np.ndarray) -> dict:
+    """IoU/Dice/precision/recall per class from a confusion matrix (..., n, n); batched for the bootstrap."""
+    cm = np.asarray(cm, float)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    gt, pr = cm.sum(axis=-1), cm.sum(axis=-2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(gt + pr - tp > 0, tp / (gt + pr - tp), np.nan)
+        dice = np.where(gt + pr > 0, 2 * tp / (gt + pr), np.nan)
+        precision = np.where(pr > 0, tp / pr, np.where(gt > 0, 0.0, np.nan))
+        recall = np.where(gt > 0, tp / gt, np.where(pr > 0, 0.0, np.nan))
+        total = cm.sum(axis=(-2, -1))
+        present = ~np.isnan(iou)
+        miou = np.where(present.any(-1), np.nansum(iou, -1) / np.maximum(present.sum(-1), 1), np.nan)
+        mdice = np.where(present.any(-1), np.nansum(dice, -1) / np.maximum(present.sum(-1), 1), np.nan)
+        acc = np.where(total > 0, tp.sum(-1) / total, np.nan)
+    return {
+        "iou": iou,
+        "dice": dice,
+        "precision": precision,
+        "recall": recall,
+        "miou": miou,
+        "mdice": mdice,
+        "pixel_accuracy": acc,
+    }
+
+
+# --- boundary ---------------------------------------------------------------------------------------
+
+
+def boundaries(labels: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a label image (instance or semantic): pixels next to a different label."""
+    from skimage.segmentation import find_boundaries
+
+    return find_boundaries(np.asarray(labels), mode="inner")
+
+
+def boundary_counts(
+    gt: np.ndarray,
+    pred: np.ndarray,
+    tolerance_px: float | None = 2.0,
+    tolerance_m: float | None = None,
+    pixel_size: float | None = None,
+    valid: np.ndarray | None = None,
+) -> dict:
+    """Additive boundary counts: predicted boundary pixels within the tolerance of a true one, and back.
+
+    ``gt``/``pred`` are label images (boundaries are derived) or bool boundary masks. Give the
+    tolerance in pixels, or in metres with ``pixel_size`` (metres per pixel).
+    """
+    if tolerance_m is not None:
+        if not pixel_size:
+            raise ValueError("tolerance_m needs pixel_size (metres per pixel, e.g. the scene's res_m)")
+        tolerance_px = tolerance_m / pixel_size
+    if tolerance_px is None or tolerance_px < 0:
+        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance_px}")
+    from scipy.ndimage import distance_transform_edt
+
+    gb = np.asarray(gt) if np.asarray(gt).dtype == bool else boundaries(gt)
+    pb = np.asarray(pred) if np.asarray(pred).dtype == bool else boundaries(pred)
+    if gb.shape != pb.shape:
+        raise ValueError(f"ground truth {gb.shape} and prediction {pb.shape} must have the same shape")
+    if valid is not None:
+        gb, pb = gb & valid, pb & valid
+    # Distance of every pixel to the nearest boundary pixel of the other mask (inf if it has none).
+    d_to_gt = distance_transform_edt(~gb) if gb.any() else np.full(gb.shape, np.inf)
+    d_to_pred = distance_transform_edt(~pb) if pb.any() else np.full(pb.shape, np.inf)
+    return {
+        "b_pred": int(pb.sum()),
+        "b_pred_hit": int((d_to_gt[pb] <= tolerance_px).sum()),
+        "b_gt": int(gb.sum()),
+        "b_gt_hit": int((d_to_pred[gb] <= tolerance_px).sum()),
+    }
+
+
+def boundary_scores_from_counts(c, prefix: str = "boundary") -> dict:
+    """Boundary precision, recall, F-score from (summed) counts; elementwise on arrays."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = _safe(c["b_pred_hit"], c["b_pred"], np.asarray(c["b_gt"]) == 0)
+        r = _safe(c["b_gt_hit"], c["b_gt"], np.asarray(c["b_pred"]) == 0)
+        f = _safe(2 * np.asarray(p) * r, np.asarray(p) + r, False)
+    return {f"{prefix}_precision": p, f"{prefix}_recall": r, f"{prefix}_f1": f}
+
+
+def boundary_f1(
+    gt, pred, tolerance_px: float | None = 2.0, tolerance_m=None, pixel_size=None, valid=None
+) -> dict:
+    """Boundary precision/recall/F-score of one image at a tolerance in pixels or metres."""
+    c = boundary_counts(gt, pred, tolerance_px, tolerance_m, pixel_size, valid)
+    s = boundary_scores_from_counts(c)
+    return {
+        "precision": float(s["boundary_precision"]),
+        "recall": float(s["boundary_recall"]),
+        "f1": float(s["boundary_f1"]),
+    }
+
+
+# --- per-tile counts, pooled scores, bootstrap ------------------------------------------------------
+
+
+def tile_counts(
+    gt_semantic: np.ndarray,
+    pred_semantic: np.ndarray | None,
+    gt_instances: np.ndarray,
+    pred_instances: np.ndarray,
+    pixel_size: float,
+    boundary_tol_px: float = 2.0,
+    boundary_tol_m: float = 1.0,
+    iou_threshold: float = 0.5,
+    n_classes: int = 4,
+) -> dict:
+    """Every additive count of one tile: confusion matrix cells ``cm_i_j``, boundary counts at a
+    tolerance in pixels (``b_*``) and in metres (``bm_*``), and instance counts.
+
+    ``pred_semantic=None`` (an instance-only method such as the watershed baseline) gives NaN
+    semantic counts. Pixels where ``gt_semantic`` is NODATA are not scored.
+    """
+    from .labels import NODATA
+
+    out = {}
+    if pred_semantic is None:
+        cm = np.full((n_classes, n_classes), np.nan)
+    else:
+        cm = confusion_matrix(gt_semantic, pred_semantic, n_classes, ignore=NODATA)
+    for i in range(n_classes):
+        for j in range(n_classes):
+            out[f"cm_{i}_{j}"] = cm[i, j]
+    valid = np.asarray(gt_semantic) != NODATA
+    for prefix, kw in (("b", {"tolerance_px": boundary_tol_px}), ("bm", {"tolerance_m": boundary_tol_m})):
+        c = boundary_counts(gt_instances, pred_instances, pixel_size=pixel_size, valid=valid, **kw)
+        out.update({prefix + k[1:]: v for k, v in c.items()})
+    out.update(
+        instance_counts(gt_instances, pred_instances, iou_threshold, valid, pixel_area_m2=pixel_size**2)
+    )
+    return out
+
+
+def scores_from_counts(sums, n_classes: int = 4) -> dict:
+    """Headline scores from counts summed over tiles (scalars, or arrays of bootstrap replicates)."""
+    from .labels import CLASSES
+
+    cm = np.stack(
+        [
+            np.stack([np.asarray(sums[f"cm_{i}_{j}"], float) for j in range(n_classes)], -1)
+            for i in range(n_classes)
+        ],
+        -2,
+    )
+    sem = semantic_from_cm(cm)
+    out = {"miou": sem["miou"], "mdice": sem["mdice"], "pixel_accuracy": sem["pixel_accuracy"]}
+    for k, name in enumerate(CLASSES[:n_classes]):
+        for m in ("iou", "dice", "precision", "recall"):
+            out[f"{m}_{name}"] = sem[m][..., k]
+    for prefix, label in (("b", "boundary_px"), ("bm", "boundary_m")):
+        c = {"b" + k[len(prefix) :]: sums[k] for k in sums if k.startswith(prefix + "_")}
+        out.update(boundary_scores_from_counts(c, label))
+    out.update(instance_scores_from_counts(sums))
+    return out
+
+
+HEADLINE = (
+    "miou",
+    "iou_field",
+    "boundary_px_f1",
+    "boundary_m_f1",
+    "inst_f1",
+    "alu_f1",
+    "over_seg_rate",
+    "under_seg_rate",
+)
+
+
+def bootstrap_ci(values, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, statistic=np.mean):
+    """(estimate, low, high): percentile bootstrap of ``statistic`` over the items of ``values``."""
+    values = np.asarray(values, float)
+    if values.size == 0:
+        return (np.nan, np.nan, np.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, values.size, size=(n_boot, values.size))
+    reps = statistic(values[idx], axis=1)
+    lo, hi = np.nanpercentile(reps, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2])
+    return (float(statistic(values)), float(lo), float(hi))
+
+
+def bootstrap_scores(counts, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, metrics=None):
+    """Pooled scores with percentile bootstrap intervals over tiles (one row per metric).
+
+    ``counts`` has one row per tile (the dicts of :func:`tile_counts`). Each replicate resamples the
+    tiles with replacement (multinomial weights), sums their counts and recomputes the scores, so
+    ratios such as F1 are pooled the same way as the estimate. Returns columns
+    ``metric, value, lo, hi, n_tiles``.
+    """
+    import pandas as pd
+
+    cols = [c for c in counts.columns if c.startswith(("cm_", "b_", "bm_")) or c in _INSTANCE_KEYS]
+    x = counts[cols].to_numpy(float)
+    n = x.shape[0]
+    point = scores_from_counts(dict(zip(cols, x.sum(0), strict=True)))
+    if n:
+        rng = np.random.default_rng(seed)
+        weights = rng.multinomial(n, np.full(n, 1 / n), size=n_boot)  # (n_boot, n_tiles)
+        # NaN counts (no semantic output) become zeros here, which score NaN again (empty classes).
+        reps = scores_from_counts(dict(zip(cols, (weights @ np.nan_to_num(x, nan=0.0)).T, strict=True)))
+    rows = []
+    for name in metrics or point:
+        val = float(point[name])
+        if n and not np.isnan(val):
+            lo, hi = np.nanpercentile(reps[name], [100 * (1 - ci) / 2, 100 * (1 + ci) / 2])
+        else:
+            lo = hi = np.nan
+        rows.append({"metric": name, "value": val, "lo": float(lo), "hi": float(hi), "n_tiles": n})
+    return pd.DataFrame(rows)
+
+
+_INSTANCE_KEYS = (
+    "n_gt",
+    "n_pred",
+    "tp",
+    "iou_sum",
+    "alu_tp",
+    "alu_n_pred",
+    "n_over",
+    "n_under",
+    "os_sum",
+    "us_sum",
+)

@@ -128,3 +128,174 @@ def _loop_tp(gt, pred):
             if (gm & pm).sum() / (gm | pm).sum() > 0.5:
                 tp += 1
     return tp
+
+
+# --- ALU-style merging, over/under-segmentation, per-field table -----------------------------------
+
+
+def _split_and_merge_scene():
+    """GT: fields 1 (rows 0-3, cols 0-7, 32 px), 2 and 3 (rows 5-7, cols 0-3 / 4-7, 12 px each).
+
+    Pred 1 and 2 split field 1 into two halves (16 px each, IoU 0.5 each: one matches one-to-one);
+    pred 3 covers fields 2 and 3 together (24 px, IoU 0.5 with each: one of them matches).
+    """
+    gt = np.zeros((8, 8), np.int32)
+    gt[0:4, :] = 1
+    gt[5:8, 0:4], gt[5:8, 4:8] = 2, 3
+    pred = np.zeros_like(gt)
+    pred[0:4, 0:4], pred[0:4, 4:8] = 1, 2
+    pred[5:8, :] = 3
+    return gt, pred
+
+
+def test_alu_merge_joins_split_predictions():
+    gt, pred = _split_and_merge_scene()
+    fields, preds = metrics.field_table(gt, pred)
+    f = fields.set_index("gt_id")
+    # One-to-one: pred 1 takes field 1 (ties go to the lower id), pred 3 takes field 2.
+    assert f["pred_id"].tolist() == [1, 3, 0]
+    assert f["iou"].tolist() == [0.5, 0.5, 0.0]
+    # ALU: preds 1 and 2 lie fully inside field 1 -> merged -> IoU 1.0. Pred 3 is only half inside
+    # field 2 (12 of 24 px = 0.5 >= min_inside) -> assigned to field 2 alone -> IoU 0.5.
+    assert f["n_merged"].tolist() == [2, 1, 0]
+    assert f["alu_iou"].tolist() == [1.0, 0.5, 0.0]
+    assert f["over_segmented"].tolist() == [True, False, False]
+    assert f["under_segmented"].tolist() == [False, True, True]
+    # Persello errors for field 1: best pred covers 16/32 -> OS 0.5, pred fully inside -> US 0.
+    assert f.loc[1, "os_error"] == 0.5 and f.loc[1, "us_error"] == 0.0
+    assert f.loc[2, "os_error"] == 0.0 and f.loc[2, "us_error"] == 0.5
+    p = preds.set_index("pred_id")
+    assert p["gt_id"].tolist() == [1, 0, 2] and p["area_px"].tolist() == [16, 16, 24]
+
+    s = metrics.instance_scores(gt, pred)
+    assert s["inst_precision"] == pytest.approx(2 / 3) and s["inst_recall"] == pytest.approx(2 / 3)
+    # After merging: 2 predicted objects, both matched; 3 fields -> P 1, R 2/3, F1 0.8.
+    assert s["alu_precision"] == 1.0 and s["alu_recall"] == pytest.approx(2 / 3)
+    assert s["alu_f1"] == pytest.approx(0.8)
+    assert s["over_seg_rate"] == pytest.approx(1 / 3) and s["under_seg_rate"] == pytest.approx(2 / 3)
+
+
+def test_alu_keeps_predictions_that_are_mostly_outside():
+    gt = np.zeros((4, 10), np.int32)
+    gt[:, 0:4] = 1
+    pred = np.zeros_like(gt)
+    pred[:, 0:2] = 1  # inside the field
+    pred[:, 3:10] = 2  # 4 of 28 px inside: not merged
+    fields, _ = metrics.field_table(gt, pred)
+    assert fields["n_merged"].tolist() == [1]
+    assert fields["alu_iou"].tolist() == [0.5]
+
+
+def test_field_table_areas_in_square_metres():
+    gt, pred = _split_and_merge_scene()
+    fields, preds = metrics.field_table(gt, pred, pixel_area_m2=0.25)
+    assert fields["area_m2"].tolist() == [8.0, 3.0, 3.0]
+    assert preds["area_m2"].tolist() == [4.0, 4.0, 6.0]
+
+
+# --- semantic ---------------------------------------------------------------------------------------
+
+
+def test_confusion_matrix_and_scores_by_hand():
+    gt = np.array([[0, 0, 1, 1], [1, 1, 2, 255]])
+    pred = np.array([[0, 1, 1, 1], [1, 0, 2, 3]])
+    cm = metrics.confusion_matrix(gt, pred)
+    expected = np.zeros((4, 4), int)
+    expected[0, 0], expected[0, 1], expected[1, 1], expected[1, 0], expected[2, 2] = 1, 1, 3, 1, 1
+    np.testing.assert_array_equal(cm, expected)
+    df = metrics.semantic_scores(cm)
+    # others: tp 1, gt 2, pred 2 -> IoU 1/3, Dice 1/2; field: tp 3, gt 4, pred 4 -> IoU 3/5, Dice 3/4.
+    assert df.loc["others", "iou"] == pytest.approx(1 / 3)
+    assert df.loc["field", "iou"] == pytest.approx(3 / 5)
+    assert df.loc["field", "dice"] == pytest.approx(0.75)
+    assert df.loc["field", "precision"] == 0.75 and df.loc["tree", "iou"] == 1.0
+    assert np.isnan(df.loc["water", "iou"])  # ignored pixel was the only water: absent class
+    assert df.attrs["miou"] == pytest.approx((1 / 3 + 3 / 5 + 1) / 3)
+    assert df.attrs["pixel_accuracy"] == pytest.approx(5 / 7)
+    assert df["support"].tolist() == [2, 4, 1, 0]
+
+
+def test_confusion_matrix_ignores_prediction_nodata_and_rejects_unknown_ids():
+    gt = np.array([[1, 1]])
+    assert metrics.confusion_matrix(gt, np.array([[1, 255]])).sum() == 1
+    with pytest.raises(ValueError, match="class ids \\[7\\]"):
+        metrics.confusion_matrix(gt, np.array([[1, 7]]))
+
+
+# --- boundary ---------------------------------------------------------------------------------------
+
+
+def test_boundary_f1_pixels_and_metres():
+    gt = np.zeros((20, 20), np.int32)
+    gt[:, 10:] = 1
+    pred = np.zeros_like(gt)
+    pred[:, 12:] = 1  # the edge is shifted by 2 px
+    # inner boundaries (field pixels next to another label): gt col 10, pred col 12 -> 2 px apart
+    assert metrics.boundary_f1(gt, pred, tolerance_px=0)["f1"] == 0.0
+    assert metrics.boundary_f1(gt, pred, tolerance_px=1)["f1"] == 0.0
+    assert metrics.boundary_f1(gt, pred, tolerance_px=2)["f1"] == 1.0
+    half = pred.copy()
+    half[10:, 10:12] = 1  # lower half of the edge now exact
+    # pred edge: rows 0-9 at col 12, rows 10-19 at col 10, plus the step (row 10, col 11): 21 px,
+    # 11 of them within 1 px of col 10; gt edge rows 9-19 lie within 1 px of a pred edge: 11 of 20.
+    one = metrics.boundary_f1(gt, half, tolerance_px=1)
+    assert one["precision"] == pytest.approx(11 / 21) and one["recall"] == pytest.approx(11 / 20)
+    # 0.5 m pixels: 1 m = 2 px
+    assert metrics.boundary_f1(gt, pred, tolerance_px=None, tolerance_m=1.0, pixel_size=0.5)["f1"] == 1.0
+    assert metrics.boundary_f1(gt, pred, tolerance_px=None, tolerance_m=0.5, pixel_size=0.5)["f1"] == 0.0
+    with pytest.raises(ValueError, match="pixel_size"):
+        metrics.boundary_f1(gt, pred, tolerance_m=1.0)
+
+
+def test_boundary_f1_empty_sides():
+    empty = np.zeros((5, 5), np.int32)
+    one = empty.copy()
+    one[1:4, 1:4] = 1
+    assert metrics.boundary_f1(empty, empty)["f1"] == 1.0
+    assert metrics.boundary_f1(one, empty)["f1"] == 0.0
+
+
+# --- pooling and bootstrap --------------------------------------------------------------------------
+
+
+def _tile(shift):
+    sem = np.zeros((16, 16), np.uint8)
+    sem[:, 8:] = 1
+    inst = (sem == 1).astype(np.int32)
+    psem = np.zeros_like(sem)
+    psem[:, 8 + shift :] = 1
+    return sem, psem, inst, (psem == 1).astype(np.int32)
+
+
+def test_tile_counts_pool_to_scores():
+    import pandas as pd
+
+    counts = pd.DataFrame([metrics.tile_counts(*_tile(s), pixel_size=0.5) for s in (0, 0, 2)])
+    assert counts[["tp", "n_gt", "n_pred"]].sum().tolist() == [3, 3, 3]
+    table = metrics.bootstrap_scores(counts, n_boot=200).set_index("metric")
+    assert table.loc["inst_f1", "value"] == 1.0
+    # field IoU pooled: perfect tiles 128/128 twice, shifted tile 96/128 -> (128+128+96)/(3*128)
+    assert table.loc["iou_field", "value"] == pytest.approx(352 / 384)
+    lo, hi = table.loc["iou_field", ["lo", "hi"]]
+    assert 0.75 - 1e-9 <= lo <= 352 / 384 <= hi <= 1.0
+    assert table.loc["boundary_m_f1", "value"] == 1.0  # 1 m = 2 px covers the shift
+    assert table.loc["boundary_px_f1", "value"] == 1.0
+    assert (table["n_tiles"] == 3).all()
+
+
+def test_instance_only_method_has_nan_semantic_scores():
+    import pandas as pd
+
+    sem, _, inst, _ = _tile(0)
+    counts = pd.DataFrame([metrics.tile_counts(sem, None, inst, inst, pixel_size=1.0)])
+    table = metrics.bootstrap_scores(counts, n_boot=50).set_index("metric")
+    assert np.isnan(table.loc["miou", "value"]) and table.loc["inst_f1", "value"] == 1.0
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_reproducible():
+    values = [0.2, 0.4, 0.6, 0.8]
+    est, lo, hi = metrics.bootstrap_ci(values, n_boot=500, seed=1)
+    assert est == pytest.approx(0.5) and 0.2 <= lo < 0.5 < hi <= 0.8
+    assert metrics.bootstrap_ci(values, n_boot=500, seed=1) == (est, lo, hi)
+    assert metrics.bootstrap_ci([5.0, 5.0]) == (5.0, 5.0, 5.0)
+    assert all(np.isnan(metrics.bootstrap_ci([])))
