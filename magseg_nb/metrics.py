@@ -8,6 +8,7 @@ Python loop over pairs of instances.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse
@@ -275,7 +276,11 @@ def field_table(
 
 def instance_counts(gt, pred, iou_threshold: float = 0.5, valid=None, **kw) -> dict:
     """Additive counts for one tile (sum over tiles, then :func:`instance_scores_from_counts`)."""
-    fields, preds = field_table(gt, pred, iou_threshold, valid, **kw)
+    return counts_from_tables(*field_table(gt, pred, iou_threshold, valid, **kw))
+
+
+def counts_from_tables(fields, preds) -> dict:
+    """Additive instance counts from the tables of :func:`field_table`."""
     n_alu_pred = int(preds.shape[0] - (fields["n_merged"].clip(lower=1) - 1).sum())
     return {
         "n_gt": len(fields),
@@ -483,12 +488,14 @@ def tile_counts(
     boundary_tol_m: float = 1.0,
     iou_threshold: float = 0.5,
     n_classes: int = 4,
-) -> dict:
+    return_tables: bool = False,
+):
     """Every additive count of one tile: confusion matrix cells ``cm_i_j``, boundary counts at a
     tolerance in pixels (``b_*``) and in metres (``bm_*``), and instance counts.
 
     ``pred_semantic=None`` (an instance-only method such as the watershed baseline) gives NaN
-    semantic counts. Pixels where ``gt_semantic`` is NODATA are not scored.
+    semantic counts. Pixels where ``gt_semantic`` is NODATA are not scored. With
+    ``return_tables`` also the per-field and per-prediction tables of :func:`field_table`.
     """
     from .labels import NODATA
 
@@ -504,9 +511,12 @@ def tile_counts(
     for prefix, kw in (("b", {"tolerance_px": boundary_tol_px}), ("bm", {"tolerance_m": boundary_tol_m})):
         c = boundary_counts(gt_instances, pred_instances, pixel_size=pixel_size, valid=valid, **kw)
         out.update({prefix + k[1:]: v for k, v in c.items()})
-    out.update(
-        instance_counts(gt_instances, pred_instances, iou_threshold, valid, pixel_area_m2=pixel_size**2)
+    fields, preds = field_table(
+        gt_instances, pred_instances, iou_threshold, valid, pixel_area_m2=pixel_size**2
     )
+    out.update(counts_from_tables(fields, preds))
+    if return_tables:
+        return out, fields, preds
     return out
 
 
@@ -599,3 +609,215 @@ _INSTANCE_KEYS = (
     "os_sum",
     "us_sum",
 )
+
+
+def compare_methods(
+    counts_a, counts_b, metrics=HEADLINE, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+):
+    """Paired bootstrap of B - A over the same tiles (one row per metric: a, b, diff, lo, hi).
+
+    Both frames must hold the same tiles (column ``tile_id``); each replicate resamples tiles once
+    and scores both methods on that sample, so tile difficulty cancels out of the interval.
+    """
+    import pandas as pd
+
+    a = counts_a.set_index("tile_id").sort_index()
+    b = counts_b.set_index("tile_id").sort_index()
+    if not a.index.equals(b.index):
+        raise ValueError("compare_methods needs the same tiles on both sides (see the tile_id columns)")
+    cols = [c for c in a.columns if c.startswith(("cm_", "b_", "bm_")) or c in _INSTANCE_KEYS]
+    xa, xb = a[cols].to_numpy(float), b[cols].to_numpy(float)
+    n = xa.shape[0]
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(n, np.full(n, 1 / n), size=n_boot) if n else np.zeros((n_boot, 0))
+    pa, pb = (scores_from_counts(dict(zip(cols, x.sum(0), strict=True))) for x in (xa, xb))
+    ra, rb = (scores_from_counts(dict(zip(cols, (w @ np.nan_to_num(x)).T, strict=True))) for x in (xa, xb))
+    rows = []
+    for m in metrics:
+        d = rb[m] - ra[m]
+        ok = ~np.isnan(d)
+        lo, hi = np.percentile(d[ok], [100 * (1 - ci) / 2, 100 * (1 + ci) / 2]) if ok.any() else (np.nan,) * 2
+        rows.append(
+            {
+                "metric": m,
+                "a": float(pa[m]),
+                "b": float(pb[m]),
+                "diff": float(pb[m] - pa[m]),
+                "lo": float(lo),
+                "hi": float(hi),
+                "n_tiles": n,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def describe_difference(row, name_a: str, name_b: str) -> str:
+    """One sentence reading a row of :func:`compare_methods`, worded from the interval only."""
+    m, d, lo, hi = row["metric"], row["diff"], row["lo"], row["hi"]
+    if np.isnan(d):
+        return f"{m}: not available for both {name_a} and {name_b}."
+    head = f"{m}: {name_b} {row['b']:.3f} vs {name_a} {row['a']:.3f} (difference {d:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f}"
+    head += f", {int(row['n_tiles'])} tiles)"
+    lower_better = m in ("over_seg_rate", "under_seg_rate", "os_error", "us_error")
+    if np.isnan(lo) or (lo <= 0 <= hi):
+        return head + ": the interval includes zero, so this data cannot tell them apart."
+    better = (lo > 0) != lower_better
+    return head + f": {name_b if better else name_a} is better on this data."
+
+
+# --- run folders: read the stages' rasters and score every method over the same tiles --------------
+
+
+def read_raster(path, what: str = "raster"):
+    """(array of band 1, rasterio profile), with a clear error naming the file."""
+    import rasterio
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist: run the stage that writes it first")
+    try:
+        with rasterio.open(path) as src:
+            return src.read(1), src.profile
+    except rasterio.errors.RasterioIOError as err:
+        raise ValueError(f"{what} {path} cannot be read ({err}); rerun the stage that writes it") from err
+
+
+def _same_grid(gt_profile, pred_profile, path) -> None:
+    same = (gt_profile["height"], gt_profile["width"]) == (pred_profile["height"], pred_profile["width"])
+    if not same or not gt_profile["transform"].almost_equals(pred_profile["transform"]):
+        raise ValueError(
+            f"{path} is not on the scene grid (shape {pred_profile['height']}x{pred_profile['width']}, "
+            f"transform {tuple(pred_profile['transform'])[:6]}; scene {gt_profile['height']}x{gt_profile['width']}, "
+            f"{tuple(gt_profile['transform'])[:6]}): write predictions with the scene's transform"
+        )
+
+
+def evaluate_method(
+    run01,
+    tiles,
+    semantic: dict | None,
+    instances: dict | None,
+    boundary_tol_px: float = 2.0,
+    boundary_tol_m: float = 1.0,
+    iou_threshold: float = 0.5,
+):
+    """Score one method on the given tiles; returns (counts, fields) DataFrames, one row per tile / field.
+
+    ``semantic`` / ``instances`` map scene_id -> predicted GeoTIFF on the scene grid (semantic uint8
+    with 255 outside inferred tiles; instances int32). ``instances=None`` takes connected components
+    of the predicted field class as instances; ``semantic=None`` scores instances only. Instances are
+    scored per tile: a field cut by a tile edge counts as its part inside each tile, on both sides.
+    """
+    import pandas as pd
+    from skimage.measure import label as connected
+
+    from .labels import CLASS_IDS
+
+    run01 = Path(run01)
+    counts, fields = [], []
+    for scene_id, group in tiles.groupby("scene_id", sort=True):
+        folder = run01 / "scenes" / str(scene_id)
+        gt_sem, prof = read_raster(folder / "semantic.tif", "ground-truth semantic mask")
+        gt_inst, _ = read_raster(folder / "instances.tif", "ground-truth instance mask")
+        pixel = abs(prof["transform"].a)
+        pred_sem = pred_inst = None
+        if semantic is not None:
+            pred_sem, p = read_raster(semantic[scene_id], "predicted semantic mask")
+            _same_grid(prof, p, semantic[scene_id])
+        if instances is not None:
+            pred_inst, p = read_raster(instances[scene_id], "predicted instance mask")
+            _same_grid(prof, p, instances[scene_id])
+        for t in group.itertuples():
+            win = np.s_[t.row_off : t.row_off + t.height, t.col_off : t.col_off + t.width]
+            ps = None if pred_sem is None else pred_sem[win]
+            pi = connected(ps == CLASS_IDS["field"], connectivity=1) if pred_inst is None else pred_inst[win]
+            c, f, _ = tile_counts(
+                gt_sem[win],
+                ps,
+                gt_inst[win],
+                pi,
+                pixel,
+                boundary_tol_px,
+                boundary_tol_m,
+                iou_threshold,
+                return_tables=True,
+            )
+            meta = {"tile_id": t.tile_id, "scene_id": scene_id, "country": getattr(t, "country", "")}
+            counts.append({**meta, **c})
+            fields.append(f.assign(**meta))
+    fields = pd.concat(fields, ignore_index=True) if fields else pd.DataFrame()
+    return pd.DataFrame(counts), fields
+
+
+def discover_methods(run01, run05) -> list[dict]:
+    """The methods to score: each 05_inference variant coarse and refined, and the watershed baseline.
+
+    Coarse masks get connected-component instances; refined masks come with 05's instances/ rasters.
+    Each entry: name, variant, format, training, refinement, semantic, instances, tile_ids (or None).
+    """
+    import pandas as pd
+
+    run01, run05 = Path(run01), Path(run05)
+    methods = []
+    for vdir in sorted(p for p in run05.iterdir() if p.is_dir()) if run05.exists() else []:
+        fmt, _, training = vdir.name.rpartition("-")
+        tiles_csv = vdir / "tiles.csv"
+        ids = set(pd.read_csv(tiles_csv)["tile_id"].astype(str)) if tiles_csv.exists() else None
+        for refinement in ("coarse", "refined"):
+            sem = {p.stem: p for p in sorted((vdir / refinement).glob("*.tif"))}
+            if not sem:
+                continue
+            inst = (
+                {p.stem: p for p in sorted((vdir / "instances").glob("*.tif"))}
+                if refinement == "refined"
+                else None
+            )
+            methods.append(
+                {
+                    "name": f"{vdir.name} {refinement}",
+                    "variant": vdir.name,
+                    "format": fmt or vdir.name,
+                    "training": training,
+                    "refinement": refinement,
+                    "semantic": sem,
+                    "instances": inst or None,
+                    "tile_ids": ids,
+                }
+            )
+    base = {
+        p.name.removesuffix("_instances.tif"): p for p in sorted((run01 / "baseline").glob("*_instances.tif"))
+    }
+    if base:
+        methods.append(
+            {
+                "name": "watershed baseline",
+                "variant": "baseline",
+                "format": "watershed",
+                "training": "none",
+                "refinement": "watershed",
+                "semantic": None,
+                "instances": base,
+                "tile_ids": None,
+            }
+        )
+    return methods
+
+
+def common_tiles(tiles, methods: list[dict], split: str = "test"):
+    """The tiles of ``split`` that every method has predictions for (so all are scored on the same set)."""
+    keep = tiles[tiles["split"] == split] if "split" in tiles else tiles
+    keep = keep.assign(tile_id=keep["tile_id"].astype(str))
+    for m in methods:
+        scenes = set((m["semantic"] or m["instances"]).keys())
+        keep = keep[keep["scene_id"].astype(str).isin(scenes)]
+        if m["tile_ids"] is not None:
+            keep = keep[keep["tile_id"].isin(m["tile_ids"])]
+    return keep.reset_index(drop=True)
+
+
+def scene_tables(
+    gt_instances, pred_instances, pred_semantic=None, iou_threshold: float = 0.5, pixel_area_m2=None
+):
+    """Scene-wide field and prediction tables (for map popups), scored where the model was run."""
+    valid = None if pred_semantic is None else np.asarray(pred_semantic) != 255
+    return field_table(gt_instances, pred_instances, iou_threshold, valid, pixel_area_m2=pixel_area_m2)

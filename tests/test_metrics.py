@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -299,3 +301,241 @@ def test_bootstrap_ci_brackets_the_mean_and_is_reproducible():
     assert metrics.bootstrap_ci(values, n_boot=500, seed=1) == (est, lo, hi)
     assert metrics.bootstrap_ci([5.0, 5.0]) == (5.0, 5.0, 5.0)
     assert all(np.isnan(metrics.bootstrap_ci([])))
+
+
+# --- a synthetic run folder in the documented layout (01 scenes + baseline, 05 variants) -----------
+
+SCENES = {"vn0": ("Vietnam", (500000.0, 1200000.0)), "kh0": ("Cambodia", (450000.0, 1300000.0))}
+SIZE, TILE, RES = 128, 64, 0.5
+
+
+def _synthetic_scene(rng):
+    """Semantic + instances: 14 px fields on a 16 px grid (2 px bunds), a pond and a tree block."""
+    sem = np.zeros((SIZE, SIZE), np.uint8)
+    inst = np.zeros((SIZE, SIZE), np.int32)
+    k = 0
+    for r in range(0, SIZE, 16):
+        for c in range(0, SIZE, 16):
+            k += 1
+            sem[r : r + 14, c : c + 14], inst[r : r + 14, c : c + 14] = 1, k
+    sem[96:128, 0:32], inst[96:128, 0:32] = 3, 0
+    sem[0:16, 96:128], inst[0:16, 96:128] = 2, 0
+    return sem, inst
+
+
+def _degrade(sem, inst, rng, cell, n_split, n_merge):
+    """A plausible prediction: blocky semantic (cell-sized majority), some fields split, some merged."""
+    from skimage.measure import label
+
+    coarse = (
+        sem.reshape(SIZE // cell, cell, SIZE // cell, cell).transpose(0, 2, 1, 3).reshape(-1, cell * cell)
+    )
+    coarse = np.array([np.bincount(v, minlength=4).argmax() for v in coarse], np.uint8)
+    coarse = np.kron(coarse.reshape(SIZE // cell, SIZE // cell), np.ones((cell, cell), np.uint8))
+    refined = sem.copy()
+    ids = rng.permutation(np.unique(inst[inst > 0]))
+    for g in ids[:n_merge]:  # erase the bund to the right: two fields merge
+        rr, cc = np.nonzero(inst == g)
+        refined[rr.min() : rr.max() + 1, cc.max() + 1 : min(cc.max() + 3, SIZE)] = 1
+    pred_inst = label(refined == 1, connectivity=1).astype(np.int32)
+    nxt = pred_inst.max() + 1
+    for g in ids[n_merge : n_merge + n_split]:  # split a field in two halves
+        rr, cc = np.nonzero((inst == g) & (pred_inst > 0))
+        if rr.size:
+            half = cc < cc.min() + (cc.max() - cc.min() + 1) // 2
+            pred_inst[rr[half], cc[half]] = nxt
+            nxt += 1
+    return coarse, refined, pred_inst
+
+
+def _write(path, arr, transform, nodata=None):
+    import rasterio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = arr if arr.ndim == 3 else arr[None]
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        height=arr.shape[1],
+        width=arr.shape[2],
+        count=arr.shape[0],
+        dtype=arr.dtype,
+        crs="EPSG:32648",
+        transform=transform,
+        nodata=nodata,
+    ) as dst:
+        dst.write(arr)
+
+
+def _polygons(inst, sem, transform, **cols):
+    import geopandas as gpd
+    import rasterio.features
+    from shapely.geometry import shape
+
+    from magseg_nb.labels import CLASSES
+
+    rows = [(int(v), shape(g)) for g, v in rasterio.features.shapes(inst, mask=inst > 0, transform=transform)]
+    gdf = gpd.GeoDataFrame(
+        {"field_id": [r[0] for r in rows]}, geometry=[r[1] for r in rows], crs="EPSG:32648"
+    )
+    gdf["class"] = [CLASSES[int(sem[inst == i].max())] for i in gdf["field_id"]]
+    for k, v in cols.items():
+        gdf[k] = v
+    return gdf
+
+
+def make_synthetic_run(run_dir: Path, variants=("magseg-sft", "magseg-grpo", "text4seg-sft")) -> Path:
+    """01_dataset_prep and 05_inference folders in the documented layout, with finished state files."""
+    import json
+
+    import pandas as pd
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(0)
+    run01, run05 = run_dir / "01_dataset_prep", run_dir / "05_inference"
+    tiles, scenes = [], []
+    for s_i, (sid, (country, (x0, y0))) in enumerate(SCENES.items()):
+        transform = from_origin(x0, y0, RES, RES)
+        sem, inst = _synthetic_scene(rng)
+        inst = np.where(inst > 0, inst + 1000 * s_i, 0).astype(np.int32)
+        palette = np.array([(150, 140, 120), (200, 180, 70), (30, 100, 40), (40, 80, 160)], np.uint8)
+        image = (palette[sem] + rng.integers(0, 20, (SIZE, SIZE, 3))).astype(np.uint8).transpose(2, 0, 1)
+        folder = run01 / "scenes" / sid
+        _write(folder / "image.tif", image, transform)
+        _write(folder / "semantic.tif", sem, transform, nodata=255)
+        _write(folder / "instances.tif", inst, transform)
+        _polygons(inst, sem, transform).to_file(folder / "labels.gpkg", layer="labels")
+        _, _, base = _degrade(sem, inst, rng, 8, n_split=6, n_merge=6)
+        _write(run01 / "baseline" / f"{sid}_instances.tif", base, transform)
+        for r in range(0, SIZE, TILE):
+            for c in range(0, SIZE, TILE):
+                split = "train" if (r, c) == (0, 0) else "test"
+                tiles.append(
+                    {
+                        "tile_id": f"{sid}_r{r // TILE}_c{c // TILE}",
+                        "scene_id": sid,
+                        "country": country,
+                        "row_off": r,
+                        "col_off": c,
+                        "height": TILE,
+                        "width": TILE,
+                        "block_id": 0,
+                        "split": split,
+                    }
+                )
+        scenes.append(
+            {
+                "scene_id": sid,
+                "country": country,
+                "crs": "EPSG:32648",
+                "res_m": RES,
+                "width": SIZE,
+                "height": SIZE,
+                "n_fields": int(inst.max() > 0),
+            }
+        )
+        inferred = np.zeros((SIZE, SIZE), bool)
+        inferred[:, :] = True
+        inferred[:TILE, :TILE] = False  # the train tile is not inferred
+        for v_i, variant in enumerate(variants):
+            cell = 16 if variant.startswith("text4seg") else 8
+            coarse, refined, pinst = _degrade(sem, inst, rng, cell, n_split=4 - v_i, n_merge=3 - v_i)
+            vdir = run05 / variant
+            _write(
+                vdir / "coarse" / f"{sid}.tif",
+                np.where(inferred, coarse, 255).astype(np.uint8),
+                transform,
+                255,
+            )
+            _write(
+                vdir / "refined" / f"{sid}.tif",
+                np.where(inferred, refined, 255).astype(np.uint8),
+                transform,
+                255,
+            )
+            _write(
+                vdir / "instances" / f"{sid}.tif", np.where(inferred, pinst, 0).astype(np.int32), transform
+            )
+            gdf = _polygons(
+                np.where(inferred, pinst, 0).astype(np.int32),
+                refined,
+                transform,
+                scene_id=sid,
+                tile_id="",
+                confidence=1.0,
+            ).rename(columns={"field_id": "instance_id"})
+            gdf["area_m2"] = gdf.geometry.area
+            path = vdir / "fields.gpkg"
+            if path.exists():
+                old = __import__("geopandas").read_file(path, layer="fields")
+                gdf = pd.concat([old, gdf], ignore_index=True)
+            gdf.to_file(path, layer="fields")
+    tiles = pd.DataFrame(tiles)
+    tiles.to_csv(run01 / "tiles.csv", index=False)
+    pd.DataFrame(scenes).to_csv(run01 / "scenes.csv", index=False)
+    for variant in variants:
+        tiles[tiles["split"] == "test"][["tile_id", "scene_id"]].assign(n_answers=4, n_malformed=0).to_csv(
+            run05 / variant / "tiles.csv", index=False
+        )
+    for folder in (run01, run05):
+        (folder / "state.json").write_text(
+            json.dumps(
+                {"stage": folder.name, "outputs": {}, "summary": {}, "fingerprint": "synthetic", "params": {}}
+            )
+        )
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    return make_synthetic_run(tmp_path_factory.mktemp("synthetic") / "runs" / "syn")
+
+
+def test_evaluate_methods_on_a_synthetic_run(synthetic_run):
+    import geopandas as gpd
+    import pandas as pd
+
+    run01, run05 = synthetic_run / "01_dataset_prep", synthetic_run / "05_inference"
+    methods = metrics.discover_methods(run01, run05)
+    names = [m["name"] for m in methods]
+    assert names == [
+        "magseg-grpo coarse",
+        "magseg-grpo refined",
+        "magseg-sft coarse",
+        "magseg-sft refined",
+        "text4seg-sft coarse",
+        "text4seg-sft refined",
+        "watershed baseline",
+    ]
+    tiles = metrics.common_tiles(pd.read_csv(run01 / "tiles.csv"), methods)
+    assert len(tiles) == 6 and "vn0_r0_c0" not in set(tiles["tile_id"])
+    by_name = {m["name"]: m for m in methods}
+    counts, fields = metrics.evaluate_method(
+        run01, tiles, by_name["magseg-sft refined"]["semantic"], by_name["magseg-sft refined"]["instances"]
+    )
+    assert len(counts) == 6 and set(counts["country"]) == {"Vietnam", "Cambodia"}
+    # Every GT field piece in the scored tiles appears once in the field table.
+    assert len(fields) == counts["n_gt"].sum() and {"tile_id", "scene_id", "iou"} <= set(fields.columns)
+    table = metrics.bootstrap_scores(counts, n_boot=100).set_index("metric")
+    assert 0.5 < table.loc["iou_field", "value"] <= 1 and 0 < table.loc["inst_f1", "value"] < 1
+    base_counts, _ = metrics.evaluate_method(run01, tiles, None, by_name["watershed baseline"]["instances"])
+    diff = metrics.compare_methods(base_counts, counts, n_boot=100)
+    assert list(diff["metric"]) == list(metrics.HEADLINE)
+    text = metrics.describe_difference(diff[diff["metric"] == "inst_f1"].iloc[0], "baseline", "sft")
+    assert text.startswith("inst_f1: sft")
+    assert gpd.read_file(run05 / "magseg-sft" / "fields.gpkg", layer="fields").crs.to_epsg() == 32648
+
+
+def test_evaluate_method_rejects_a_prediction_off_the_scene_grid(synthetic_run, tmp_path):
+    import pandas as pd
+    from rasterio.transform import from_origin
+
+    run01 = synthetic_run / "01_dataset_prep"
+    bad = tmp_path / "vn0.tif"
+    _write(bad, np.zeros((SIZE, SIZE), np.uint8), from_origin(0, 0, RES, RES))
+    tiles = pd.read_csv(run01 / "tiles.csv").query("scene_id == 'vn0'")
+    with pytest.raises(ValueError, match="not on the scene grid"):
+        metrics.evaluate_method(run01, tiles, {"vn0": bad}, None)
+    with pytest.raises(FileNotFoundError, match="missing.tif does not exist"):
+        metrics.evaluate_method(run01, tiles, {"vn0": tmp_path / "missing.tif"}, None)
