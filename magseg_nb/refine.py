@@ -1,0 +1,539 @@
+"""SAM refinement of coarse class masks, watershed field instances, and polygonization.
+
+- ``load_sam`` gives a ``segment_anything.SamPredictor`` for a backend: ``none`` (no refinement),
+  ``tiny`` (a small randomly initialised SAM built from segment-anything's own classes, for tests and
+  the CPU profiles: it proves the wiring, it cannot improve a mask), ``vit_b`` / ``vit_h`` (the real
+  checkpoints, fetched with SHA-256 from ``data_manifests/sam_checkpoints.yaml``; meant for GPUs).
+- ``sam_refine`` turns each class of a coarse mask into SAM prompts (mask logits, positive and
+  negative points, optionally one box per connected component), iterates feeding back SAM's
+  low-resolution logits, and paints the refined classes by their highest logit.
+- ``field_instances`` splits the field class into fields with a boundary-aware watershed.
+- ``polygonize`` turns instance rasters into polygons with attributes, in the source CRS;
+  ``polygonize_saved`` reruns instances + polygons from masks saved by notebook 05 (no model needed).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import rasterio
+import shapely
+from rasterio.features import shapes
+from scipy import ndimage as ndi
+from skimage import filters, measure, morphology, segmentation
+
+from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
+
+SAM_BACKENDS = ("none", "tiny", "vit_b", "vit_h")
+SAM_MANIFEST = Path(__file__).resolve().parents[1] / "data_manifests" / "sam_checkpoints.yaml"
+FIELD = CLASS_IDS["field"]
+LOGIT = 10.0  # magnitude of the logits a binary coarse mask is turned into (SAM's own outputs are ~±10)
+FIELD_COLUMNS = ["class", "area_m2", "scene_id", "tile_id", "confidence", "instance_id"]
+
+
+# --- SAM ------------------------------------------------------------------------------------------
+
+
+def build_tiny_sam(seed: int = 0, img_size: int = 256, embed_dim: int = 64, depth: int = 2):
+    """A small random SAM from the same classes as ``segment_anything.build_sam`` (0.17 M parameters).
+
+    Deterministic for a seed. Its mask prompt is 1 x M x M logits with M = 4 * img_size / 16 = 64.
+    """
+    import torch
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    patch, prompt_dim = 16, 32
+    emb = img_size // patch
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        sam = Sam(
+            image_encoder=ImageEncoderViT(
+                depth=depth,
+                embed_dim=embed_dim,
+                img_size=img_size,
+                mlp_ratio=2,
+                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                num_heads=2,
+                patch_size=patch,
+                qkv_bias=True,
+                use_rel_pos=True,
+                global_attn_indexes=[depth - 1],
+                window_size=4,
+                out_chans=prompt_dim,
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=prompt_dim,
+                image_embedding_size=(emb, emb),
+                input_image_size=(img_size, img_size),
+                mask_in_chans=8,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(depth=1, embedding_dim=prompt_dim, mlp_dim=64, num_heads=2),
+                transformer_dim=prompt_dim,
+                iou_head_depth=2,
+                iou_head_hidden_dim=32,
+            ),
+            pixel_mean=[123.675, 116.28, 103.53],
+            pixel_std=[58.395, 57.12, 57.375],
+        )
+    finally:
+        torch.random.set_rng_state(gen_state)  # building a test model must not move the caller's RNG
+    return sam.eval()
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sam_checkpoint(backend: str, cache_dir: Path, manifest_path: Path = SAM_MANIFEST) -> Path:
+    """Download (resumable, SHA-256 checked) the checkpoint of ``vit_b``/``vit_h`` into ``cache_dir``."""
+    from magseg_nb import manifest
+
+    data = manifest.load_manifest(manifest_path)
+    entries = data.get("checkpoints", data)
+    if backend not in entries:
+        raise ValueError(f"{manifest_path} has no entry {backend!r}; it lists {sorted(entries)}")
+    return manifest.fetch(entries[backend], Path(cache_dir))
+
+
+def load_sam(
+    backend: str,
+    checkpoint: str | os.PathLike | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+):
+    """A ``SamPredictor`` for ``backend``, or None for ``"none"``.
+
+    ``tiny`` is random (seeded); ``vit_b``/``vit_h`` load ``checkpoint`` or, when it is None, fetch the
+    manifest's checkpoint into ``cache_dir`` (default ``~/.cache/magseg_nb/sam``).
+    """
+    if backend not in SAM_BACKENDS:
+        raise ValueError(f"unknown SAM backend {backend!r}; use one of {', '.join(SAM_BACKENDS)}")
+    if backend == "none":
+        return None
+    import torch
+    from segment_anything import SamPredictor, sam_model_registry
+
+    if backend == "tiny":
+        sam = build_tiny_sam(seed)
+        if checkpoint is not None:
+            sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    else:
+        if checkpoint is None:
+            cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "magseg_nb" / "sam"
+            checkpoint = sam_checkpoint(backend, cache)
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(
+                f"SAM checkpoint {checkpoint} does not exist; pass checkpoint=None to fetch it from "
+                f"{SAM_MANIFEST.name}, or use backend 'tiny' / 'none' on a CPU"
+            )
+        sam = sam_model_registry[backend](checkpoint=str(checkpoint))
+    return SamPredictor(sam.to(_device(device)).eval())
+
+
+def mask_prompt(binary: np.ndarray, predictor) -> np.ndarray:
+    """SAM's dense prompt for a binary mask: 1 x M x M logits aligned with the resized, padded input.
+
+    SamPredictor resizes the longest image side to ``img_size`` and pads bottom/right; its low-res
+    masks (M = ``prompt_encoder.mask_input_size``) live in that padded frame, so the mask must too.
+    """
+    import torch
+
+    m = predictor.model.prompt_encoder.mask_input_size[0]
+    h, w = predictor.transform.get_preprocess_shape(binary.shape[0], binary.shape[1], m)
+    frac = torch.nn.functional.interpolate(
+        torch.as_tensor(binary, dtype=torch.float32)[None, None], size=(h, w), mode="area"
+    )[0, 0].numpy()
+    out = np.full((1, m, m), -LOGIT, np.float32)
+    out[0, :h, :w] = (frac * 2 - 1) * LOGIT
+    return out
+
+
+def prompt_points(binary: np.ndarray, n_pos: int, n_neg: int, rng: np.random.Generator):
+    """(coords (N,2) x/y, labels (N,)): ``n_pos`` positives at the innermost pixel of the largest
+    components (then at random deep inside), ``n_neg`` negatives at random among the pixels farthest
+    outside the mask."""
+    comps = measure.label(binary, connectivity=1)
+    coords, labels = [], []
+    if comps.max():
+        dist = ndi.distance_transform_edt(binary)
+        areas = np.bincount(comps.ravel())[1:]
+        for k in np.argsort(-areas)[:n_pos] + 1:
+            flat = np.argmax(np.where(comps == k, dist, -1))
+            r, c = np.unravel_index(flat, binary.shape)
+            coords.append((c, r))
+            labels.append(1)
+        # Fewer parts than points: the rest go to random pixels deep inside the mask.
+        deep = np.flatnonzero(dist >= np.quantile(dist[binary], 0.5))
+        extra = min(n_pos - len(coords), deep.size)
+        for flat in rng.choice(deep, size=max(0, extra), replace=False):
+            r, c = np.unravel_index(flat, binary.shape)
+            coords.append((c, r))
+            labels.append(1)
+    outside = ~binary
+    if n_neg and outside.any():
+        dist_out = ndi.distance_transform_edt(outside)
+        far = np.flatnonzero(dist_out >= np.quantile(dist_out[outside], 0.5))
+        for flat in rng.choice(far, size=min(n_neg, far.size), replace=False):
+            r, c = np.unravel_index(flat, binary.shape)
+            coords.append((c, r))
+            labels.append(0)
+    return np.asarray(coords, np.float32).reshape(-1, 2), np.asarray(labels, np.int64)
+
+
+def _sam_logits(predictor, binary, points, labels, box, iterations: int) -> np.ndarray:
+    """Full-resolution logits after ``iterations`` rounds, each fed the previous low-res logits."""
+    mask_input = mask_prompt(binary, predictor)
+    logits = None
+    for _ in range(max(1, iterations)):
+        masks, _, low_res = predictor.predict(
+            point_coords=points if len(points) else None,
+            point_labels=labels if len(points) else None,
+            box=box,
+            mask_input=mask_input,
+            multimask_output=False,
+            return_logits=True,
+        )
+        logits, mask_input = masks[0], low_res
+    return np.asarray(logits, np.float32)
+
+
+def class_logits(
+    predictor,
+    binary: np.ndarray,
+    iterations: int = 2,
+    n_pos: int = 3,
+    n_neg: int = 3,
+    use_boxes: bool = False,
+    max_boxes: int = 16,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """SAM's logits for one class (image already set). With boxes: one prediction per connected
+    component (largest ``max_boxes``), united by max; other components keep their coarse pixels."""
+    rng = rng or np.random.default_rng(0)
+    if not use_boxes:
+        points, labels = prompt_points(binary, n_pos, n_neg, rng)
+        return _sam_logits(predictor, binary, points, labels, None, iterations)
+    comps = measure.label(binary, connectivity=1)
+    props = sorted(measure.regionprops(comps), key=lambda p: -p.area)
+    out = np.where(binary, LOGIT, -LOGIT).astype(np.float32)
+    prompted = np.zeros_like(binary)
+    for prop in props[:max_boxes]:
+        comp = comps == prop.label
+        r0, c0, r1, c1 = prop.bbox
+        points, labels = prompt_points(comp, 1, n_neg, rng)
+        box = np.array([c0, r0, c1 - 1, r1 - 1], np.float32)
+        logit = _sam_logits(predictor, comp, points, labels, box, iterations)
+        out = np.where(prompted, np.maximum(out, logit), logit) if prompted.any() else logit
+        prompted |= comp
+    # Components that got no prompt of their own stay as they were in the coarse mask.
+    rest = binary & ~prompted
+    return np.where(rest, np.maximum(out, LOGIT), out)
+
+
+def sam_refine(
+    image: np.ndarray,
+    coarse: np.ndarray,
+    predictor,
+    classes=(FIELD, CLASS_IDS["tree"], CLASS_IDS["water"]),
+    iterations: int = 2,
+    n_pos: int = 3,
+    n_neg: int = 3,
+    use_boxes: bool = False,
+    max_boxes: int = 16,
+    min_iou: float = 0.0,
+    seed: int = 0,
+    return_prob: bool = False,
+):
+    """Refine a coarse (H,W) class mask with SAM; returns (H,W) uint8 (and the winner's probability).
+
+    Each class in ``classes`` gets SAM logits from its own prompts; a pixel takes the class with the
+    highest logit when that logit is > 0, else ``others``. Classes not in ``classes`` keep their coarse
+    pixels; NODATA stays NODATA. ``min_iou`` > 0 keeps a class's coarse pixels when SAM's answer
+    overlaps them less than that (a guard against a prompt SAM misread). ``predictor=None`` returns
+    the coarse mask unchanged (probability 1).
+    """
+    coarse = np.asarray(coarse)
+    if image.shape[:2] != coarse.shape:
+        raise ValueError(f"image {image.shape[:2]} and coarse mask {coarse.shape} differ in size")
+    if predictor is None:
+        out = coarse.astype(np.uint8)
+        return (out, np.ones(coarse.shape, np.float32)) if return_prob else out
+    rng = np.random.default_rng(seed)
+    valid = coarse != NODATA
+    stack = np.full((len(CLASSES),) + coarse.shape, -LOGIT, np.float32)
+    stack[0] = 0.0  # "others" wins wherever no class logit is positive
+    predictor.set_image(np.ascontiguousarray(image[..., :3], dtype=np.uint8))
+    for cid in range(1, len(CLASSES)):
+        binary = (coarse == cid) & valid
+        if cid not in classes:
+            stack[cid] = np.where(binary, 2 * LOGIT, -2 * LOGIT)  # kept as is
+            continue
+        if not binary.any():
+            continue
+        logits = class_logits(predictor, binary, iterations, n_pos, n_neg, use_boxes, max_boxes, rng)
+        refined = logits > 0
+        iou = (refined & binary).sum() / max(1, (refined | binary).sum())
+        stack[cid] = logits if iou >= min_iou else np.where(binary, LOGIT, -LOGIT)
+    out = np.argmax(stack, axis=0).astype(np.uint8)
+    out[~valid] = NODATA
+    if not return_prob:
+        return out
+    best = stack[1:].max(axis=0)
+    prob = 1 / (1 + np.exp(-np.clip(best, -30, 30)))
+    prob = np.where(out == 0, 1 - prob, prob).astype(np.float32)
+    prob[~valid] = 0.0
+    return out, prob
+
+
+# --- field instances ------------------------------------------------------------------------------
+
+
+def image_edges(image: np.ndarray) -> np.ndarray:
+    """Sobel edge strength of an RGB image, scaled to [0, 1] (field borders are usually edges)."""
+    gray = image[..., :3].astype(np.float32).mean(axis=-1) / 255.0
+    edges = filters.sobel(gray)
+    top = np.quantile(edges, 0.99) if edges.size else 0.0
+    return np.clip(edges / top, 0, 1).astype(np.float32) if top > 0 else np.zeros_like(edges)
+
+
+def field_instances(
+    field_mask: np.ndarray,
+    boundary_prob: np.ndarray | None = None,
+    min_area_px: int = 16,
+    markers: str = "distance",
+    confidence: np.ndarray | None = None,
+    h_px: float = 2.0,
+    interior_threshold: float = 0.5,
+    boundary_weight: float = 1.0,
+    max_hole_px: int = 64,
+    edges: np.ndarray | None = None,
+    edge_weight: float = 0.5,
+) -> np.ndarray:
+    """Split a boolean field mask into field instances (H,W) int32, 0 = no field, 1..n = fields.
+
+    Boundary-aware watershed: pixels where ``boundary_prob`` >= 0.5 (a boundary class, when the data
+    has one) are cut out before the markers are placed; the relief is minus the normalised distance
+    to the mask's edge plus ``boundary_weight * boundary_prob`` plus ``edge_weight * edges`` (e.g.
+    ``image_edges``). Markers come from the h-maxima of the distance transform (``"distance"``: peaks
+    at least ``h_px`` pixels above their saddle, at least one per connected part) or from regions
+    where ``confidence`` >= ``interior_threshold`` (``"confidence"``). Holes up to ``max_hole_px``
+    are filled first; fields smaller than ``min_area_px`` are dropped; ids are consecutive.
+    """
+    mask = np.asarray(field_mask, bool)
+    if markers not in ("distance", "confidence"):
+        raise ValueError(f"markers must be 'distance' or 'confidence', got {markers!r}")
+    if markers == "confidence" and confidence is None:
+        raise ValueError("markers='confidence' needs a confidence map (H,W) in [0,1]")
+    for name, arr in (("boundary_prob", boundary_prob), ("confidence", confidence), ("edges", edges)):
+        if arr is not None and np.shape(arr) != mask.shape:
+            raise ValueError(f"{name} has shape {np.shape(arr)}, the field mask {mask.shape}")
+    if not mask.any():
+        return np.zeros(mask.shape, np.int32)
+    if max_hole_px:
+        mask = morphology.remove_small_holes(mask, max_size=max_hole_px)
+    interior = mask if boundary_prob is None else mask & (np.asarray(boundary_prob) < 0.5)
+    dist = ndi.distance_transform_edt(interior)
+    relief = -dist / max(dist.max(), 1.0)
+    if boundary_prob is not None:
+        relief = relief + boundary_weight * np.asarray(boundary_prob, np.float32)
+    if edges is not None:
+        relief = relief + edge_weight * np.asarray(edges, np.float32)
+    parts = measure.label(interior, connectivity=1)
+    if markers == "distance":
+        # h-maxima: one marker per plateau of the distance transform that stands at least h_px above
+        # the saddle to its neighbour, so a rectangle's ridge is one marker and a neck splits two fields.
+        seeds = measure.label(morphology.h_maxima(dist, h_px) > 0, connectivity=2)
+        seeds[~interior] = 0
+        for prop in measure.regionprops(parts):
+            if not seeds[prop.slice][prop.image].any():  # too flat for h_px: its innermost pixel
+                rr, cc = np.nonzero(prop.image)
+                k = np.argmax(dist[prop.slice][prop.image])
+                seeds[prop.bbox[0] + rr[k], prop.bbox[1] + cc[k]] = seeds.max() + 1
+    else:
+        seeds = measure.label(interior & (np.asarray(confidence) >= interior_threshold), connectivity=1)
+    labels = segmentation.watershed(relief, seeds, mask=mask)
+    small = np.bincount(labels.ravel()) < min_area_px
+    small[0] = False
+    labels[small[labels]] = 0
+    labels, _, _ = segmentation.relabel_sequential(labels)
+    return labels.astype(np.int32)
+
+
+# --- polygons -------------------------------------------------------------------------------------
+
+
+def _area_m2(gdf: gpd.GeoDataFrame) -> np.ndarray:
+    if gdf.empty:
+        return np.zeros(0)
+    crs = gdf.crs
+    if crs is None:
+        raise ValueError("polygons have no CRS; pass the source raster's CRS")
+    if crs.is_geographic:
+        return gdf.to_crs(gdf.estimate_utm_crs()).area.to_numpy()
+    factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
+    return gdf.area.to_numpy() * factor**2
+
+
+def empty_fields(crs) -> gpd.GeoDataFrame:
+    """A fields table with the agreed columns and no rows (a scene without fields)."""
+    cols = {
+        "class": pd.Series(dtype=str),
+        "area_m2": pd.Series(dtype=float),
+        "scene_id": pd.Series(dtype=str),
+        "tile_id": pd.Series(dtype=str),
+        "confidence": pd.Series(dtype=float),
+        "instance_id": pd.Series(dtype="int64"),
+    }
+    return gpd.GeoDataFrame(cols, geometry=gpd.GeoSeries([], crs=crs))
+
+
+def _tile_of(rows: np.ndarray, cols: np.ndarray, tiles: pd.DataFrame) -> list[str]:
+    """The first tile (tiles.csv window columns) holding each pixel, '' when none does."""
+    out = []
+    for r, c in zip(rows, cols, strict=True):
+        hit = tiles[
+            (tiles.row_off <= r)
+            & (r < tiles.row_off + tiles.height)
+            & (tiles.col_off <= c)
+            & (c < tiles.col_off + tiles.width)
+        ]
+        out.append(str(hit.tile_id.iloc[0]) if len(hit) else "")
+    return out
+
+
+def polygonize(
+    instances: np.ndarray,
+    semantic: np.ndarray,
+    transform,
+    crs,
+    attrs: dict | None = None,
+    confidence: np.ndarray | None = None,
+    tiles: pd.DataFrame | None = None,
+    simplify_tolerance: float = 0.0,
+) -> gpd.GeoDataFrame:
+    """One valid (multi)polygon per instance id > 0, in ``crs``, with the columns class (the majority
+    class name under the instance), area_m2, scene_id, tile_id (the tile of ``tiles`` holding the
+    polygon's representative point), confidence (mean of ``confidence`` over the instance, NaN
+    without one), instance_id, plus any constants in ``attrs``. ``simplify_tolerance`` is in CRS
+    units (topology-preserving)."""
+    instances = np.asarray(instances)
+    if instances.shape != np.shape(semantic):
+        raise ValueError(f"instances {instances.shape} and semantic {np.shape(semantic)} differ in size")
+    attrs = dict(attrs or {})
+    ids = np.unique(instances[instances > 0])
+    if ids.size == 0:
+        gdf = empty_fields(crs)
+        for key, value in attrs.items():
+            if key not in gdf:
+                gdf[key] = pd.Series(dtype=type(value))
+        return gdf
+    polys: dict[int, list] = {}
+    for geom, value in shapes(instances.astype(np.int32), mask=instances > 0, transform=transform):
+        polys.setdefault(int(value), []).append(shapely.geometry.shape(geom))
+    geoms = [shapely.union_all(polys[int(i)]) for i in ids]
+    geoms = shapely.make_valid(shapely.simplify(geoms, simplify_tolerance, preserve_topology=True))
+    # make_valid may return a collection with stray lines; keep the polygonal part only.
+    geoms = [shapely.union_all([g for g in shapely.get_parts(geom) if g.area > 0]) for geom in geoms]
+    sem = np.asarray(semantic).astype(np.int64)
+    counts = ndi.labeled_comprehension(
+        sem, instances, ids, lambda v: np.bincount(v[v != NODATA], minlength=len(CLASSES)).argmax(), int, 0
+    )
+    conf = (
+        ndi.mean(np.asarray(confidence, np.float64), instances, ids)
+        if confidence is not None
+        else np.full(ids.size, np.nan)
+    )
+    gdf = gpd.GeoDataFrame(
+        {
+            "class": [CLASSES[int(k)] for k in counts],
+            "confidence": np.asarray(conf, float),
+            "instance_id": ids.astype(np.int64),
+        },
+        geometry=gpd.GeoSeries(geoms, crs=crs),
+    )
+    gdf = gdf[~gdf.geometry.is_empty].reset_index(drop=True)
+    gdf["area_m2"] = _area_m2(gdf)
+    gdf["scene_id"] = str(attrs.pop("scene_id", ""))
+    if tiles is not None and len(gdf):
+        pts = gdf.geometry.representative_point()
+        rows, cols = rasterio.transform.rowcol(transform, pts.x.to_numpy(), pts.y.to_numpy())
+        gdf["tile_id"] = _tile_of(np.asarray(rows), np.asarray(cols), tiles)
+    else:
+        gdf["tile_id"] = str(attrs.pop("tile_id", ""))
+    for key, value in attrs.items():
+        gdf[key] = value
+    extra = [c for c in gdf.columns if c not in FIELD_COLUMNS and c != "geometry"]
+    return gdf[FIELD_COLUMNS + extra + ["geometry"]]
+
+
+def write_fields(gdf: gpd.GeoDataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``fields.gpkg`` (layer "fields") and ``fields.parquet`` atomically (temp name + rename)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"gpkg": out_dir / "fields.gpkg", "parquet": out_dir / "fields.parquet"}
+    tmp_gpkg = out_dir / "fields.tmp.gpkg"
+    tmp_gpkg.unlink(missing_ok=True)
+    gdf.to_file(tmp_gpkg, layer="fields", driver="GPKG")
+    os.replace(tmp_gpkg, paths["gpkg"])
+    tmp_pq = out_dir / "fields.tmp.parquet"
+    gdf.to_parquet(tmp_pq)
+    os.replace(tmp_pq, paths["parquet"])
+    return paths
+
+
+def read_mask(path: str | os.PathLike):
+    """(array, crs, transform) of band 1 of a GeoTIFF, with a clear error when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run notebook 05 (inference) for this variant first")
+    with rasterio.open(path) as src:
+        return src.read(1), src.crs, src.transform
+
+
+def scene_fields(
+    refined: np.ndarray,
+    transform,
+    crs,
+    scene_id: str,
+    confidence: np.ndarray | None = None,
+    tiles: pd.DataFrame | None = None,
+    image: np.ndarray | None = None,
+    boundary_prob: np.ndarray | None = None,
+    min_area_px: int = 16,
+    simplify_tolerance: float = 0.0,
+    **watershed,
+) -> tuple[np.ndarray, gpd.GeoDataFrame]:
+    """Field instances and their polygons for one scene's refined class mask."""
+    edges = image_edges(image) if image is not None else None
+    inst = field_instances(
+        refined == FIELD,
+        boundary_prob=boundary_prob,
+        min_area_px=min_area_px,
+        confidence=confidence,
+        edges=edges,
+        **watershed,
+    )
+    gdf = polygonize(
+        inst,
+        refined,
+        transform,
+        crs,
+        attrs={"scene_id": scene_id},
+        confidence=confidence,
+        tiles=tiles,
+        simplify_tolerance=simplify_tolerance,
+    )
+    return inst, gdf
