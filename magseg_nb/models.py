@@ -1,0 +1,449 @@
+"""Model registry, the tiny offline Gemma 3, loading (with adapters), batched generation, LoRA settings.
+
+Every model loads through ``from_pretrained(path_or_id)``: the tiny model is built once into a folder
+(``<run_dir>/models/tiny-gemma3-<hash>/``) that looks exactly like a hub checkpoint, so the rest of the
+chain does not care which model it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from magseg_nb import prompts, textgrid
+from magseg_nb.labels import CLASSES
+
+# Same first ids as the real Gemma tokenizer (pad 0, eos 1, bos 2, unk 3, mask 4), then the turn and image markers.
+SPECIAL_TOKENS = (
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+)
+TOKENIZER_VERSION = 2  # bump when the corpus or the tokenizer pipeline changes (changes the cache hash)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape of the tiny Gemma 3 (defaults: trains for minutes on 2 CPU cores)."""
+
+    image_size: int = 64  # real gemma-3: 896
+    patch_size: int = 8  # real: 14
+    mm_tokens: int = (
+        64  # image tokens per image; a square whose side divides image_size/patch_size (real: 256)
+    )
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 2
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    vocab_size: int = 1024
+    seed: int = 0
+
+    def config_hash(self) -> str:
+        key = json.dumps({**asdict(self), "tokenizer": TOKENIZER_VERSION}, sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    kind: str  # "tiny" (built here) or "hub"
+    image_size: int
+    image_tokens: int  # soft tokens per image in the prompt
+    notes: str = ""
+    tiny: TinySpec | None = field(default=None)
+
+
+REGISTRY: dict[str, ModelInfo] = {
+    "tiny-gemma3": ModelInfo(
+        "tiny-gemma3",
+        "tiny",
+        TinySpec().image_size,
+        TinySpec().mm_tokens,
+        "random ~1 M-parameter Gemma 3 built offline; tokenizer trained on the prompts and label grids",
+        TinySpec(),
+    ),
+    "google/gemma-3-4b-it": ModelInfo(
+        "google/gemma-3-4b-it",
+        "hub",
+        896,
+        256,
+        "gated on the Hugging Face hub: accept the licence on the model page, then `hf auth login`",
+    ),
+    "google/gemma-3-12b-it": ModelInfo(
+        "google/gemma-3-12b-it",
+        "hub",
+        896,
+        256,
+        "gated on the Hugging Face hub: accept the licence on the model page, then `hf auth login`",
+    ),
+}
+
+
+# --- the tiny model ---------------------------------------------------------------------------------
+
+
+def tokenizer_corpus(seed: int = 0, n: int = 1500) -> list[str]:
+    """Instruction wordings plus random label grids in both encodings."""
+    rng = random.Random(seed)
+    texts = prompts.corpus_sentences()
+    texts.append("You are a helpful assistant for remote sensing segmentation. user model")
+    texts.append("0123456789 abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,:;!?*|()[]{}-_/\\'\"\n\t")
+    for _ in range(n):
+        g = rng.choice([4, 8, 16])
+        mask = [[rng.randrange(len(CLASSES)) for _ in range(g)] for _ in range(g)]
+        # Blocky masks so run-length rows have realistic run counts (1..g).
+        mask = [[mask[i // 2 * 2][j // 3 * 3] for j in range(g)] for i in range(g)]
+        texts.append(textgrid.encode(mask, "plain"))
+        texts.append(textgrid.encode(mask, "rle"))
+    return texts
+
+
+def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
+    """A real ``GemmaTokenizer`` from BPE pieces trained offline, with Gemma's special tokens."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
+    from transformers import GemmaTokenizer
+    from trl.chat_template_utils import gemma3_chat_template
+
+    tok = Tokenizer(tok_models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    # Training-time split only: isolate "|", newlines, " *", digits and punctuation so that no merge
+    # crosses a cell (real Gemma writes "field|tree" as field,|,tree and splits digits);
+    # GemmaTokenizer then rebuilds Gemma's pipeline (no pre-split) from the vocab and merges.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[|\n0-9.,:;()'!?]|▁?\*"), behavior="isolated"),
+            pre_tokenizers.Split(Regex("▁"), behavior="merged_with_next"),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
+    tok.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
+    data = json.loads(tok.to_str())
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
+    # Specials first, then Gemma's 256 byte-fallback tokens, then the learned pieces.
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for piece, _ in sorted(data["model"]["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    out = GemmaTokenizer(
+        vocab=vocab,
+        merges=merges,
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+    )
+    out.add_special_tokens(
+        {"additional_special_tokens": list(SPECIAL_TOKENS[5:])}, replace_extra_special_tokens=False
+    )
+    # The identical string TRL knows, so it can swap in its training variant ({% generation %}).
+    out.chat_template = gemma3_chat_template
+    return out
+
+
+def build_tiny(out_dir: Path, spec: TinySpec = TinySpec()) -> Path:
+    """Build, initialise and save a tiny Gemma 3 + processor into ``out_dir`` (from_pretrained-able)."""
+    import torch
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        GenerationConfig,
+        SiglipVisionConfig,
+    )
+
+    side = int(round(spec.mm_tokens**0.5))
+    if side * side != spec.mm_tokens or (spec.image_size // spec.patch_size) % side:
+        raise ValueError(
+            f"mm_tokens={spec.mm_tokens} must be a square whose side divides "
+            f"image_size/patch_size={spec.image_size // spec.patch_size}"
+        )
+    torch.manual_seed(spec.seed)
+    tok = build_tokenizer(spec.vocab_size, spec.seed)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text_cfg = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.hidden * 2,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=1,
+        head_dim=spec.hidden // spec.heads,
+        query_pre_attn_scalar=spec.hidden // spec.heads,
+        sliding_window=512,
+        max_position_embeddings=32768,
+        layer_types=[
+            ("full_attention" if (i + 1) % 2 == 0 else "sliding_attention") for i in range(spec.layers)
+        ],
+        pad_token_id=ids["<pad>"],
+        eos_token_id=ids["<eos>"],
+        bos_token_id=ids["<bos>"],
+    )
+    vision_cfg = SiglipVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 2,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=2,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        vision_use_head=False,  # as in the real gemma-3 config
+    )
+    cfg = Gemma3Config(
+        text_config=text_cfg,
+        vision_config=vision_cfg,
+        mm_tokens_per_image=spec.mm_tokens,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+    )
+    model = Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():
+        # Gemma 3 initialises the projector to zeros: a random model would never see the image.
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.02)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<bos>"],
+        eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],  # as in gemma-3-*-it
+        pad_token_id=ids["<pad>"],
+        do_sample=True,
+        top_k=64,
+        top_p=0.95,
+    )
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": spec.image_size, "width": spec.image_size}),
+        tokenizer=tok,
+        chat_template=tok.chat_template,
+        image_seq_length=spec.mm_tokens,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    return out_dir
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "tiny_spec.json").exists()
+
+
+def resolve_model(model_id: str, cache_dir: Path) -> str:
+    """A folder or hub id that ``from_pretrained`` takes; the tiny model is built and cached once.
+
+    ``model_id``: a registry key, a local model folder, or any other hub id ("org/name").
+    """
+    info = REGISTRY.get(model_id)
+    if info is not None and info.kind == "tiny":
+        folder = Path(cache_dir) / f"{model_id}-{info.tiny.config_hash()}"
+        if _complete(folder):
+            return str(folder)
+        # Build beside the target and rename, so a half-built folder is never picked up.
+        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny(tmp, info.tiny)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not _complete(folder):
+                raise
+        return str(folder)
+    if Path(model_id).is_dir():
+        return str(model_id)
+    if info is not None or "/" in model_id:
+        return model_id
+    raise ValueError(
+        f"unknown model_id {model_id!r}: use one of {sorted(REGISTRY)}, a local model folder or a hub id 'org/name'"
+    )
+
+
+def model_info(path_or_id: str) -> ModelInfo | None:
+    """The registry entry for a registry key or a folder built by resolve_model."""
+    if path_or_id in REGISTRY:
+        return REGISTRY[path_or_id]
+    spec_file = Path(path_or_id) / "tiny_spec.json"
+    if spec_file.exists():
+        spec = TinySpec(**json.loads(spec_file.read_text()))
+        return ModelInfo(
+            "tiny-gemma3", "tiny", spec.image_size, spec.mm_tokens, REGISTRY["tiny-gemma3"].notes, spec
+        )
+    return None
+
+
+def local_tokenizer(model_id: str):
+    """The tokenizer of a hub model when it is already on this machine (never downloads), else None."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_id, local_files_only=True)
+    except Exception:  # not cached, gated, or offline: the caller says so
+        return None
+
+
+# --- loading and generation -----------------------------------------------------------------------
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter was trained on another base model than the one it is being loaded onto."""
+
+
+def _base_name(path_or_id: str) -> str:
+    return Path(str(path_or_id).rstrip("/")).name
+
+
+def _pick_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pick_dtype(dtype, device: str):
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_model_and_processor(path_or_id, adapter_dir=None, dtype="auto", device="auto", trainable=False):
+    """(model, processor) from a folder or hub id, with an optional PEFT adapter on top.
+
+    ``trainable=False`` gives a frozen model in eval mode (inference); ``True`` leaves it trainable
+    (and the adapter's weights trainable). Raises ``AdapterMismatchError`` naming both models when the adapter belongs to another base.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path_or_id = str(path_or_id)
+    device = _pick_device(device)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path_or_id, dtype=_pick_dtype(dtype, device))
+    except OSError as err:
+        hint = REGISTRY[path_or_id].notes if path_or_id in REGISTRY else "check the path or hub id"
+        raise OSError(f"cannot load model {path_or_id!r}: {err}\n({hint})") from err
+    model.to(device)
+    processor_source = path_or_id
+    if adapter_dir is not None:
+        adapter_dir = Path(adapter_dir)
+        model = _attach_adapter(model, path_or_id, adapter_dir, trainable)
+        # Training saves the processor beside the adapter; it is the same as the base's otherwise.
+        if (adapter_dir / "processor_config.json").exists() or (
+            adapter_dir / "tokenizer_config.json"
+        ).exists():
+            processor_source = str(adapter_dir)
+    processor = AutoProcessor.from_pretrained(processor_source)
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+    return model, processor
+
+
+def _attach_adapter(model, base: str, adapter_dir: Path, trainable: bool):
+    from peft import PeftModel
+
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: is it a PEFT adapter folder?")
+    trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path") or "?"
+    if trained_on != "?" and _base_name(trained_on) != _base_name(base):
+        raise AdapterMismatchError(
+            f"adapter {adapter_dir} was trained on base model {trained_on!r}, "
+            f"but is being loaded onto {base!r}; load it with the base model it was trained on"
+        )
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise AdapterMismatchError(
+            f"adapter {adapter_dir} (trained on {trained_on!r}) does not fit base model {base!r}: {err}"
+        ) from err
+
+
+def generate(
+    model,
+    processor,
+    examples: list[dict],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+) -> list[str]:
+    """Answers (text only) for ``examples`` = [dict(images=[PIL...], prompt=[messages])], in order."""
+    import torch
+
+    tokenizer = processor.tokenizer
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
+    sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+    if not do_sample:
+        sampling.update(top_k=None, top_p=None, temperature=None)
+    answers: list[str] = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            texts = [
+                processor.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=False)
+                for ex in batch
+            ]
+            images = [list(ex["images"]) for ex in batch]
+            inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            with torch.inference_mode():
+                out = model.generate(
+                    **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+                )
+            new = out[:, inputs["input_ids"].shape[1] :]
+            answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = old_side
+    return answers
+
+
+# --- LoRA -----------------------------------------------------------------------------------------
+
+_LM_PROJ = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+_VISION_PROJ = "q_proj|k_proj|v_proj|out_proj|fc1|fc2"
+
+
+def lora_config(r=16, alpha=32, dropout=0.05, target_modules="language", train_projector=True):
+    """PEFT settings. ``target_modules``: "language" (the LM's projections), "all" (also the vision
+    tower), or an explicit list/regex. ``train_projector`` trains the multimodal projector fully.
+
+    Module names are exact: PEFT matches ``modules_to_save`` by suffix, and a loose name such as
+    "norm" also catches the projector's norm and breaks loading the adapter.
+    """
+    from peft import LoraConfig
+
+    if target_modules == "language":
+        target = rf".*language_model.*\.({_LM_PROJ})$"
+    elif target_modules == "all":
+        target = rf"(.*language_model.*\.({_LM_PROJ})|.*vision_tower.*\.({_VISION_PROJ}))$"
+    else:
+        target = target_modules
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target,
+        modules_to_save=["multi_modal_projector"] if train_projector else None,
+        task_type="CAUSAL_LM",
+    )

@@ -1,0 +1,321 @@
+"""Instruction formats: MAgSeg (whole tile as context, answer for ONE patch) and the Text4Seg baseline.
+
+MAgSeg splits a tile into ``patch_layout x patch_layout`` patches; each conversation shows the whole
+tile and asks for the ``grid x grid`` label grid of one patch, so the tile is described at
+``patch_layout * grid`` cells per side while no single answer grows. Text4Seg asks for the whole tile
+in one ``grid x grid`` answer. Variants say how the patch is named:
+
+- ``index``: by its row/column in the prompt text only (one image);
+- ``mark``: also a second image, the tile with the patch outlined;
+- ``crop``: also a second image, the patch cut out (more pixels per cell for the model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from magseg_nb import textgrid
+from magseg_nb.labels import CLASSES, NODATA
+
+FORMATS = ("magseg", "text4seg")
+VARIANTS = ("index", "mark", "crop")
+MARK_COLOR = (255, 0, 0)
+
+_LABELS = ", ".join(CLASSES)
+_INTRO = "This is a satellite image of a smallholder farm landscape."
+_ENCODING_TEXT = {
+    "plain": "Write one row per line, with the cells of a row separated by |.",
+    "rle": "Write one row per line as runs of 'label *count' separated by |.",
+}
+_VARIANT_TEXT = {
+    "index": "",
+    "mark": " The second image shows the same tile with that patch outlined in red.",
+    "crop": " The second image is a close-up of that patch.",
+}
+
+
+def instruction(
+    fmt: str, grid: int, encoding: str, patch=None, patch_layout: int = 1, variant="index"
+) -> str:
+    """The user's text for one conversation."""
+    enc = _ENCODING_TEXT[encoding]
+    if fmt == "text4seg":
+        return (
+            f"{_INTRO} Segment the whole image into a {grid}x{grid} grid of cells. "
+            f"Label each cell as one of: {_LABELS}. {enc}"
+        )
+    r, c = patch
+    return (
+        f"{_INTRO} The image is divided into {patch_layout}x{patch_layout} patches. "
+        f"Segment the patch in row {r + 1}, column {c + 1} (counted from the top left) "
+        f"into a {grid}x{grid} grid of cells.{_VARIANT_TEXT[variant]} "
+        f"Label each cell as one of: {_LABELS}. {enc}"
+    )
+
+
+def corpus_sentences() -> list[str]:
+    """Every instruction wording, for training the tiny model's tokenizer."""
+    out = []
+    for enc in textgrid.ENCODINGS:
+        for grid in (4, 8, 16, 32):
+            out.append(instruction("text4seg", grid, enc))
+            for layout in (2, 4, 8):
+                for variant in VARIANTS:
+                    out.append(instruction("magseg", grid, enc, (layout - 1, 0), layout, variant))
+    return out
+
+
+def _check(fmt: str, encoding: str, variant: str, patch, patch_layout: int, grid: int) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; use one of {FORMATS}")
+    if encoding not in textgrid.ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; use one of {textgrid.ENCODINGS}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
+    if grid < 1 or patch_layout < 1:
+        raise ValueError(f"grid ({grid}) and patch_layout ({patch_layout}) must be >= 1")
+    if fmt == "magseg":
+        if patch is None:
+            raise ValueError("the magseg format needs patch=(row, col)")
+        r, c = patch
+        if not (0 <= r < patch_layout and 0 <= c < patch_layout):
+            raise ValueError(f"patch {patch} is outside a {patch_layout}x{patch_layout} layout")
+
+
+def patch_bounds(shape, patch, patch_layout: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) pixel bounds of a patch; the same for targets, crops and marks."""
+    h, w = shape[:2]
+    r, c = patch
+    return (
+        r * h // patch_layout,
+        (r + 1) * h // patch_layout,
+        c * w // patch_layout,
+        (c + 1) * w // patch_layout,
+    )
+
+
+def downsample_mask(mask, size: int) -> np.ndarray:
+    """(size, size) class ids by majority vote over the pixels of each cell; NODATA pixels do not vote.
+
+    A cell with no valid pixel becomes 0 (``others``); ties go to the lower class id.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or 0 in mask.shape:
+        raise ValueError(f"downsample_mask needs a non-empty 2-D mask, got shape {mask.shape}")
+    # Upsample (nearest) a side shorter than the grid, so every cell holds at least one pixel.
+    for axis in (0, 1):
+        if mask.shape[axis] < size:
+            mask = np.take(mask, np.arange(size) * mask.shape[axis] // size, axis=axis)
+    h, w = mask.shape
+    rows = np.arange(size) * h // size
+    cols = np.arange(size) * w // size
+    counts = np.stack([(mask == k) for k in range(len(CLASSES))]).astype(np.int32)
+    counts = np.add.reduceat(np.add.reduceat(counts, rows, axis=1), cols, axis=2)
+    return counts.argmax(axis=0).astype(np.uint8)
+
+
+def patch_target(tile_mask, patch, patch_layout: int, grid: int) -> np.ndarray:
+    """(grid, grid) class ids of one patch of a tile's semantic mask (patch=None: the whole tile)."""
+    tile_mask = np.asarray(tile_mask)
+    if patch is None:
+        return downsample_mask(tile_mask, grid)
+    top, bottom, left, right = patch_bounds(tile_mask.shape, patch, patch_layout)
+    return downsample_mask(tile_mask[top:bottom, left:right], grid)
+
+
+def mark_patch(tile_image: Image.Image, patch, patch_layout: int, width: int | None = None) -> Image.Image:
+    """The tile with the patch outlined; the line is thick enough to survive resizing to 64 px."""
+    img = tile_image.convert("RGB").copy()
+    top, bottom, left, right = patch_bounds((img.height, img.width), patch, patch_layout)
+    width = width or max(2, img.width // 48)
+    ImageDraw.Draw(img).rectangle([left, top, right - 1, bottom - 1], outline=MARK_COLOR, width=width)
+    return img
+
+
+def crop_patch(tile_image: Image.Image, patch, patch_layout: int) -> Image.Image:
+    top, bottom, left, right = patch_bounds((tile_image.height, tile_image.width), patch, patch_layout)
+    return tile_image.convert("RGB").crop((left, top, right, bottom))
+
+
+def second_image(tile_image: Image.Image, patch, patch_layout: int, variant: str) -> Image.Image | None:
+    if variant == "mark":
+        return mark_patch(tile_image, patch, patch_layout)
+    if variant == "crop":
+        return crop_patch(tile_image, patch, patch_layout)
+    return None
+
+
+def make_example(
+    tile_image: Image.Image,
+    fmt: str,
+    grid: int,
+    encoding: str,
+    patch=None,
+    patch_layout: int = 1,
+    variant: str = "index",
+) -> dict:
+    """One conversation's input: ``dict(images=[PIL...], prompt=[user message])``.
+
+    Used to write the training data AND at inference, so both see exactly the same prompt.
+    """
+    _check(fmt, encoding, variant, patch, patch_layout, grid)
+    if isinstance(tile_image, np.ndarray):
+        tile_image = Image.fromarray(tile_image)
+    tile_image = tile_image.convert("RGB")
+    images = [tile_image]
+    if fmt == "magseg" and variant != "index":
+        images.append(second_image(tile_image, patch, patch_layout, variant))
+    content = [{"type": "image"} for _ in images]
+    content.append({"type": "text", "text": instruction(fmt, grid, encoding, patch, patch_layout, variant)})
+    return {"images": images, "prompt": [{"role": "user", "content": content}]}
+
+
+def completion(mask, encoding: str) -> list[dict]:
+    """The assistant turn for a target grid."""
+    return [{"role": "assistant", "content": [{"type": "text", "text": textgrid.encode(mask, encoding)}]}]
+
+
+def patches(fmt: str, patch_layout: int) -> list:
+    """The patches one tile yields: every (row, col) for MAgSeg, [None] for Text4Seg."""
+    if fmt == "text4seg":
+        return [None]
+    return [(r, c) for r in range(patch_layout) for c in range(patch_layout)]
+
+
+@dataclass
+class TileRecord:
+    """What the dataset builder needs of one tile (geo.read_tile gives image and semantic)."""
+
+    tile_id: str
+    scene_id: str
+    split: str
+    image: np.ndarray  # (H, W, 3) uint8
+    semantic: np.ndarray  # (H, W) class ids, NODATA allowed
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    if path.exists():
+        return
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def conversation_rows(
+    tile: TileRecord,
+    out_dir: Path,
+    fmt: str,
+    grid: int,
+    encoding: str,
+    patch_layout: int = 1,
+    variant: str = "index",
+) -> list[dict]:
+    """The JSONL rows of one tile (its images are written to ``out_dir/images``)."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(np.asarray(tile.image, dtype=np.uint8)).convert("RGB")
+    tile_png = f"images/{tile.tile_id}.png"
+    _save_png(image, out_dir / tile_png)
+    layout = patch_layout if fmt == "magseg" else 1
+    rows = []
+    for patch in patches(fmt, layout):
+        ex = make_example(image, fmt, grid, encoding, patch, layout, variant)
+        paths = [tile_png]
+        suffix = f"__p{patch[0]}_{patch[1]}" if patch else ""
+        if len(ex["images"]) > 1:
+            paths.append(f"images/{tile.tile_id}{suffix}_{variant}.png")
+            _save_png(ex["images"][1], out_dir / paths[1])
+        target = patch_target(tile.semantic, patch, layout, grid)
+        rows.append(
+            {
+                "id": f"{tile.tile_id}{suffix}",
+                "tile_id": tile.tile_id,
+                "scene_id": tile.scene_id,
+                "split": tile.split,
+                "format": fmt,
+                "encoding": encoding,
+                "variant": variant if fmt == "magseg" else "tile",
+                "patch_row": patch[0] if patch else None,
+                "patch_col": patch[1] if patch else None,
+                "patch_layout": layout,
+                "grid": grid,
+                "image_paths": paths,
+                "prompt": ex["prompt"],
+                "completion": completion(target, encoding),
+                "gt_mask": target.tolist(),
+                "nodata_frac": float(np.mean(np.asarray(tile.semantic) == NODATA)),
+            }
+        )
+    return rows
+
+
+def write_conversations(
+    tiles: Iterable[TileRecord],
+    out_dir: Path,
+    fmt: str,
+    grid: int,
+    encoding: str,
+    patch_layout: int = 1,
+    variant: str = "index",
+) -> dict[str, Path]:
+    """Write ``<fmt>_<split>.jsonl`` files (+ images/) for the tiles; returns {split: path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_split: dict[str, list[dict]] = {}
+    for tile in tiles:
+        rows = conversation_rows(tile, out_dir, fmt, grid, encoding, patch_layout, variant)
+        by_split.setdefault(tile.split, []).extend(rows)
+    paths = {}
+    for split, rows in sorted(by_split.items()):
+        path = out_dir / f"{fmt}_{split}.jsonl"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+        paths[split] = path
+    return paths
+
+
+def read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run notebook 02_instruction_format first")
+    rows = []
+    with open(path) as fh:
+        for i, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {i}: not valid JSON ({err}); rerun notebook 02") from err
+    return rows
+
+
+def load_conversations(jsonl_path, limit: int | None = None):
+    """A ``datasets.Dataset`` that TRL's SFTTrainer and GRPOTrainer take directly.
+
+    Columns: ``images`` (list of PIL images, opened lazily), ``prompt`` and ``completion``
+    (conversational), ``gt_mask`` (target grid), and the metadata of the JSONL rows.
+    """
+    import datasets
+
+    jsonl_path = Path(jsonl_path)
+    rows = read_jsonl(jsonl_path)[:limit]
+    if not rows:
+        raise ValueError(f"{jsonl_path} holds no conversations; check the split and rerun notebook 02")
+    for row in rows:
+        paths = [jsonl_path.parent / p for p in row.pop("image_paths")]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"{jsonl_path}: images {missing} are missing; rerun notebook 02")
+        row["images"] = [str(p) for p in paths]
+    ds = datasets.Dataset.from_list(rows)
+    return ds.cast_column("images", datasets.List(datasets.Image()))

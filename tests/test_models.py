@@ -1,0 +1,166 @@
+"""The tiny Gemma 3: built offline, cached, loaded back from its folder, generating; adapters; LoRA names."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from magseg_nb import models, prompts, textgrid  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("models")
+    return models.resolve_model("tiny-gemma3", cache)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    return models.load_model_and_processor(tiny)
+
+
+def _image(seed, size=96):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def test_resolve_builds_once_and_reuses(tiny):
+    folder = models.Path(tiny)
+    spec = models.REGISTRY["tiny-gemma3"].tiny
+    assert folder.name == f"tiny-gemma3-{spec.config_hash()}"
+    assert (folder / "config.json").exists() and (folder / "tiny_spec.json").exists()
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert models.resolve_model("tiny-gemma3", folder.parent) == tiny
+    assert (folder / "config.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert not list(folder.parent.glob(".*tmp"))
+
+
+def test_resolve_hub_ids_and_errors(tmp_path):
+    assert models.resolve_model("google/gemma-3-4b-it", tmp_path) == "google/gemma-3-4b-it"
+    assert models.resolve_model(str(tmp_path), tmp_path) == str(tmp_path)
+    with pytest.raises(ValueError, match="unknown model_id 'gemma'"):
+        models.resolve_model("gemma", tmp_path)
+    assert models.REGISTRY["google/gemma-3-12b-it"].image_tokens == 256
+
+
+def test_config_hash_changes_with_spec():
+    assert models.TinySpec().config_hash() != models.TinySpec(hidden=64).config_hash()
+    with pytest.raises(ValueError, match="must be a square"):
+        models.build_tiny("/nonexistent", models.TinySpec(mm_tokens=15))
+
+
+def test_tokenizer_is_gemma_like(loaded):
+    model, processor = loaded
+    tok = processor.tokenizer
+    assert type(tok).__name__.startswith("GemmaTokenizer")
+    assert [tok.pad_token_id, tok.eos_token_id, tok.bos_token_id] == [0, 1, 2]
+    assert tok.convert_tokens_to_ids("<end_of_turn>") in model.generation_config.eos_token_id
+    # One label ~ one token, like the real Gemma tokenizer: a plain g x g grid is g*g labels + g*g-1 separators.
+    mask = np.random.default_rng(0).integers(0, 4, (16, 16))
+    assert len(tok(textgrid.encode(mask, "plain"), add_special_tokens=False).input_ids) == 511
+    assert tok.convert_ids_to_tokens(tok("field *12| tree *4", add_special_tokens=False).input_ids) == [
+        "field", "▁*", "1", "2", "|", "▁tree", "▁*", "4"
+    ]  # fmt: skip
+
+
+def test_prompt_has_image_tokens(loaded):
+    model, processor = loaded
+    ex = prompts.make_example(_image(0), "magseg", 8, "rle", (1, 0), 2, "crop")
+    text = processor.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<bos><start_of_turn>user\n") and text.endswith("<start_of_turn>model\n")
+    enc = processor(text=[text], images=[ex["images"]], return_tensors="pt")
+    n_image = int((enc["input_ids"] == model.config.image_token_index).sum())
+    assert n_image == 2 * models.REGISTRY["tiny-gemma3"].image_tokens
+    assert enc["pixel_values"].shape == (2, 3, 64, 64)
+
+
+def test_projector_is_not_zero(loaded):
+    model, _ = loaded
+    assert float(model.model.multi_modal_projector.mm_input_projection_weight.detach().abs().sum()) > 0
+    assert not any(p.requires_grad for p in model.parameters())  # trainable=False: frozen, eval mode
+    assert not model.training
+
+
+def test_generate_batched_matches_single(loaded):
+    model, processor = loaded
+    examples = [
+        prompts.make_example(_image(1), "text4seg", 4, "plain"),
+        prompts.make_example(_image(2), "magseg", 4, "rle", (0, 1), 2, "mark"),
+        prompts.make_example(_image(3), "magseg", 4, "plain", (1, 1), 2, "index"),
+    ]
+    batched = models.generate(model, processor, examples, max_new_tokens=12, batch_size=3)
+    single = [models.generate(model, processor, [ex], max_new_tokens=12)[0] for ex in examples]
+    assert batched == single and len(batched) == 3
+    assert all("<start_of_turn>" not in a and "user" not in a[:4] for a in batched)
+    assert processor.tokenizer.padding_side == "right" or processor.tokenizer.padding_side == "left"
+
+
+def test_lora_config_exact_modules(tiny):
+    from peft import get_peft_model
+
+    model, _ = models.load_model_and_processor(tiny)
+    peft_model = get_peft_model(model, models.lora_config(r=4, alpha=8))
+    lora = {n for n, _ in peft_model.named_modules() if n.endswith("lora_A")}
+    assert lora and all(".language_model." in n for n in lora)
+    saved = {n for n, _ in peft_model.named_modules() if n.endswith("modules_to_save")}
+    assert saved and all("multi_modal_projector" in n for n in saved)
+    all_targets = get_peft_model(
+        models.load_model_and_processor(tiny)[0], models.lora_config(target_modules="all")
+    )
+    assert any(".vision_tower." in n for n, _ in all_targets.named_modules() if n.endswith("lora_A"))
+    assert models.lora_config(train_projector=False).modules_to_save is None
+
+
+def _save_adapter(base, out):
+    from peft import get_peft_model
+
+    model, processor = models.load_model_and_processor(base)
+    peft_model = get_peft_model(model, models.lora_config(r=4, alpha=8))
+    peft_model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def test_adapter_round_trip(tiny, tmp_path):
+    adapter = _save_adapter(tiny, tmp_path / "adapter")
+    model, processor = models.load_model_and_processor(tiny, adapter_dir=adapter)
+    from peft import PeftModel
+
+    assert isinstance(model, PeftModel)
+    assert not any(p.requires_grad for p in model.parameters())
+    ex = [prompts.make_example(_image(4), "text4seg", 4, "plain")]
+    assert isinstance(models.generate(model, processor, ex, max_new_tokens=5)[0], str)
+    trainable, _ = models.load_model_and_processor(tiny, adapter_dir=adapter, trainable=True)
+    assert any(p.requires_grad for p in trainable.parameters())
+
+
+def test_adapter_on_another_model_names_both(tiny, tmp_path):
+    adapter = _save_adapter(tiny, tmp_path / "adapter")
+    other = tmp_path / "tiny-gemma3-other"
+    models.build_tiny(other, models.TinySpec(hidden=64, layers=2))
+    with pytest.raises(models.AdapterMismatchError, match="tiny-gemma3-other") as err:
+        models.load_model_and_processor(other, adapter_dir=adapter)
+    assert models.Path(tiny).name in str(err.value)
+    # Same folder name, other shapes: PEFT's own error is wrapped, still naming both.
+    same_name = tmp_path / "copy" / models.Path(tiny).name
+    shutil.copytree(other, same_name)
+    with pytest.raises(models.AdapterMismatchError, match="does not fit base model"):
+        models.load_model_and_processor(same_name, adapter_dir=adapter)
+
+
+def test_missing_adapter_config(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        models.load_model_and_processor(tiny, adapter_dir=tmp_path)
+
+
+def test_model_info_from_folder(tiny):
+    info = models.model_info(tiny)
+    assert info.kind == "tiny" and info.image_tokens == 64
+    assert json.loads((models.Path(tiny) / "tiny_spec.json").read_text())["hidden"] == 128
+    assert models.model_info("google/gemma-3-4b-it").image_tokens == 256
