@@ -1,0 +1,831 @@
+"""SFT and GRPO with TRL + PEFT LoRA, evaluation on the validation split, and the tiny model's proxy pretraining.
+
+One code path for notebooks and for ``accelerate launch -m magseg_nb.training {sft,grpo} --config X.yaml``
+(DDP/FSDP come from the accelerate config; TRL's trainers handle the processes). Every run writes into
+its ``output_dir``::
+
+    adapter/       PEFT adapter + processor (loadable with models.load_model_and_processor(base, adapter))
+    checkpoints/   trainer checkpoints; a rerun resumes from the last one
+    log.csv        the trainer's log history (loss, token accuracy / rewards, completion length, ...)
+    eval.json      validation scores of the model and of the all-field and majority-class baselines
+    answers.jsonl  the validation answers the scores come from
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from magseg_nb import rewards, textgrid
+from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
+
+DONE_FILE = "train_done.json"
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+@dataclass
+class CommonSettings:
+    """Settings shared by SFT and GRPO (field names are the YAML keys of ``--config``)."""
+
+    base_model: str = ""  # folder or hub id of the base model the adapter belongs to
+    train_jsonl: str = ""  # conversations from 02_instruction_format
+    output_dir: str = ""
+    val_jsonl: str | None = None
+    learning_rate: float = 2e-4
+    max_steps: int = 100
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    warmup_steps: int = 10
+    lr_scheduler: str = "constant_with_warmup"
+    weight_decay: float = 0.0
+    bf16: bool | str = "auto"  # "auto": on when the GPU supports it (never on the CPU)
+    gradient_checkpointing: bool = False
+    save_steps: int = 50
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    seed: int = 0
+    max_train_examples: int | None = None  # a seeded random subset of the training rows
+    time_budget_s: float | None = None  # stop (and save) after this many seconds of training
+    eval_max_examples: int | None = 64  # validation rows scored after training (None: all; 0: skip)
+    eval_batch_size: int = 16
+    max_new_tokens: int | None = None  # None: from the longest reference answer in the validation set
+
+
+@dataclass
+class SFTSettings(CommonSettings):
+    """LoRA SFT (or a full fine-tune with ``full_finetune``) on prompt/completion conversations."""
+
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "language"
+    train_projector: bool = True
+    full_finetune: bool = False  # train every weight and save a full model instead of an adapter
+
+
+@dataclass
+class GRPOSettings(CommonSettings):
+    """GRPO from an SFT adapter with the Dice and format rewards."""
+
+    adapter_dir: str = ""  # the SFT adapter to continue (PeftModel, is_trainable)
+    learning_rate: float = 1e-5
+    max_steps: int = 50
+    logging_steps: int = 1
+    num_generations: int = 4
+    max_completion_length: int | None = None  # None: fits the longest reference answer (+25 %)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    beta: float = 0.0  # KL coefficient (0: no reference model, TRL's default)
+    reward_weights: dict[str, float] = field(default_factory=lambda: {"dice": 1.0, "format": 0.2})
+    loss_type: str = "dapo"
+
+
+def _settings(cls, cfg):
+    if isinstance(cfg, cls):
+        return cfg
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(cfg) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known keys: {sorted(names)}")
+    s = cls(**cfg)
+    for key in ("base_model", "train_jsonl", "output_dir"):
+        if not getattr(s, key):
+            raise ValueError(f"{cls.__name__}: '{key}' is required")
+    return s
+
+
+def settings_hash(settings) -> str:
+    return hashlib.sha256(
+        json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str).encode()
+    ).hexdigest()[:12]
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def use_bf16(flag: bool | str) -> bool:
+    torch = _torch()
+    if flag == "auto":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return bool(flag)
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def load_split(jsonl: str | Path, max_examples: int | None = None, seed: int = 0):
+    """A conversations file as a datasets.Dataset (optionally a seeded random subset)."""
+    from magseg_nb import prompts
+
+    path = Path(jsonl)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run notebook 02_instruction_format first")
+    ds = prompts.load_conversations(path)
+    if max_examples is not None and len(ds) > max_examples:
+        ds = ds.shuffle(seed=seed).select(range(max_examples))
+    return ds
+
+
+def _quiet(trainer):
+    """Our log callback prints a rounded line per log; drop the trainer's own unrounded printer."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def log_callback(csv_path: Path, time_budget_s: float | None = None, verbose: bool = True):
+    """A callback that writes the trainer's log history to CSV at every log (an interrupted run keeps
+    its log) and stops training, with a checkpoint, after an optional time budget."""
+    from transformers import TrainerCallback
+
+    class LogCallback(TrainerCallback):
+        t0 = time.time()
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero:
+                return
+            write_log_csv(state.log_history, csv_path)
+            if verbose and logs:
+                show = {k: round(v, 4) if isinstance(v, float) else v for k, v in logs.items()}
+                print(f"step {state.global_step}/{state.max_steps}: {show}", flush=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            if time_budget_s is not None and time.time() - self.t0 > time_budget_s:
+                print(f"time budget of {time_budget_s:.0f} s reached at step {state.global_step}", flush=True)
+                control.should_training_stop = True
+                control.should_save = True
+
+    return LogCallback()
+
+
+def write_log_csv(log_history: list[dict], csv_path: Path) -> pd.DataFrame:
+    df = pd.DataFrame([h for h in log_history if "step" in h])
+    tmp = Path(csv_path).with_name(Path(csv_path).name + ".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, csv_path)
+    return df
+
+
+def last_checkpoint(ckpt_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(ckpt_dir)) if Path(ckpt_dir).is_dir() else None
+
+
+def _save_atomic(model, processor, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+def _common_args(s: CommonSettings, ckpt_dir: Path) -> dict:
+    torch = _torch()
+    return dict(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        max_steps=s.max_steps,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler,
+        warmup_steps=s.warmup_steps,
+        weight_decay=s.weight_decay,
+        logging_steps=s.logging_steps,
+        save_strategy="steps",
+        save_steps=s.save_steps,
+        save_total_limit=s.save_total_limit,
+        report_to="none",
+        bf16=use_bf16(s.bf16),
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=s.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
+        seed=s.seed,
+        data_seed=s.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def _train_dtype(s: CommonSettings) -> str:
+    return "bfloat16" if use_bf16(s.bf16) else "float32"
+
+
+# --- SFT ------------------------------------------------------------------------------------------
+
+
+def sft_dataset(ds):
+    """Only what SFTTrainer needs: images + conversational prompt/completion (loss on the answer only)."""
+    keep = ["images", "prompt", "completion"]
+    missing = [c for c in keep if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"conversations lack columns {missing}; have {ds.column_names}")
+    return ds.select_columns(keep)
+
+
+def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config=None):
+    """Run SFTTrainer (resuming from out/checkpoints) and return the trainer."""
+    from trl import SFTConfig, SFTTrainer
+
+    ckpt_dir = out / "checkpoints"
+    args = SFTConfig(
+        **_common_args(s, ckpt_dir),
+        max_length=None,  # never truncate: image tokens must stay whole
+        completion_only_loss=True,  # the loss covers the answer (and <end_of_turn>) only
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=sft_dataset(train_ds),
+        processing_class=processor,
+        peft_config=peft_config,
+        callbacks=[log_callback(out / "log.csv", s.time_budget_s)],
+    )
+    _quiet(trainer)
+    resume = last_checkpoint(ckpt_dir)
+    if resume:
+        print(f"resuming from {resume}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        write_log_csv(trainer.state.log_history, out / "log.csv")
+    return trainer
+
+
+def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None) -> dict:
+    """LoRA SFT of ``base_model`` on ``train_jsonl``; saves the adapter, log.csv and eval.json.
+
+    A rerun with the same settings whose adapter is complete skips training; an interrupted one
+    resumes from the last checkpoint. ``train_ds``/``val_ds`` replace the JSONL files when given.
+    """
+    from magseg_nb import models
+
+    s = _settings(SFTSettings, cfg if isinstance(cfg, SFTSettings) else dict(cfg))
+    _torch().manual_seed(s.seed)
+    out = Path(s.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / ("model" if s.full_finetune else "adapter")
+    done = _read_done(out, s)
+    t0 = time.time()
+    if done is None:
+        train_ds = (
+            train_ds if train_ds is not None else load_split(s.train_jsonl, s.max_train_examples, s.seed)
+        )
+        model, processor = models.load_model_and_processor(
+            s.base_model, dtype=_train_dtype(s), device="cpu", trainable=True
+        )
+        peft_config = None
+        if not s.full_finetune:
+            peft_config = models.lora_config(
+                r=s.lora_r,
+                alpha=s.lora_alpha,
+                dropout=s.lora_dropout,
+                target_modules=s.target_modules,
+                train_projector=s.train_projector,
+            )
+        trainer = train_sft(model, processor, train_ds, s, out, peft_config)
+        if trainer.is_world_process_zero():
+            _save_atomic(trainer.model, processor, dest)
+            done = {
+                "settings_hash": settings_hash(s),
+                "steps": trainer.state.global_step,
+                "train_seconds": round(time.time() - t0, 1),
+                "n_train": len(train_ds),
+            }
+            write_json(out / DONE_FILE, done)
+        model = trainer.model
+    else:
+        print(f"{dest} is complete for these settings; skipping training", flush=True)
+        model = None
+    result = {"output_dir": str(out), "trained": str(dest), **(done or {})}
+    if _is_main() and s.eval_max_examples != 0 and (s.val_jsonl or val_ds is not None):
+        if model is None:
+            model, processor = _load_trained(s.base_model, dest, s.full_finetune)
+        result["eval"] = evaluate_split(model, processor, s, val_ds=val_ds, train_jsonl=s.train_jsonl)
+    return result
+
+
+def _read_done(out: Path, s) -> dict | None:
+    path = out / DONE_FILE
+    if not path.exists():
+        return None
+    done = json.loads(path.read_text())
+    return done if done.get("settings_hash") == settings_hash(s) else None
+
+
+def _load_trained(base_model, dest: Path, full: bool = False):
+    from magseg_nb import models
+
+    if full:
+        return models.load_model_and_processor(str(dest))
+    return models.load_model_and_processor(base_model, adapter_dir=str(dest))
+
+
+# --- GRPO -----------------------------------------------------------------------------------------
+
+
+def grpo_dataset(ds):
+    """What GRPOTrainer needs: images, the prompt, and gt_mask (reaches the rewards as a keyword)."""
+    keep = ["images", "prompt", "gt_mask"]
+    missing = [c for c in keep if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"conversations lack columns {missing}; have {ds.column_names}")
+    return ds.select_columns(keep)
+
+
+def reward_functions(weights: dict[str, float]) -> tuple[list, list[float]]:
+    unknown = set(weights) - set(rewards.REWARD_FUNCS)
+    if unknown:
+        raise ValueError(f"unknown rewards {sorted(unknown)}; known: {sorted(rewards.REWARD_FUNCS)}")
+    names = [n for n in rewards.REWARD_FUNCS if n in weights]
+    return [rewards.REWARD_FUNCS[n] for n in names], [float(weights[n]) for n in names]
+
+
+def run_grpo(cfg: dict | GRPOSettings, train_ds=None, val_ds=None) -> dict:
+    """GRPO of the SFT adapter ``adapter_dir`` on ``base_model`` with the Dice + format rewards."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from magseg_nb import models
+
+    s = _settings(GRPOSettings, cfg if isinstance(cfg, GRPOSettings) else dict(cfg))
+    if not s.adapter_dir or not (Path(s.adapter_dir) / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"GRPO starts from an SFT adapter, but {s.adapter_dir!r} holds no adapter_config.json: "
+            "run notebook 03_sft first (or set adapter_dir)"
+        )
+    gen_batch = s.batch_size * s.grad_accum
+    if gen_batch % s.num_generations:
+        raise ValueError(
+            f"batch_size*grad_accum ({gen_batch}) must be a multiple of num_generations ({s.num_generations})"
+        )
+    _torch().manual_seed(s.seed)
+    out = Path(s.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / "adapter"
+    done = _read_done(out, s)
+    t0 = time.time()
+    model = None
+    if done is None:
+        train_ds = (
+            train_ds if train_ds is not None else load_split(s.train_jsonl, s.max_train_examples, s.seed)
+        )
+        model, processor = models.load_model_and_processor(
+            s.base_model, adapter_dir=s.adapter_dir, dtype=_train_dtype(s), device="cpu", trainable=True
+        )
+        funcs, weights = reward_functions(s.reward_weights)
+        max_len = s.max_completion_length
+        if max_len is None:
+            max_len = answer_budget(processor, [rewards.completion_text(c) for c in train_ds["completion"]])
+        ckpt_dir = out / "checkpoints"
+        args = GRPOConfig(
+            **_common_args(s, ckpt_dir),
+            num_generations=s.num_generations,
+            max_completion_length=max_len,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            beta=s.beta,
+            reward_weights=weights,
+            loss_type=s.loss_type,
+            use_vllm=False,
+            log_completions=False,
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=funcs,
+            args=args,
+            train_dataset=grpo_dataset(train_ds),
+            processing_class=processor,
+            callbacks=[log_callback(out / "log.csv", s.time_budget_s)],
+        )
+        _quiet(trainer)
+        resume = last_checkpoint(ckpt_dir)
+        if resume:
+            print(f"resuming from {resume}", flush=True)
+        trainer.train(resume_from_checkpoint=resume)
+        if trainer.is_world_process_zero():
+            write_log_csv(trainer.state.log_history, out / "log.csv")
+            _save_atomic(trainer.model, processor, dest)
+            done = {
+                "settings_hash": settings_hash(s),
+                "steps": trainer.state.global_step,
+                "train_seconds": round(time.time() - t0, 1),
+                "n_train": len(train_ds),
+            }
+            write_json(out / DONE_FILE, done)
+        model = trainer.model
+    else:
+        print(f"{dest} is complete for these settings; skipping training", flush=True)
+    result = {"output_dir": str(out), "trained": str(dest), **(done or {})}
+    if _is_main() and s.eval_max_examples != 0 and (s.val_jsonl or val_ds is not None):
+        if model is None:
+            model, processor = _load_trained(s.base_model, dest)
+        result["eval"] = evaluate_split(model, processor, s, val_ds=val_ds, train_jsonl=s.train_jsonl)
+    return result
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+def score_masks(
+    gts: Sequence[np.ndarray], preds: Sequence[np.ndarray], valid: Sequence[bool] | None = None
+) -> dict:
+    """Cell accuracy and Dice per class pooled over all cells, mean per-answer Dice, share well-formed."""
+    n = len(CLASSES)
+    inter, size_g, size_p = np.zeros(n), np.zeros(n), np.zeros(n)
+    correct = total = 0
+    for gt, pred in zip(gts, preds, strict=True):
+        gt, pred = np.asarray(gt), np.asarray(pred)
+        keep = gt != NODATA
+        g, p = gt[keep], pred[keep]
+        correct += int((g == p).sum())
+        total += int(keep.sum())
+        for c in range(n):
+            inter[c] += ((g == c) & (p == c)).sum()
+            size_g[c] += (g == c).sum()
+            size_p[c] += (p == c).sum()
+    denom = size_g + size_p
+    dice = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), np.nan)
+    out = {
+        "n": len(gts),
+        "cell_accuracy": correct / max(total, 1),
+        "mean_dice": float(np.mean([rewards.mean_dice(g, p) for g, p in zip(gts, preds, strict=True)])),
+        **{f"dice_{name}": (None if np.isnan(dice[c]) else float(dice[c])) for c, name in enumerate(CLASSES)},
+    }
+    if valid is not None:
+        out["valid_fraction"] = float(np.mean(valid)) if len(valid) else 0.0
+    return out
+
+
+def majority_class(gts: Sequence[np.ndarray]) -> int:
+    counts = np.zeros(len(CLASSES), dtype=np.int64)
+    for gt in gts:
+        gt = np.asarray(gt)
+        counts += np.bincount(gt[gt != NODATA].ravel(), minlength=len(CLASSES))[: len(CLASSES)]
+    return int(counts.argmax())
+
+
+def baselines(gts: Sequence[np.ndarray], train_gts: Sequence[np.ndarray] | None = None) -> dict:
+    """Scores of answering 'field' everywhere and the training set's majority class everywhere."""
+    major = majority_class(train_gts if train_gts is not None else gts)
+    out = {}
+    for name, cls in (("all_field", CLASS_IDS["field"]), ("majority_class", major)):
+        out[name] = {
+            **score_masks(gts, [np.full_like(np.asarray(g), cls) for g in gts]),
+            "class": CLASSES[cls],
+        }
+    return out
+
+
+def answer_budget(processor, completions: Sequence[str], margin: float = 1.25) -> int:
+    """max_new_tokens that fits the longest reference answer with a margin (and <end_of_turn>)."""
+    lengths = [len(processor.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in completions]
+    return int(max(lengths, default=16) * margin) + 8
+
+
+def evaluate(
+    model, processor, ds, *, max_new_tokens=None, batch_size=16, train_gts=None
+) -> tuple[dict, list[dict]]:
+    """Greedy answers for every row of ``ds``, decoded and scored against gt_mask, with the baselines."""
+    from magseg_nb import models
+
+    refs = [rewards.completion_text(c) for c in ds["completion"]] if "completion" in ds.column_names else []
+    if max_new_tokens is None:
+        max_new_tokens = answer_budget(processor, refs) if refs else 512
+    examples = [{"images": r["images"], "prompt": r["prompt"]} for r in ds]
+    t0 = time.time()
+    model.eval()
+    texts = models.generate(model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    seconds = time.time() - t0
+    gts = [np.asarray(g) for g in ds["gt_mask"]]
+    decoded = [textgrid.decode(t, shape=g.shape) for t, g in zip(texts, gts, strict=True)]
+    scores = score_masks(gts, [d.mask for d in decoded], [d.report.valid for d in decoded])
+    ids = ds["id"] if "id" in ds.column_names else list(range(len(ds)))
+    answers = [
+        {
+            "id": i,
+            "answer": t,
+            "valid": d.report.valid,
+            "repairs": d.report.repairs,
+            "mean_dice": rewards.mean_dice(g, d.mask),
+        }
+        for i, t, d, g in zip(ids, texts, decoded, gts, strict=True)
+    ]
+    report = {
+        "model": scores,
+        "baselines": baselines(gts, train_gts),
+        "max_new_tokens": max_new_tokens,
+        "generate_seconds": round(seconds, 1),
+    }
+    return report, answers
+
+
+def evaluate_split(model, processor, s: CommonSettings, val_ds=None, train_jsonl=None) -> dict:
+    """Evaluate on the validation split and write eval.json + answers.jsonl into ``s.output_dir``."""
+    val_ds = val_ds if val_ds is not None else load_split(s.val_jsonl, s.eval_max_examples, s.seed)
+    if s.eval_max_examples and len(val_ds) > s.eval_max_examples:
+        val_ds = val_ds.shuffle(seed=s.seed).select(range(s.eval_max_examples))
+    train_gts = None
+    if train_jsonl and Path(train_jsonl).exists():
+        # gt masks only: reading the JSON lines directly avoids opening every image
+        with open(train_jsonl) as fh:
+            train_gts = [np.asarray(json.loads(line)["gt_mask"]) for line in fh if line.strip()]
+    report, answers = evaluate(
+        model,
+        processor,
+        val_ds,
+        max_new_tokens=s.max_new_tokens,
+        batch_size=s.eval_batch_size,
+        train_gts=train_gts,
+    )
+    out = Path(s.output_dir)
+    write_json(out / "eval.json", report)
+    tmp = out / "answers.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(a, default=_json_default) + "\n" for a in answers))
+    os.replace(tmp, out / "answers.jsonl")
+    return report
+
+
+def eval_table(evals: dict[str, dict]) -> pd.DataFrame:
+    """One row per (run, scorer): the model and its baselines, for notebooks."""
+    rows = []
+    for run, ev in evals.items():
+        rows.append({"run": run, "scorer": "model", **ev["model"]})
+        for name, b in ev["baselines"].items():
+            rows.append(
+                {
+                    "run": run,
+                    "scorer": f"{name} ({b['class']})",
+                    **{k: v for k, v in b.items() if k != "class"},
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def stage_summary(results: dict[str, dict], base_model: str) -> dict:
+    """The headline numbers of a stage (per format) for state.json: model vs baselines on validation."""
+    out: dict[str, Any] = {"base_model": str(base_model)}
+    for fmt, res in results.items():
+        ev = res.get("eval")
+        out[f"{fmt}_steps"] = res.get("steps")
+        out[f"{fmt}_train_seconds"] = res.get("train_seconds")
+        if not ev:
+            continue
+        m, b = ev["model"], ev["baselines"]
+        out[f"{fmt}_val_dice_field"] = m["dice_field"]
+        out[f"{fmt}_val_mean_dice"] = m["mean_dice"]
+        out[f"{fmt}_val_cell_accuracy"] = m["cell_accuracy"]
+        out[f"{fmt}_val_valid_fraction"] = m.get("valid_fraction")
+        out[f"{fmt}_all_field_dice_field"] = b["all_field"]["dice_field"]
+        out[f"{fmt}_all_field_mean_dice"] = b["all_field"]["mean_dice"]
+        out[f"{fmt}_majority_mean_dice"] = b["majority_class"]["mean_dice"]
+        out[f"{fmt}_majority_cell_accuracy"] = b["majority_class"]["cell_accuracy"]
+    return out
+
+
+def compare_evals(
+    before: dict, after: dict, keys=("dice_field", "mean_dice", "cell_accuracy", "valid_fraction")
+) -> pd.DataFrame:
+    """Model scores before and after a training stage, side by side, with the change."""
+    rows = [{"score": k, "before": before["model"].get(k), "after": after["model"].get(k)} for k in keys]
+    df = pd.DataFrame(rows)
+    df["change"] = df["after"] - df["before"]
+    return df
+
+
+# --- proxy pretraining of the tiny model ---------------------------------------------------------
+
+# Colour codes of the proxy task: hue family x brightness, written as letters (one token each, and
+# never a class name, so the pretraining sees no labels).
+PROXY_CODES = "abcdefgh"
+PROXY_INSTRUCTION = "Colour codes (a-h) of the cells, same layout as the grid asked for below.\n"
+
+
+def colour_codes(cell_rgb: np.ndarray) -> np.ndarray:
+    """(h,w,3) mean RGB per cell -> (h,w) code 0..7: hue family (grey, green, blue, warm) x dark/bright."""
+    rgb = cell_rgb.astype(float)
+    spread = rgb.max(-1) - rgb.min(-1)
+    family = np.select(
+        [spread < 20, rgb.argmax(-1) == 2, rgb.argmax(-1) == 1],
+        [0, 2, 1],
+        default=3,
+    )
+    bright = rgb.mean(-1) >= 110
+    return (family * 2 + bright).astype(int)
+
+
+def cell_means(image, box: tuple[int, int, int, int], grid: int) -> np.ndarray:
+    """(grid, grid, 3) mean RGB of a grid x grid split of ``box`` (left, top, right, bottom px) of a PIL image."""
+    from PIL import Image
+
+    small = image.convert("RGB").resize((grid, grid), Image.Resampling.BOX, box=box)
+    return np.asarray(small)
+
+
+def encode_codes(codes: np.ndarray, encoding: str) -> str:
+    """A code grid written like the label grids (plain ``a|b|...`` or run-length ``a *3| b *2``)."""
+    rows = []
+    for row in codes:
+        letters = [PROXY_CODES[int(c)] for c in row]
+        if encoding == "rle":
+            runs, start = [], 0
+            for j in range(1, len(letters) + 1):
+                if j == len(letters) or letters[j] != letters[start]:
+                    runs.append(f"{letters[start]} *{j - start}")
+                    start = j
+            rows.append("| ".join(runs))
+        else:
+            rows.append("|".join(letters))
+    return "\n".join(rows)
+
+
+def proxy_example(row: dict) -> dict:
+    """The label-free proxy version of one conversation: same images and prompt, colour codes as answer.
+
+    The answer describes the same cells the real answer labels (the marked patch for MAgSeg, the
+    whole tile for Text4Seg), so pretraining teaches the model to read the image at that layout;
+    the LoRA SFT then has to learn which colours and textures are which class.
+    """
+    from magseg_nb import prompts
+
+    grid = len(row["gt_mask"])
+    tile = row["images"][0]
+    box = (0, 0, tile.width, tile.height)
+    if row.get("patch_row") is not None:
+        patch = (int(row["patch_row"]), int(row["patch_col"]))
+        top, bottom, left, right = prompts.patch_bounds(
+            (tile.height, tile.width), patch, int(row["patch_layout"])
+        )
+        box = (left, top, right, bottom)
+    codes = colour_codes(cell_means(tile, box, grid))
+    prompt = json.loads(json.dumps(row["prompt"]))  # deep copy
+    for part in prompt[-1]["content"]:
+        if part.get("type") == "text":
+            part["text"] = PROXY_INSTRUCTION + part["text"]
+            break
+    answer = encode_codes(codes, row.get("encoding") or "rle")
+    return {
+        "images": row["images"],
+        "prompt": prompt,
+        "completion": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+    }
+
+
+def proxy_dataset(train_jsonls: Sequence[str | Path], max_examples: int | None = None, seed: int = 0):
+    """Proxy conversations built from the training conversations of every format (labels unused),
+    an equal share of ``max_examples`` from each file."""
+    from datasets import Dataset
+
+    share = None if max_examples is None else max(1, max_examples // len(train_jsonls))
+    rows = []
+    for path in train_jsonls:
+        rows += [proxy_example(row) for row in load_split(path, share, seed)]
+    return Dataset.from_list(rows).shuffle(seed=seed)
+
+
+def pretrain_proxy_base(
+    base_model: str | Path,
+    train_jsonls: Sequence[str | Path],
+    models_dir: str | Path,
+    *,
+    max_steps: int = 600,
+    learning_rate: float = 1e-3,
+    batch_size: int = 8,
+    max_examples: int | None = 4000,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+) -> Path:
+    """Full fine-tune of a randomly initialised tiny model on the label-free colour-code task.
+
+    Saved like a real checkpoint in ``models_dir/<name>-proxy-<hash>/`` and reused when present (the
+    hash covers the base, the data files and these settings). Why: LoRA on a random base learns the
+    greedy argmax but leaves the output distribution near uniform, so GRPO's samples would be noise.
+    """
+    base_model = Path(base_model)
+    key_src = {
+        "base": _folder_fingerprint(base_model),
+        "data": [_file_fingerprint(Path(p)) for p in train_jsonls],
+        "max_steps": max_steps,
+        "lr": learning_rate,
+        "bs": batch_size,
+        "n": max_examples,
+        "seed": seed,
+        "codes": PROXY_INSTRUCTION + PROXY_CODES,
+    }
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:10]
+    dest = Path(models_dir) / f"{base_model.name}-proxy-{key}"
+    if (dest / "config.json").exists():
+        print(f"proxy-pretrained base found: {dest}", flush=True)
+        return dest
+    work = dest.with_name(dest.name + ".partial")
+    ds = proxy_dataset(train_jsonls, max_examples, seed)
+    s = SFTSettings(
+        base_model=str(base_model),
+        train_jsonl=str(train_jsonls[0]),
+        output_dir=str(work),
+        full_finetune=True,
+        learning_rate=learning_rate,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        warmup_steps=20,
+        save_steps=max(50, max_steps // 4),
+        logging_steps=25,
+        seed=seed,
+        time_budget_s=time_budget_s,
+        eval_max_examples=0,
+    )
+    run_sft(s, train_ds=ds)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(work / "model", dest)
+    for name in ("log.csv", DONE_FILE):  # keep the pretraining's record beside the weights
+        if (work / name).exists():
+            os.replace(work / name, dest / f"proxy_{name}")
+    write_json(
+        dest / "proxy_pretraining.json", {**key_src, "task": PROXY_INSTRUCTION.strip(), "n_examples": len(ds)}
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def _file_fingerprint(path: Path) -> str:
+    st = path.stat()
+    return f"{path.name}:{st.st_size}:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    cfg = folder / "config.json"
+    return hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg.exists() else str(folder)
+
+
+# --- command line (python -m / accelerate launch -m) ---------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import yaml
+
+    parser = argparse.ArgumentParser(
+        prog="python -m magseg_nb.training",
+        description="LoRA SFT or GRPO from a YAML config (also under `accelerate launch -m magseg_nb.training`).",
+    )
+    parser.add_argument("mode", choices=["sft", "grpo"])
+    parser.add_argument(
+        "--config", required=True, help="YAML file whose keys are SFTSettings/GRPOSettings fields"
+    )
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    args = parser.parse_args(argv)
+    path = Path(args.config)
+    if not path.exists():
+        parser.error(f"config file {path} does not exist")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        cfg[key] = yaml.safe_load(value)
+    run = run_sft if args.mode == "sft" else run_grpo
+    result = run(cfg)
+    if _is_main():
+        print(json.dumps(result, indent=2, default=_json_default))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""Training: scores and baselines, the proxy task, and a few real steps of SFT/GRPO on the tiny model."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from magseg_nb import prompts, textgrid, training
+from magseg_nb.labels import CLASS_COLORS, CLASSES, NODATA
+
+
+def _tile(rng, i, split):
+    sem = np.kron(rng.integers(0, 4, (4, 4)), np.ones((16, 16), int)).astype(np.uint8)
+    img = np.array([CLASS_COLORS[CLASSES[c]] for c in sem.ravel()]).reshape(64, 64, 3)
+    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    return prompts.TileRecord(f"t{i}", "s0", split, img, sem)
+
+
+@pytest.fixture(scope="module")
+def convs(tmp_path_factory):
+    """Conversations of 6 train and 2 val tiles in both formats, written the way notebook 02 does."""
+    out = tmp_path_factory.mktemp("convs")
+    rng = np.random.default_rng(0)
+    tiles = [_tile(rng, i, "train") for i in range(6)] + [_tile(rng, 100 + i, "val") for i in range(2)]
+    prompts.write_conversations(tiles, out, "magseg", 4, "rle", 2, "mark")
+    prompts.write_conversations(tiles, out, "text4seg", 8, "rle", 1)
+    return out
+
+
+def test_score_masks_pools_cells_and_ignores_nodata():
+    gt = np.array([[1, 1], [0, NODATA]])
+    pred = np.array([[1, 0], [0, 3]])
+    s = training.score_masks([gt], [pred], [True])
+    assert s["cell_accuracy"] == pytest.approx(2 / 3)
+    assert s["dice_field"] == pytest.approx(2 / 3)
+    assert s["dice_others"] == pytest.approx(2 / 3)
+    assert s["dice_tree"] is None and s["dice_water"] is None  # absent from both: no pooled value
+    assert s["valid_fraction"] == 1.0 and s["n"] == 1
+
+
+def test_baselines_all_field_and_majority():
+    gts = [np.array([[1, 1], [0, 2]]), np.array([[2, 2], [2, 2]])]
+    b = training.baselines(gts)
+    assert b["all_field"]["class"] == "field"
+    assert b["all_field"]["dice_field"] == pytest.approx(2 * 2 / (2 + 8))
+    assert b["majority_class"]["class"] == "tree"
+    assert b["majority_class"]["cell_accuracy"] == pytest.approx(5 / 8)
+    # the majority may come from the training set instead
+    assert training.baselines(gts, train_gts=[np.zeros((2, 2), int)])["majority_class"]["class"] == "others"
+
+
+def test_colour_codes_and_encoding():
+    rgb = np.array([[[128, 128, 128], [30, 120, 40]], [[40, 110, 220], [230, 200, 60]]])
+    codes = training.colour_codes(rgb)
+    assert codes.tolist() == [[1, 2], [5, 7]]  # grey bright, green dark, blue bright, warm bright
+    assert training.encode_codes(np.array([[0, 0, 1], [2, 2, 2]]), "rle") == "a *2| b *1\nc *3"
+    assert training.encode_codes(np.array([[0, 1]]), "plain") == "a|b"
+
+
+def test_proxy_example_describes_the_patch_without_labels():
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[32:, 32:] = (40, 110, 220)  # the bottom-right patch is blue
+    row = {
+        "images": [Image.fromarray(img)],
+        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Segment."}]}],
+        "gt_mask": [[1, 1], [1, 1]],
+        "patch_row": 1,
+        "patch_col": 1,
+        "patch_layout": 2,
+        "encoding": "plain",
+    }
+    ex = training.proxy_example(row)
+    answer = ex["completion"][0]["content"][0]["text"]
+    assert answer == "f|f\nf|f"
+    assert not any(name in answer for name in CLASSES)
+    assert ex["prompt"][0]["content"][1]["text"].startswith(training.PROXY_INSTRUCTION)
+    assert row["prompt"][0]["content"][1]["text"] == "Segment."  # the original is not modified
+    whole = training.proxy_example({**row, "patch_row": None, "patch_col": None, "patch_layout": 1})
+    assert whole["completion"][0]["content"][0]["text"] == "a|a\na|f"
+
+
+def test_settings_reject_unknown_keys_and_bad_batches(tmp_path):
+    with pytest.raises(ValueError, match="unknown SFTSettings keys"):
+        training.run_sft({"base_model": "x", "train_jsonl": "y", "output_dir": "z", "lr": 1})
+    with pytest.raises(ValueError, match="'base_model' is required"):
+        training.run_sft({"train_jsonl": "y", "output_dir": "z"})
+    with pytest.raises(FileNotFoundError, match="run notebook 03_sft first"):
+        training.run_grpo(
+            {"base_model": "x", "train_jsonl": "y", "output_dir": "z", "adapter_dir": str(tmp_path)}
+        )
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        training.run_grpo(
+            {
+                "base_model": "x",
+                "train_jsonl": "y",
+                "output_dir": "z",
+                "adapter_dir": str(tmp_path),
+                "batch_size": 6,
+            }
+        )
+
+
+def test_cli_reports_missing_config(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        training.main(["sft", "--config", str(tmp_path / "nope.yaml")])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_table_and_summary():
+    ev = {
+        "model": {"mean_dice": 0.8, "dice_field": 0.9, "cell_accuracy": 0.85, "valid_fraction": 1.0},
+        "baselines": {
+            "all_field": {"mean_dice": 0.3, "dice_field": 0.6, "cell_accuracy": 0.4, "class": "field"},
+            "majority_class": {"mean_dice": 0.3, "dice_field": 0.6, "cell_accuracy": 0.4, "class": "field"},
+        },
+    }
+    table = training.eval_table({"magseg": ev})
+    assert list(table["scorer"]) == ["model", "all_field (field)", "majority_class (field)"]
+    summary = training.stage_summary({"magseg": {"eval": ev, "steps": 3}}, "models/x")
+    assert summary["base_model"] == "models/x" and summary["magseg_val_dice_field"] == 0.9
+    assert summary["magseg_all_field_dice_field"] == 0.6
+    diff = training.compare_evals(ev, {"model": {**ev["model"], "dice_field": 0.95}})
+    assert diff.set_index("score").loc["dice_field", "change"] == pytest.approx(0.05)
+
+
+@pytest.mark.slow
+def test_pretrain_sft_resume_and_grpo_on_the_tiny_model(convs, tmp_path):
+    from magseg_nb import models
+
+    base = models.resolve_model("tiny-gemma3", tmp_path / "models")
+    trains = [convs / "magseg_train.jsonl", convs / "text4seg_train.jsonl"]
+    pre = training.pretrain_proxy_base(
+        base, trains, tmp_path / "models", max_steps=2, batch_size=4, max_examples=16
+    )
+    assert (pre / "config.json").exists() and (pre / "proxy_pretraining.json").exists()
+    assert "proxy" in pre.name
+    # cached: the second call reuses the folder
+    assert (
+        training.pretrain_proxy_base(
+            base, trains, tmp_path / "models", max_steps=2, batch_size=4, max_examples=16
+        )
+        == pre
+    )
+
+    out = tmp_path / "sft"
+    cfg = dict(
+        base_model=str(pre),
+        train_jsonl=str(trains[0]),
+        val_jsonl=str(convs / "magseg_val.jsonl"),
+        output_dir=str(out),
+        max_steps=2,
+        batch_size=4,
+        save_steps=2,
+        logging_steps=1,
+        eval_max_examples=4,
+        eval_batch_size=4,
+    )
+    res = training.run_sft(cfg)
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    log = pd.read_csv(out / "log.csv")
+    assert {"loss", "mean_token_accuracy", "step"} <= set(log.columns)
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["model"]["n"] == 4 and set(ev["baselines"]) == {"all_field", "majority_class"}
+    assert res["eval"]["baselines"]["all_field"]["dice_field"] == ev["baselines"]["all_field"]["dice_field"]
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 4
+
+    # an interrupted longer run resumes from the last checkpoint (step 2) instead of starting over
+    shutil.rmtree(out / "adapter")
+    res2 = training.run_sft({**cfg, "max_steps": 3, "eval_max_examples": 0})
+    assert res2["steps"] == 3
+    assert pd.read_csv(out / "log.csv")["step"].max() == 3
+    assert (out / "adapter" / "adapter_config.json").exists()
+    # unchanged settings with a finished adapter: no training at all
+    assert training.run_sft({**cfg, "max_steps": 3, "eval_max_examples": 0})["steps"] == 3
+
+    gout = tmp_path / "grpo"
+    gres = training.run_grpo(
+        dict(
+            base_model=str(pre),
+            adapter_dir=str(out / "adapter"),
+            train_jsonl=str(trains[0]),
+            val_jsonl=str(convs / "magseg_val.jsonl"),
+            output_dir=str(gout),
+            max_steps=1,
+            batch_size=4,
+            num_generations=4,
+            max_completion_length=24,
+            eval_max_examples=2,
+        )
+    )
+    assert (gout / "adapter" / "adapter_config.json").exists()
+    glog = pd.read_csv(gout / "log.csv")
+    assert {
+        "reward",
+        "reward_std",
+        "rewards/dice_reward/mean",
+        "rewards/format_reward/mean",
+        "completions/mean_length",
+    } <= set(glog.columns)
+    assert 0.0 <= glog["rewards/dice_reward/mean"].iloc[0] <= 1.0
+    assert gres["eval"]["model"]["n"] == 2
+    # the GRPO adapter loads onto the same base
+    model, _ = models.load_model_and_processor(str(pre), adapter_dir=str(gout / "adapter"))
+    assert model is not None
+    assert textgrid.decode("", (2, 2)).report.valid is False
