@@ -1,0 +1,484 @@
+"""Raster and vector I/O, masks from polygons, windowed tiling and the spatial split.
+
+One code path serves generated and downloaded data: ``prepare_scene`` takes any raster + polygon file,
+checks them, and writes the scene's semantic / boundary / instance masks; ``scan_tiles``,
+``spatial_split`` and ``write_tiles`` cut scenes into tiles with rasterio windows.
+
+Rules for bad input (each tested):
+
+- a raster that cannot be opened or read (corrupt, truncated, not a GeoTIFF): ``GeoDataError`` naming
+  the file and saying to re-download or regenerate it;
+- a raster without a CRS: ``GeoDataError`` naming the file and how to assign one;
+- labels in another CRS than the raster: reprojected to the raster's CRS, with a ``UserWarning`` and
+  ``report["reprojected_from"]``; labels without a CRS: ``GeoDataError``;
+- a label file with no features, or none inside the raster: ``GeoDataError``;
+- overlapping polygons: polygons are drawn largest first, so where they overlap **the smaller polygon
+  wins** (a tree inside a field, a field inside a farm block); overlapping pairs and pixels are counted
+  in the report;
+- nodata pixels of the raster: semantic 255, boundary 0, instance 0; tiles that are all nodata are
+  skipped and counted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import rasterio
+import rasterio.features
+import shapely
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+from skimage.segmentation import find_boundaries
+
+from magseg_nb.chain import sha256_file
+from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
+
+# Text classes in label files that are background ("others") in the masks.
+BACKGROUND_CLASSES = ("road", "building", "bund", "bare")
+SPLITS = ("train", "val", "test")
+
+
+class GeoDataError(ValueError):
+    """Input data that cannot be used; the message names the file and the fix."""
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+
+def write_geotiff(path, array, crs, transform, nodata=None, dtype=None) -> Path:
+    """Write (bands, H, W) or (H, W) ``array`` as a tiled, deflated GeoTIFF, atomically (tmp + rename)."""
+    path = Path(path)
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise ValueError(f"{path}: expected (bands, H, W) or (H, W), got shape {array.shape}")
+    dtype = np.dtype(dtype or array.dtype)
+    count, height, width = array.shape
+    profile = {
+        "driver": "GTiff", "height": height, "width": width, "count": count, "dtype": dtype.name,
+        "crs": crs, "transform": transform, "nodata": nodata, "compress": "deflate",
+    }  # fmt: skip
+    if height >= 256 and width >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    if count == 3 and dtype == np.uint8:
+        profile["photometric"] = "RGB"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(array.astype(dtype, copy=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_vector(gdf: gpd.GeoDataFrame, path, layer: str = "labels") -> Path:
+    """Write a GeoPackage layer atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        gdf.to_file(tmp, layer=layer, driver="GPKG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_csv(df: pd.DataFrame, path) -> Path:
+    """Write a CSV atomically (no index)."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+# --- reading and checking -----------------------------------------------------------------------------
+
+
+def open_raster(path) -> rasterio.DatasetReader:
+    """Open a raster for reading, with errors that name the file and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"raster {path} does not exist")
+    try:
+        src = rasterio.open(path)
+    except RasterioError as err:
+        raise GeoDataError(
+            f"cannot open raster {path}: it is corrupt or not a GeoTIFF ({err}). "
+            "Fix: re-download it (the manifest's sha256 check catches a bad download) or regenerate it."
+        ) from err
+    if src.crs is None:
+        src.close()
+        raise GeoDataError(
+            f"raster {path} has no CRS, so its pixels cannot be matched to label polygons. Fix: assign "
+            f"the right one, e.g. `rio edit-info --crs EPSG:32648 {path}` (or gdal_edit.py -a_srs)."
+        )
+    return src
+
+
+def _read(src, path, **kw) -> np.ndarray:
+    try:
+        return src.read(**kw)
+    except RasterioError as err:
+        raise GeoDataError(
+            f"raster {path} is truncated or corrupt; reading failed ({err}). "
+            "Fix: re-download it or regenerate it."
+        ) from err
+
+
+def read_labels(
+    labels_path, crs, layer: str | None = None, class_field: str = "class", class_map: dict | None = None
+) -> tuple[gpd.GeoDataFrame, dict]:
+    """Read label polygons as columns ``class`` (text), ``class_id``, ``field_id``, geometry, in ``crs``.
+
+    ``class_map`` maps the file's values of ``class_field`` to our classes (``field``, ``tree``,
+    ``water``, ``others``, or ``road``/``building``, which count as others). Returns (labels, notes).
+    """
+    labels_path = Path(labels_path)
+    if not labels_path.exists():
+        raise FileNotFoundError(f"label file {labels_path} does not exist")
+    try:
+        gdf = gpd.read_file(labels_path, layer=layer)
+    except Exception as err:  # pyogrio raises several types for unreadable files
+        raise GeoDataError(f"cannot read label file {labels_path} (layer={layer!r}): {err}") from err
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    if gdf.empty:
+        raise GeoDataError(
+            f"label file {labels_path} (layer={layer!r}) has no features. Fix: check that it is the "
+            "right file and layer (list layers with `pyogrio.list_layers(path)`)."
+        )
+    if class_field not in gdf.columns:
+        raise GeoDataError(
+            f"label file {labels_path} has no column {class_field!r}; columns are {list(gdf.columns)}. "
+            "Fix: pass class_field=<the column holding the class>."
+        )
+    if gdf.crs is None:
+        raise GeoDataError(
+            f"label file {labels_path} has no CRS. Fix: set it, e.g. `ogr2ogr -a_srs EPSG:4326 out.gpkg "
+            f"{labels_path.name}` or gdf.set_crs(...)."
+        )
+    notes = {"reprojected_from": None}
+    target = rasterio.crs.CRS.from_user_input(crs)
+    if rasterio.crs.CRS.from_user_input(gdf.crs) != target:
+        notes["reprojected_from"] = gdf.crs.to_string()
+        warnings.warn(
+            f"{labels_path}: labels are in {gdf.crs.to_string()}, the raster in {target.to_string()}; "
+            "reprojected the labels to the raster's CRS",
+            UserWarning,
+            stacklevel=2,
+        )
+        gdf = gdf.to_crs(target.to_wkt())
+    raw = gdf[class_field].astype(str)
+    mapping = {str(k): str(v) for k, v in (class_map or {}).items()}
+    names = raw.map(lambda v: mapping.get(v, v))
+    known = set(CLASSES) | set(BACKGROUND_CLASSES)
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise GeoDataError(
+            f"label file {labels_path}: values {unknown[:10]} of column {class_field!r} are not classes "
+            f"({', '.join(sorted(known))}). Fix: pass class_map={{value: class}} for them."
+        )
+    ids = names.map(lambda v: CLASS_IDS.get(v, CLASS_IDS["others"])).astype(np.uint8)
+    out = gpd.GeoDataFrame(
+        {"class": names.values, "class_id": ids.values}, geometry=gdf.geometry.values, crs=gdf.crs
+    )
+    is_field = out["class_id"] == CLASS_IDS["field"]
+    field_id = (
+        pd.to_numeric(gdf["field_id"], errors="coerce").fillna(0)
+        if "field_id" in gdf
+        else pd.Series(0, gdf.index)
+    )
+    field_id = field_id.astype(np.int64).values * is_field.values
+    missing = is_field.values & (field_id <= 0)
+    field_id[missing] = field_id.max() + 1 + np.arange(missing.sum())  # fields without an id get new ones
+    out["field_id"] = field_id.astype(np.int32)
+    return out, notes
+
+
+@dataclass
+class Masks:
+    semantic: np.ndarray  # (H, W) uint8 class ids, NODATA outside valid pixels
+    boundary: np.ndarray  # (H, W) uint8 0/1, field edge pixels
+    instances: np.ndarray  # (H, W) int32 field ids
+    report: dict
+
+
+def rasterize_labels(labels: gpd.GeoDataFrame, shape, transform, valid: np.ndarray | None = None) -> Masks:
+    """Semantic, boundary and instance masks from ``read_labels`` output (smaller polygons win overlaps)."""
+    order = labels.assign(_area=labels.geometry.area).sort_values("_area", ascending=False, kind="stable")
+    geoms = order.geometry.values
+    semantic = rasterio.features.rasterize(
+        zip(geoms, order["class_id"].astype(int), strict=True), out_shape=shape, transform=transform,
+        fill=CLASS_IDS["others"], dtype="uint8",
+    )  # fmt: skip
+    # A field polygon's id wherever it is on top; pixels won by trees/water/roads go back to 0.
+    inst_value = np.where(order["class_id"] == CLASS_IDS["field"], order["field_id"], 0).astype(int)
+    instances = rasterio.features.rasterize(
+        zip(geoms, inst_value, strict=True), out_shape=shape, transform=transform, fill=0, dtype="int32"
+    )
+    coverage = rasterio.features.rasterize(
+        ((g, 1) for g in geoms), out_shape=shape, transform=transform, fill=0, dtype="uint8",
+        merge_alg=rasterio.enums.MergeAlg.add,
+    )  # fmt: skip
+    instances[semantic != CLASS_IDS["field"]] = 0
+    if valid is not None:
+        semantic[~valid] = NODATA
+        instances[~valid] = 0
+    boundary = (find_boundaries(instances, connectivity=1, mode="inner") & (instances > 0)).astype(np.uint8)
+    pairs = labels.sindex.query(labels.geometry, predicate="intersects")
+    pairs = pairs[:, pairs[0] < pairs[1]]
+    inter = shapely.area(
+        shapely.intersection(labels.geometry.values[pairs[0]], labels.geometry.values[pairs[1]])
+    )
+    pix_area = abs(transform.a * transform.e)
+    n_valid = int(valid.sum()) if valid is not None else semantic.size
+    report = {
+        "n_polygons": len(labels),
+        "n_fields": int(np.unique(instances[instances > 0]).size),
+        "n_overlap_pairs": int((inter > 0.01 * pix_area).sum()),
+        "overlap_px": int((coverage > 1).sum()),
+        "nodata_frac": round(1 - n_valid / semantic.size, 6),
+    }
+    for cid, name in enumerate(CLASSES):
+        report[f"frac_{name}"] = round(float((semantic == cid).sum()) / max(n_valid, 1), 6)
+    return Masks(semantic, boundary, instances, report)
+
+
+def to_rgb8(array: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(bands, H, W) of any dtype -> (3, H, W) uint8 with a 2-98 % stretch per band; 0 = nodata."""
+    if array.dtype == np.uint8:
+        out = array[:3].copy()
+    else:
+        out = np.zeros((3, *array.shape[1:]), np.uint8)
+        for b in range(3):
+            lo, hi = np.percentile(array[b][valid], [2, 98]) if valid.any() else (0, 1)
+            out[b] = np.clip(1 + 254 * (array[b].astype(np.float32) - lo) / max(hi - lo, 1e-6), 1, 255)
+    out[:, ~valid] = 0
+    out[:, valid] = np.maximum(out[:, valid], 1)  # keep 0 for nodata only
+    return out
+
+
+def prepare_scene(
+    image_path, labels_path, out_dir, class_field: str = "class", class_map: dict | None = None, layer=None
+) -> dict:
+    """Check a raster + label file and write ``out_dir``/{image.tif, labels.gpkg, semantic.tif, boundary.tif,
+    instances.tif}. The image becomes RGB uint8 (nodata 0); labels are reprojected to its CRS.
+
+    Returns the paths (``image``, ``labels``, ``semantic``, ``boundary``, ``instances``) and ``report``
+    (sizes, CRS, resolution, polygon/field counts, overlaps, reprojection, nodata and class fractions).
+    """
+    image_path, labels_path, out_dir = Path(image_path), Path(labels_path), Path(out_dir)
+    with open_raster(image_path) as src:
+        if src.count < 3:
+            raise GeoDataError(f"raster {image_path} has {src.count} band(s); an RGB image needs 3")
+        data = _read(src, image_path, indexes=[1, 2, 3])
+        crs, transform, (h, w) = src.crs, src.transform, src.shape
+        nodata = src.nodata
+    # A pixel is nodata when all three bands hold the nodata value.
+    valid = np.ones((h, w), bool) if nodata is None else ~(data == nodata).all(axis=0)
+    labels, notes = read_labels(labels_path, crs, layer=layer, class_field=class_field, class_map=class_map)
+    left, bottom, right, top = rasterio.transform.array_bounds(h, w, transform)
+    if not labels.intersects(shapely.box(left, bottom, right, top)).any():
+        raise GeoDataError(
+            f"no polygon of {labels_path} lies inside raster {image_path} (bounds {left:.0f},{bottom:.0f},"
+            f"{right:.0f},{top:.0f} in {crs}). Fix: check that the two files belong together and their CRS."
+        )
+    masks = rasterize_labels(labels, (h, w), transform, valid)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {k: out_dir / f"{k}.tif" for k in ("image", "semantic", "boundary", "instances")}
+    paths["labels"] = out_dir / "labels.gpkg"
+    if image_path.resolve() != paths["image"].resolve():
+        if data.dtype == np.uint8 and nodata == 0:
+            shutil.copyfile(image_path, _tmp_name(paths["image"]))
+            os.replace(_tmp_name(paths["image"]), paths["image"])
+        else:
+            write_geotiff(paths["image"], to_rgb8(data, valid), crs, transform, nodata=0)
+    write_vector(labels[["class", "field_id", "geometry"]], paths["labels"], layer="labels")
+    write_geotiff(paths["semantic"], masks.semantic, crs, transform, nodata=NODATA)
+    write_geotiff(paths["boundary"], masks.boundary, crs, transform)
+    write_geotiff(paths["instances"], masks.instances, crs, transform)
+    res = abs(transform.a)
+    report = {"crs": crs.to_string(), "res_m": res, "width": w, "height": h, **notes, **masks.report}
+    return {**paths, "report": report}
+
+
+def scene_paths(run01, scene_id: str) -> dict[str, Path]:
+    """Where notebook 01 put a scene's files."""
+    folder = Path(run01) / "scenes" / scene_id
+    names = {"image": "image.tif", "labels": "labels.gpkg", "semantic": "semantic.tif",
+             "boundary": "boundary.tif", "instances": "instances.tif"}  # fmt: skip
+    return {k: folder / v for k, v in names.items()}
+
+
+# --- tiling and the spatial split ---------------------------------------------------------------------
+
+
+def tile_starts(length: int, tile_size: int, overlap: int) -> list[int]:
+    """Window offsets along one axis: stride ``tile_size - overlap``, the last tile flush with the edge."""
+    if not 0 <= overlap < tile_size:
+        raise ValueError(f"tile_overlap={overlap} must be >= 0 and smaller than tile_size={tile_size}")
+    if length < tile_size:
+        raise GeoDataError(
+            f"a scene side of {length} px is smaller than tile_size={tile_size}; lower tile_size"
+        )
+    starts = list(range(0, length - tile_size + 1, tile_size - overlap))
+    if starts[-1] != length - tile_size:
+        starts.append(length - tile_size)
+    return starts
+
+
+def scan_tiles(
+    scene_dir, scene_id: str, country: str, tile_size: int, overlap: int
+) -> tuple[pd.DataFrame, dict]:
+    """Candidate tiles of one prepared scene with their nodata and class fractions (windowed reads).
+
+    Tiles that are all nodata are left out; ``report`` counts them (``n_all_nodata``).
+    """
+    scene_dir = Path(scene_dir)
+    rows, skipped = [], 0
+    with open_raster(scene_dir / "semantic.tif") as src:
+        h, w = src.shape
+        for i, r in enumerate(tile_starts(h, tile_size, overlap)):
+            for j, c in enumerate(tile_starts(w, tile_size, overlap)):
+                sem = _read(
+                    src, scene_dir / "semantic.tif", indexes=1, window=Window(c, r, tile_size, tile_size)
+                )
+                counts = np.bincount(sem.ravel(), minlength=256)
+                n_valid = sem.size - counts[NODATA]
+                if n_valid == 0:
+                    skipped += 1
+                    continue
+                row = {"tile_id": f"{scene_id}_r{i}_c{j}", "scene_id": scene_id, "country": country,
+                       "row_off": r, "col_off": c, "height": tile_size, "width": tile_size,
+                       "nodata_frac": round(counts[NODATA] / sem.size, 6)}  # fmt: skip
+                for cid, name in enumerate(CLASSES):
+                    row[f"frac_{name}"] = round(counts[cid] / n_valid, 6)
+                rows.append(row)
+    return pd.DataFrame(rows), {"n_candidates": len(rows) + skipped, "n_all_nodata": skipped}
+
+
+def spatial_split(
+    tiles: pd.DataFrame, block_size: int, fractions: dict[str, float] | None = None, seed: int = 0
+) -> tuple[pd.DataFrame, dict]:
+    """Assign square blocks of ``block_size`` px to train/val/test, per country, and tiles by block.
+
+    A tile's ``block_id`` is the block holding its centre. A tile that overlaps blocks of different
+    splits is dropped (it would share pixels with a tile of another split); tiles spanning blocks of
+    one split are kept. Blocks are shuffled by ``seed`` and given to the split furthest below its
+    share of tiles, so each country gets val and test blocks when it has three blocks or more.
+    """
+    fractions = fractions or {"train": 0.7, "val": 0.15, "test": 0.15}
+    if set(fractions) != set(SPLITS) or abs(sum(fractions.values()) - 1) > 1e-6:
+        raise ValueError(f"fractions must give train/val/test summing to 1, got {fractions}")
+    if tiles.empty:
+        raise GeoDataError("no tiles to split: every tile was nodata")
+    size = int(tiles["height"].max())
+    if block_size < size:
+        raise ValueError(f"split_block_size={block_size} must be at least tile_size={size}")
+    t = tiles.copy()
+    by, bx = (t.row_off + t.height // 2) // block_size, (t.col_off + t.width // 2) // block_size
+    t["block_id"] = t.scene_id + "_b" + by.astype(str) + "_" + bx.astype(str)
+    rng = np.random.default_rng(seed)
+    block_split = {}
+    for _, group in t.groupby("country", sort=True):
+        counts = group.block_id.value_counts().sort_index()
+        blocks = counts.index.to_numpy()[rng.permutation(len(counts))]
+        target = {s: fractions[s] * counts.sum() for s in SPLITS}
+        have = dict.fromkeys(SPLITS, 0.0)
+        # Small splits first, so that a country with few blocks still gets test and val.
+        for k, block in enumerate(blocks):
+            if k < 3 and len(blocks) >= 3:
+                split = ("test", "val", "train")[k]
+            else:
+                split = max(SPLITS, key=lambda s: (target[s] - have[s]) / max(target[s], 1e-9))
+            block_split[block] = split
+            have[split] += counts[block]
+    t["split"] = t.block_id.map(block_split)
+    keep = np.ones(len(t), bool)
+    for n, row in enumerate(t.itertuples()):
+        ys = range(row.row_off // block_size, (row.row_off + row.height - 1) // block_size + 1)
+        xs = range(row.col_off // block_size, (row.col_off + row.width - 1) // block_size + 1)
+        touched = {block_split.get(f"{row.scene_id}_b{y}_{x}") for y in ys for x in xs} - {None}
+        keep[n] = touched <= {row.split}
+    report = {"n_blocks": len(block_split), "n_straddling_dropped": int((~keep).sum())}
+    return t[keep].reset_index(drop=True), report
+
+
+def write_tiles(run01, tiles: pd.DataFrame) -> None:
+    """Write ``tiles/<tile_id>/image.tif`` and ``masks.tif`` (semantic, boundary, instance as int32)."""
+    run01 = Path(run01)
+    for scene_id, group in tiles.groupby("scene_id", sort=False):
+        paths = scene_paths(run01, scene_id)
+        srcs = {k: open_raster(paths[k]) for k in ("image", "semantic", "boundary", "instances")}
+        try:
+            for row in group.itertuples():
+                win = Window(row.col_off, row.row_off, row.width, row.height)
+                image = _read(srcs["image"], paths["image"], window=win)
+                masks = np.stack([_read(srcs[k], paths[k], indexes=1, window=win).astype(np.int32)
+                                  for k in ("semantic", "boundary", "instances")])  # fmt: skip
+                transform = srcs["image"].window_transform(win)
+                folder = run01 / "tiles" / row.tile_id
+                write_geotiff(folder / "image.tif", image, srcs["image"].crs, transform, nodata=0)
+                write_geotiff(folder / "masks.tif", masks, srcs["image"].crs, transform)
+        finally:
+            for src in srcs.values():
+                src.close()
+
+
+def write_split(tiles: pd.DataFrame, path) -> str:
+    """Write split.csv (tile_id, scene_id, block_id, split) and return its sha256."""
+    cols = ["tile_id", "scene_id", "block_id", "split"]
+    return sha256_file(write_csv(tiles[cols].sort_values("tile_id"), path))
+
+
+# --- reading notebook 01's outputs --------------------------------------------------------------------
+
+TILE_COLUMNS = ["tile_id", "scene_id", "country", "row_off", "col_off", "height", "width", "block_id", "split",
+                "nodata_frac", "frac_others", "frac_field", "frac_tree", "frac_water"]  # fmt: skip
+
+
+def read_tiles_table(run01) -> pd.DataFrame:
+    """tiles.csv of notebook 01 (columns ``TILE_COLUMNS``)."""
+    path = Path(run01) / "tiles.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run notebook 01_dataset_prep first")
+    return pd.read_csv(path, dtype={"tile_id": str, "scene_id": str, "block_id": str})
+
+
+@dataclass
+class Tile:
+    tile_id: str
+    image: np.ndarray  # (H, W, 3) uint8
+    semantic: np.ndarray  # (H, W) uint8
+    boundary: np.ndarray  # (H, W) uint8
+    instance: np.ndarray  # (H, W) int32
+    crs: object
+    transform: object
+
+
+def read_tile(run01, tile_id: str) -> Tile:
+    """One tile's image and masks."""
+    folder = Path(run01) / "tiles" / tile_id
+    with open_raster(folder / "image.tif") as src:
+        image = _read(src, folder / "image.tif").transpose(1, 2, 0)
+        crs, transform = src.crs, src.transform
+    with open_raster(folder / "masks.tif") as src:
+        masks = _read(src, folder / "masks.tif")
+    return Tile(
+        tile_id, image, masks[0].astype(np.uint8), masks[1].astype(np.uint8), masks[2], crs, transform
+    )
