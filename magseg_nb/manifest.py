@@ -34,6 +34,7 @@ NODATA_CLASS = "nodata"  # a class_map target meaning "no label here" (NODATA in
 UNPACK_KINDS = ("zip", "tar", "none")
 LAYOUT_KINDS = ("ai4smallfarms", "ftw")
 CHUNK = 1 << 20
+NET_CHUNK = 1 << 16  # small network reads: a dropped connection loses at most this much
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -397,28 +398,29 @@ def _download_http(
         append = resp.status_code == 206 and have > 0
         if have and not append:
             log(f"{name}: server ignored the Range request; downloading from the start")
-        total = _reported_total(resp, have if append else 0)
-        if total is not None and _known(size) and total != int(size):
-            raise FetchError(
-                f"the server reports {total} bytes but the manifest says {size}: the file changed upstream "
-                "or this URL serves another file"
-            )
-        first = True
+        chunks = resp.iter_content(NET_CHUNK)
         try:
+            # Look at the first bytes before anything else: an HTML page is the most useful diagnosis.
+            first = next(chunks, b"")
+            if not append and _looks_like_html(first):
+                raise FetchError(
+                    "the response body is an HTML page, not the data (an error or login page served "
+                    "with status 200). Open the URL in a browser; download by hand if access is gated"
+                )
+            total = _reported_total(resp, have if append else 0)
+            if total is not None and _known(size) and total != int(size):
+                raise FetchError(
+                    f"the server reports {total} bytes but the manifest says {size}: the file changed "
+                    "upstream or this URL serves another file"
+                )
             with open(part, "ab" if append else "wb") as out:
-                for chunk in resp.iter_content(CHUNK):
-                    if first and not append and _looks_like_html(chunk):
-                        out.close()
-                        part.unlink(missing_ok=True)
-                        raise FetchError(
-                            "the response body is an HTML page, not the data (an error or login page served "
-                            "with status 200). Open the URL in a browser; download by hand if access is gated"
-                        )
-                    first = False
+                out.write(first)
+                for chunk in chunks:
                     out.write(chunk)
         except requests.RequestException as exc:
+            got = part.stat().st_size if part.exists() else 0
             raise FetchError(
-                f"the connection dropped after {part.stat().st_size} bytes ({exc.__class__.__name__}); "
+                f"the connection dropped after {got} bytes ({exc.__class__.__name__}); "
                 "run again to resume from the .part file"
             ) from exc
     got = part.stat().st_size
@@ -671,7 +673,8 @@ def _rgb_image(image: Path, bands: list[int], derived_dir: Path) -> Path:
             scaled = (band.filled(lo) - lo) / max(hi - lo, 1e-6) * 255.0
             rgb[i] = np.clip(scaled, 0, 255).astype(np.uint8)
     profile.update(count=3, dtype="uint8", nodata=None, photometric="RGB", compress="deflate", driver="GTiff")
-    profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.pop("tiled", None)
+    for key in ("blockxsize", "blockysize", "tiled"):  # the source's tiling may not fit 3 uint8 bands
+        profile.pop(key, None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.tif")
     with rasterio.open(tmp, "w", **profile) as dst:
@@ -700,7 +703,11 @@ def _polygonize_instances(mask: Path, out: Path) -> Path:
             geoms.append(shape(geom))
             values.append(int(value))
         crs = src.crs
-    gdf = gpd.GeoDataFrame({"class": ["field"] * len(values), "field_id": values}, geometry=geoms, crs=crs)
+    columns = {
+        "class": np.array(["field"] * len(values), dtype=object),
+        "field_id": np.array(values, dtype=np.int64),
+    }
+    gdf = gpd.GeoDataFrame(columns, geometry=geoms, crs=crs)  # may be empty: a chip without fields
     # One row per field even when a field's pixels are not 4-connected.
     gdf = gdf.dissolve(by="field_id", as_index=False)[["class", "field_id", "geometry"]] if len(gdf) else gdf
     out.parent.mkdir(parents=True, exist_ok=True)
