@@ -1,0 +1,334 @@
+"""An interactive leafmap (MapLibre) map of one scene that works offline as a single HTML file.
+
+No basemap tiles, style, fonts or scripts come from the network: the style is a background colour
+only, rasters are embedded as PNG data URIs placed at their true corners (after reprojection to
+EPSG:4326), vectors are inline GeoJSON, and the MapLibre script is the one leafmap already inlines.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..labels import CLASS_COLORS, CLASSES, NODATA
+
+BACKGROUND_STYLE = {
+    "version": 8,
+    "sources": {},
+    "layers": [{"id": "background", "type": "background", "paint": {"background-color": "#f2f2ee"}}],
+}
+# Resource loads that would need the network: tags with src/href, CSS url(), and style keys.
+_NETWORK = re.compile(
+    r"""<script[^>]+src\s*=\s*["']?https?://|<link[^>]+href\s*=\s*["']?https?://|<img[^>]+src\s*=\s*["']?https?://"""
+    r"""|url\(\s*["']?https?://|"(?:tiles|url|glyphs|sprite)"\s*:\s*\[?\s*"https?://""",
+    re.IGNORECASE,
+)
+
+
+def to_wgs84(path: Path, max_size: int = 2048, resampling: str = "nearest"):
+    """Reproject a GeoTIFF to EPSG:4326: (array (bands,H,W), [west, south, east, north], nodata)."""
+    import rasterio
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    with rasterio.open(path) as src:
+        if src.crs is None:
+            raise ValueError(
+                f"{path} has no CRS: write it with the scene's CRS so it can be placed on the map"
+            )
+        scale = max(1.0, max(src.width, src.height) / max_size)  # keep the embedded PNG small
+        transform, width, height = calculate_default_transform(
+            src.crs,
+            "EPSG:4326",
+            src.width,
+            src.height,
+            *src.bounds,
+            dst_width=int(src.width / scale),
+            dst_height=int(src.height / scale),
+        )
+        fill = src.nodata if src.nodata is not None else 0
+        out = np.full((src.count, height, width), fill, dtype=src.dtypes[0])
+        reproject(
+            rasterio.band(src, list(range(1, src.count + 1))),
+            out,
+            dst_transform=transform,
+            dst_crs="EPSG:4326",
+            resampling=Resampling[resampling],
+            dst_nodata=fill,
+        )
+    west, north = transform.c, transform.f
+    east, south = west + transform.a * width, north + transform.e * height
+    return out, [west, south, east, north], src.nodata
+
+
+def _png_data_uri(rgba: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def class_rgba(mask: np.ndarray, alpha: int = 170) -> np.ndarray:
+    """Class ids -> RGBA with the project colours; NODATA (and ids outside the classes) transparent."""
+    lut = np.zeros((256, 4), np.uint8)
+    for i, name in enumerate(CLASSES):
+        lut[i, :3], lut[i, 3] = CLASS_COLORS[name], alpha
+    lut[NODATA] = 0
+    return lut[np.asarray(mask, np.uint8)]
+
+
+def _corners(bounds):
+    west, south, east, north = bounds
+    return [[west, north], [east, north], [east, south], [west, south]]
+
+
+def add_image_layer(m, layer_id: str, rgba: np.ndarray, bounds, visible: bool = True, opacity: float = 1.0):
+    """An RGBA array as a MapLibre image source at its lon/lat bounds, shown as a raster layer."""
+    m.add_source(layer_id, {"type": "image", "url": _png_data_uri(rgba), "coordinates": _corners(bounds)})
+    m.add_layer(
+        {"id": layer_id, "type": "raster", "source": layer_id, "paint": {"raster-opacity": opacity}},
+        visible=visible,
+    )
+
+
+def _popup_gdf(gdf, keep):
+    """WGS84 copy with only the popup columns, rounded so the popups stay readable."""
+    out = gdf[[c for c in keep if c in gdf.columns] + ["geometry"]].to_crs("EPSG:4326").copy()
+    for col in out.columns:
+        if col != "geometry" and out[col].dtype.kind == "f":
+            out[col] = out[col].round(3)
+    return out
+
+
+def scene_map(
+    image_path: Path,
+    gt_fields,
+    pred_fields,
+    masks: dict[str, Path] | None = None,
+    title: str = "",
+    height: str = "600px",
+):
+    """A leafmap MapLibre map of one scene: imagery, class masks (toggleable) and field polygons.
+
+    ``gt_fields`` / ``pred_fields`` are GeoDataFrames (any CRS); their columns ``class``,
+    ``area_m2``, ``iou`` and ``match_id`` (when present) appear in the click popups. ``masks`` maps
+    a layer name (e.g. "coarse", "refined") to a class-id GeoTIFF.
+    """
+    import leafmap.maplibregl as leafmap
+
+    m = leafmap.Map(
+        style=BACKGROUND_STYLE,
+        use_message_queue=True,  # the widget state is replayed in the saved HTML
+        controls={"navigation": "top-right", "scale": "bottom-left"},
+        height=height,
+    )
+    img, bounds, _ = to_wgs84(Path(image_path), resampling="bilinear")
+    rgb = np.moveaxis(img[:3], 0, -1).astype(np.uint8)
+    alpha = np.where(rgb.any(-1), 255, 0).astype(np.uint8)  # outside the rotated scene: transparent
+    add_image_layer(m, "imagery", np.dstack([rgb, alpha]), bounds)
+    layer_ids = ["imagery"]
+    for name, path in (masks or {}).items():
+        arr, mbounds, _ = to_wgs84(Path(path))
+        add_image_layer(m, name, class_rgba(arr[0]), mbounds, visible=name == list(masks)[-1])
+        layer_ids.append(name)
+    keep = ["class", "area_m2", "iou", "match_id", "gt_id", "instance_id"]
+    for name, gdf, colour in (("ground truth", gt_fields, "#ffffff"), ("predicted", pred_fields, "#ff3df5")):
+        if gdf is None or len(gdf) == 0:
+            continue
+        m.add_gdf(
+            _popup_gdf(gdf, keep),
+            layer_type="line",
+            name=name,
+            paint={"line-color": colour, "line-width": 2},
+            fit_bounds=False,
+        )
+        # A transparent fill under the outline makes the whole polygon clickable for its popup.
+        m.add_gdf(
+            _popup_gdf(gdf, keep),
+            layer_type="fill",
+            name=f"{name} (click)",
+            paint={"fill-color": colour, "fill-opacity": 0.01},
+            fit_bounds=False,
+        )
+        m.add_popup(f"{name} (click)")
+        layer_ids += [name]
+    m.add_layer_control(layer_ids=layer_ids, position="top-left")
+    m.add_legend(
+        title=title or "classes",
+        legend_dict={
+            **{n: "#{:02x}{:02x}{:02x}".format(*CLASS_COLORS[n]) for n in CLASSES},
+            "ground-truth field": "#ffffff",
+            "predicted field": "#ff3df5",
+        },
+        position="bottom-right",
+    )
+    m.fit_bounds([[bounds[0], bounds[1]], [bounds[2], bounds[3]]])
+    return m
+
+
+def network_loads(html: str) -> list[str]:
+    """Resource loads in a page that would need the network (empty list = works offline)."""
+    html = re.sub(r"<!--.*?-->", "", html, flags=re.S)
+    return [html[max(0, m.start() - 40) : m.end() + 60] for m in _NETWORK.finditer(html)]
+
+
+def save_offline_html(m, path: Path, title: str = "MAgSeg predictions") -> Path:
+    """Write the map as one self-contained HTML file (atomic) and check it loads nothing remote."""
+    html = m.to_html(title=title, height="100vh")
+    # leafmap leaves the CDN MapLibre tags commented out (the bundle already holds MapLibre): drop them.
+    html = re.sub(r"<!--.*?-->", "", html, flags=re.S)
+    problems = network_loads(html)
+    if problems:
+        raise ValueError(f"the map for {path} would load resources from the network: {problems[:3]}")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+_LAYER_STATE_JS = (
+    "JSON.stringify([...document.querySelectorAll('.layer-switcher-ctrl a, .layer-switcher-ctrl button, "
+    ".layer-switcher-ctrl div > *')].filter(e => !e.children.length)"
+    ".map(e => [e.textContent.trim(), e.classList.contains('active')]))"
+)
+
+
+def browser_check(
+    html_path: Path,
+    screenshot_path: Path | None = None,
+    wait_s: float = 6.0,
+    click: tuple[float, float] | None = None,
+    chromium: str = CHROMIUM,
+    size: tuple[int, int] = (1200, 800),
+) -> dict:
+    """Open a saved map in headless Chromium (DevTools protocol, real time so MapLibre's workers run).
+
+    Returns ``layers`` ({name: visible} from the page's layer switcher, which asks the map itself),
+    ``canvas`` (a MapLibre canvas exists), ``popup`` (text of the popup after clicking at the
+    fractional position ``click``), ``errors`` (uncaught page exceptions), and writes a PNG.
+    """
+    import base64
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+    import urllib.request
+
+    import websocket  # websocket-client, installed with JupyterLab
+
+    if not Path(chromium).exists():
+        raise FileNotFoundError(
+            f"{chromium} not found: install Debian's chromium (bash scripts/setup.sh --browser)"
+        )
+    profile = tempfile.mkdtemp(prefix="magseg-chromium-")
+    proc = subprocess.Popen(
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            f"--window-size={size[0]},{size[1]}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        port_file = Path(profile) / "DevToolsActivePort"
+        for _ in range(300):
+            if port_file.exists() and port_file.read_text().strip():
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"{chromium} did not open its DevTools port within 30 s")
+        port = port_file.read_text().split()[0]
+        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=10))
+        url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+        ws = websocket.create_connection(url, timeout=60, suppress_origin=True)
+        counter, errors = [0], []
+
+        def call(method, **params):
+            counter[0] += 1
+            ws.send(json.dumps({"id": counter[0], "method": method, "params": params}))
+            while True:
+                msg = json.loads(ws.recv())
+                if msg.get("method") == "Runtime.exceptionThrown":
+                    errors.append(msg["params"]["exceptionDetails"].get("text", ""))
+                if msg.get("id") == counter[0]:
+                    return msg.get("result", {})
+
+        call("Runtime.enable")
+        call("Page.enable")
+        call(
+            "Emulation.setDeviceMetricsOverride",
+            width=size[0],
+            height=size[1],
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+        call("Page.navigate", url=Path(html_path).resolve().as_uri())
+        time.sleep(wait_s)
+
+        def evaluate(expr):
+            return call("Runtime.evaluate", expression=expr, returnByValue=True)["result"].get("value")
+
+        layers = dict(json.loads(evaluate(_LAYER_STATE_JS) or "[]"))
+        canvas = bool(evaluate("!!document.querySelector('canvas.maplibregl-canvas')"))
+        popup = None
+        if click is not None:
+            x, y = click[0] * size[0], click[1] * size[1]
+            for kind in ("mousePressed", "mouseReleased"):
+                call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+            time.sleep(1.0)
+            popup = evaluate(
+                "(document.querySelector('.maplibregl-popup-content') || {}).textContent || null"
+            )
+        if screenshot_path is not None:
+            shot = call("Page.captureScreenshot", format="png")
+            Path(screenshot_path).write_bytes(base64.b64decode(shot["data"]))
+        ws.close()
+        return {"layers": layers, "canvas": canvas, "popup": popup, "errors": errors}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def attach_matches(gt_fields, pred_fields, field_tab, pred_tab):
+    """Copies of the field polygons with the popup columns ``area_m2``, ``iou`` and ``match_id``.
+
+    ``gt_fields`` has ``field_id`` (labels.gpkg; non-fields, field_id 0, are dropped) and
+    ``pred_fields`` has ``instance_id`` (05's fields.gpkg); the tables come from
+    :func:`magseg_nb.metrics.scene_tables`. IoU is 0 and match_id 0 where a polygon has no match.
+    """
+    gt = gt_fields[gt_fields["field_id"] > 0].copy()
+    gt["area_m2"] = gt.geometry.area
+    look = field_tab.set_index("gt_id")
+    gt["iou"] = gt["field_id"].map(look["iou"]).fillna(0.0)
+    gt["match_id"] = gt["field_id"].map(look["pred_id"]).fillna(0).astype(int)
+    pred = pred_fields.copy()
+    look = pred_tab.set_index("pred_id")
+    pred["iou"] = pred["instance_id"].map(look["iou"]).fillna(0.0)
+    pred["match_id"] = pred["instance_id"].map(look["gt_id"]).fillna(0).astype(int)
+    return gt, pred
