@@ -100,11 +100,8 @@ def sam_checkpoint(backend: str, cache_dir: Path, manifest_path: Path = SAM_MANI
     """Download (resumable, SHA-256 checked) the checkpoint of ``vit_b``/``vit_h`` into ``cache_dir``."""
     from magseg_nb import manifest
 
-    data = manifest.load_manifest(manifest_path)
-    entries = data.get("checkpoints", data)
-    if backend not in entries:
-        raise ValueError(f"{manifest_path} has no entry {backend!r}; it lists {sorted(entries)}")
-    return manifest.fetch(entries[backend], Path(cache_dir))
+    entry = manifest.manifest_entry(Path(manifest_path), "models", backend)
+    return manifest.fetch(entry, Path(cache_dir))
 
 
 def load_sam(

@@ -1,0 +1,562 @@
+"""Whole-tile and whole-scene inference: prompts -> batched greedy answers -> label grids -> masks.
+
+MAgSeg asks once per patch of a ``patch_layout x patch_layout`` split of the tile; Text4Seg asks once
+for the whole tile. Each answer is decoded with ``textgrid.decode`` (never raises), its ``grid x grid``
+cells are upsampled to the patch's pixels, patches make a tile mask and tiles a scene mask, where
+overlapping tiles vote (weighted by how well-formed their answers were).
+
+Rules for bad input (tested):
+
+- a variant whose adapter does not fit the base model: ``models.AdapterMismatchError`` naming both;
+- a scene with no test tiles: ``infer_scene`` raises ``ValueError``; ``run_variant`` raises when the
+  whole test split is empty (nothing would be written) and names notebook 01 as the fix;
+- a nodata tile (an all-zero image, the nodata value of notebook 01's images, or ``nodata_frac`` >=
+  ``max_nodata_frac``): skipped, counted in ``skipped_tiles.csv``; its pixels stay NODATA (255)
+  unless another tile covers them; a scene of nodata tiles gives all-NODATA masks and no fields;
+- an answer with no label grid at all: counted as malformed and unparsed; its patch is filled with
+  ``others`` (class 0, textgrid's fill) at confidence 0, and in overlaps any parsed answer outvotes it.
+  Partly repaired answers count as malformed and vote with weight ``1 - repaired_fraction``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from magseg_nb import prompts, refine, textgrid
+from magseg_nb.labels import CLASSES, NODATA
+
+TRAININGS = (("03_sft", "sft"), ("04_grpo", "grpo"))
+MIN_WEIGHT = 1e-3  # the vote of an unparsed answer: a fill, outvoted by any parsed answer
+
+
+# --- variants ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class FormatSpec:
+    """How a format's prompts were built in notebook 02 (read from its JSONL rows, never retyped)."""
+
+    fmt: str
+    grid: int
+    patch_layout: int
+    encoding: str
+    prompt_variant: str = "index"
+
+
+def format_spec(run02: Path, fmt: str) -> FormatSpec:
+    """The grid, patch layout, encoding and prompt variant of ``fmt`` in notebook 02's conversations."""
+    run02 = Path(run02)
+    files = sorted(run02.glob(f"{fmt}_*.jsonl"))
+    if not files:
+        raise FileNotFoundError(
+            f"{run02} has no {fmt}_<split>.jsonl: run notebook 02_instruction_format with this format"
+        )
+    with open(files[0]) as fh:
+        row = json.loads(fh.readline())
+    variant = row.get("variant", "index")
+    return FormatSpec(
+        fmt,
+        int(row["grid"]),
+        int(row.get("patch_layout") or 1),
+        row["encoding"],
+        variant if variant in prompts.VARIANTS else "index",
+    )
+
+
+@dataclass
+class Variant:
+    """One trained model to run: ``<format>-<sft|grpo>``."""
+
+    name: str
+    fmt: str
+    training: str
+    weights_dir: Path  # a PEFT adapter folder, or a full model folder (full fine-tune)
+    is_adapter: bool
+    base_model: str  # the base the adapter was trained on ("" for a full model)
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter was trained on (PEFT's adapter_config.json)."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: rerun the training notebook")
+    return json.loads(config.read_text()).get("base_model_name_or_path") or ""
+
+
+def find_variants(run_dir: Path) -> list[Variant]:
+    """Every trained model in a run folder: 03_sft/<fmt>/{adapter,model}, 04_grpo/<fmt>/adapter."""
+    found = []
+    for stage, training in TRAININGS:
+        for fmt in prompts.FORMATS:
+            folder = Path(run_dir) / stage / fmt
+            if (folder / "adapter" / "adapter_config.json").exists():
+                weights = folder / "adapter"
+                found.append(
+                    Variant(f"{fmt}-{training}", fmt, training, weights, True, adapter_base(weights))
+                )
+            elif (folder / "model" / "config.json").exists():
+                found.append(Variant(f"{fmt}-{training}", fmt, training, folder / "model", False, ""))
+    return found
+
+
+def select_variants(found: Sequence[Variant], requested) -> list[Variant]:
+    """``requested``: "all" or a list of names such as ["magseg-sft", "magseg-grpo"]."""
+    if requested == "all" or requested == ["all"]:
+        if not found:
+            raise FileNotFoundError(
+                "no trained model in 03_sft/<format>/ or 04_grpo/<format>/: run notebooks 03 and 04 first"
+            )
+        return list(found)
+    if isinstance(requested, str):
+        requested = [requested]
+    by_name = {v.name: v for v in found}
+    missing = [r for r in requested if r not in by_name]
+    if missing:
+        raise ValueError(
+            f"variants {missing} have no trained model in this run folder; present: "
+            f"{sorted(by_name) or 'none'} (run notebook 03/04 for that format, or change `variants`)"
+        )
+    return [by_name[r] for r in requested]
+
+
+def load_variant(variant: Variant, base_model: str | None = None, device: str = "auto"):
+    """(model, processor) for a variant; ``base_model`` overrides the adapter's own base (checked by
+    ``models.load_model_and_processor``, which raises ``AdapterMismatchError`` naming both)."""
+    from magseg_nb import models
+
+    if not variant.is_adapter:
+        return models.load_model_and_processor(str(variant.weights_dir), device=device)
+    base = base_model or variant.base_model
+    trained_on = variant.base_model
+    if base_model and trained_on and Path(trained_on.rstrip("/")).name != Path(base_model.rstrip("/")).name:
+        # Checked before loading: a mismatch should not cost loading a multi-GB base model first.
+        raise models.AdapterMismatchError(
+            f"adapter {variant.weights_dir} ({variant.name}) was trained on base model {trained_on!r}, "
+            f"but base_model={base_model!r} was asked for; leave base_model empty to use the adapter's own"
+        )
+    if not base:
+        raise ValueError(f"{variant.weights_dir}/adapter_config.json names no base model; pass base_model")
+    return models.load_model_and_processor(base, adapter_dir=variant.weights_dir, device=device)
+
+
+# --- one tile ---------------------------------------------------------------------------------------
+
+
+def upsample_grid(grid_mask: np.ndarray, shape) -> np.ndarray:
+    """Nearest upsampling of a (g, g) cell grid to (h, w) pixels, cell i covering rows i*h//g.. as
+    in ``prompts.downsample_mask``."""
+    grid_mask = np.asarray(grid_mask)
+    h, w = shape
+    rows = np.searchsorted(np.arange(grid_mask.shape[0]) * h // grid_mask.shape[0], np.arange(h), "right") - 1
+    cols = np.searchsorted(np.arange(grid_mask.shape[1]) * w // grid_mask.shape[1], np.arange(w), "right") - 1
+    return grid_mask[np.ix_(rows, cols)]
+
+
+@dataclass
+class TilePrediction:
+    mask: np.ndarray  # (H, W) uint8 class ids
+    confidence: np.ndarray  # (H, W) float32: 1 - repaired fraction of the answer behind each pixel
+    reports: list = field(default_factory=list)  # textgrid.RepairReport per answer
+    answers: list[str] = field(default_factory=list)
+    patches: list = field(default_factory=list)  # (row, col) per answer, None for Text4Seg
+
+    @property
+    def n_malformed(self) -> int:
+        return sum(not r.valid for r in self.reports)
+
+    @property
+    def n_unparsed(self) -> int:
+        return sum(not r.parsed for r in self.reports)
+
+
+def tile_patches(spec: FormatSpec) -> list:
+    return prompts.patches(spec.fmt, spec.patch_layout if spec.fmt == "magseg" else 1)
+
+
+def tile_examples(tile_image: np.ndarray, spec: FormatSpec) -> list[dict]:
+    """The prompts of one tile, built by the same function as the training data."""
+    layout = spec.patch_layout if spec.fmt == "magseg" else 1
+    return [
+        prompts.make_example(tile_image, spec.fmt, spec.grid, spec.encoding, p, layout, spec.prompt_variant)
+        for p in tile_patches(spec)
+    ]
+
+
+def assemble_tile(shape, spec: FormatSpec, answers: Sequence[str]) -> TilePrediction:
+    """Decode one tile's answers (in ``tile_patches`` order) and stitch them into a tile mask."""
+    h, w = shape[:2]
+    mask = np.zeros((h, w), np.uint8)
+    conf = np.zeros((h, w), np.float32)
+    patches = tile_patches(spec)
+    if len(answers) != len(patches):
+        raise ValueError(f"{len(answers)} answers for a tile of {len(patches)} patches")
+    reports = []
+    for patch, text in zip(patches, answers, strict=True):
+        dec = textgrid.decode(text, (spec.grid, spec.grid), spec.encoding)
+        reports.append(dec.report)
+        top, bottom, left, right = (
+            (0, h, 0, w) if patch is None else prompts.patch_bounds((h, w), patch, spec.patch_layout)
+        )
+        mask[top:bottom, left:right] = upsample_grid(dec.mask, (bottom - top, right - left))
+        conf[top:bottom, left:right] = 0.0 if not dec.report.parsed else 1.0 - dec.report.repaired_fraction
+    return TilePrediction(mask, conf, reports, list(answers), patches)
+
+
+def predict_tiles(
+    model,
+    processor,
+    images: Sequence[np.ndarray],
+    spec: FormatSpec,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    generate: Callable | None = None,
+) -> list[TilePrediction]:
+    """Tile masks for several tiles with one batched greedy generation over all their prompts."""
+    if generate is None:
+        from magseg_nb.models import generate
+    examples = [ex for img in images for ex in tile_examples(img, spec)]
+    answers = generate(model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    n = len(tile_patches(spec))
+    return [assemble_tile(img.shape, spec, answers[i * n : (i + 1) * n]) for i, img in enumerate(images)]
+
+
+def predict_tile(
+    model,
+    processor,
+    tile_image: np.ndarray,
+    fmt: str,
+    grid: int,
+    patch_layout: int,
+    encoding: str,
+    variant: str = "index",
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    generate: Callable | None = None,
+) -> TilePrediction:
+    """The (H, W) class mask of one tile (every patch for MAgSeg, the whole tile for Text4Seg)."""
+    spec = FormatSpec(fmt, grid, patch_layout, encoding, variant)
+    return predict_tiles(model, processor, [tile_image], spec, batch_size, max_new_tokens, generate)[0]
+
+
+def answer_budget(processor, spec: FormatSpec, margin: float = 1.0) -> int:
+    """max_new_tokens for the longest well-formed answer: a grid whose every run has length one."""
+    cells = np.arange(spec.grid * spec.grid).reshape(spec.grid, spec.grid)
+    worst = textgrid.encode((cells + cells // spec.grid) % len(CLASSES), spec.encoding)
+    return int(len(processor.tokenizer(worst, add_special_tokens=False)["input_ids"]) * margin) + 8
+
+
+# --- a scene ----------------------------------------------------------------------------------------
+
+
+class SceneVotes:
+    """Per-class vote sums over a scene grid; pixels nobody voted for stay NODATA."""
+
+    def __init__(self, shape):
+        self.votes = np.zeros((len(CLASSES),) + tuple(shape), np.float32)
+        self.count = np.zeros(tuple(shape), np.float32)
+
+    def add(self, row_off: int, col_off: int, mask: np.ndarray, weight) -> None:
+        """Add one prediction of a window; its NODATA pixels do not vote."""
+        h, w = mask.shape
+        weight = np.broadcast_to(np.maximum(np.asarray(weight, np.float32), MIN_WEIGHT), (h, w))
+        win = (slice(row_off, row_off + h), slice(col_off, col_off + w))
+        for k in range(len(CLASSES)):
+            self.votes[k][win] += np.where(mask == k, weight, 0)
+        self.count[win] += mask != NODATA
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(labels uint8, confidence float32 = the winner's vote / number of votes)."""
+        labels = self.votes.argmax(axis=0).astype(np.uint8)
+        seen = self.count > 0
+        conf = np.where(seen, self.votes.max(axis=0) / np.maximum(self.count, 1), 0).astype(np.float32)
+        labels[~seen] = NODATA
+        conf[conf <= MIN_WEIGHT] = 0.0  # only fills voted there
+        return labels, np.clip(conf, 0, 1)
+
+
+def is_nodata_tile(image: np.ndarray, nodata_frac: float | None = None, max_nodata_frac: float = 1.0) -> bool:
+    """True for an all-zero image (notebook 01's image nodata) or ``nodata_frac >= max_nodata_frac``."""
+    if not np.asarray(image).any():
+        return True
+    return nodata_frac is not None and np.isfinite(nodata_frac) and nodata_frac >= max_nodata_frac
+
+
+@dataclass
+class SceneResult:
+    scene_id: str
+    coarse: np.ndarray  # (H, W) uint8, NODATA outside inferred tiles
+    confidence: np.ndarray  # (H, W) float32
+    crs: object
+    transform: object
+    tiles: pd.DataFrame  # one row per test tile: status, n_answers, n_malformed, ...
+    answers: list[dict]
+
+
+def scene_grid(run01: Path, scene_id: str):
+    """(shape, crs, transform) of a scene's image from notebook 01."""
+    import rasterio
+
+    from magseg_nb import geo
+
+    path = geo.scene_paths(run01, scene_id)["image"]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: rerun notebook 01_dataset_prep")
+    with rasterio.open(path) as src:
+        return (src.height, src.width), src.crs, src.transform
+
+
+def infer_scene(
+    model,
+    processor,
+    run01: Path,
+    scene_tiles: pd.DataFrame,
+    spec: FormatSpec,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    tiles_per_call: int = 8,
+    max_nodata_frac: float = 1.0,
+    generate: Callable | None = None,
+    log: Callable[[str], None] | None = None,
+) -> SceneResult:
+    """The coarse mask of one scene from its tiles (rows of tiles.csv, all of one scene)."""
+    from magseg_nb import geo
+
+    if scene_tiles.empty:
+        raise ValueError("infer_scene got no tiles: this scene has no test-split tiles to infer")
+    scene_ids = scene_tiles.scene_id.astype(str).unique()
+    if len(scene_ids) != 1:
+        raise ValueError(f"infer_scene takes the tiles of one scene, got scenes {list(scene_ids)}")
+    scene_id = scene_ids[0]
+    shape, crs, transform = scene_grid(run01, scene_id)
+    votes = SceneVotes(shape)
+    records, answers = [], []
+    rows = list(scene_tiles.itertuples(index=False))
+    for start in range(0, len(rows), tiles_per_call):
+        chunk, images = [], []
+        for t in rows[start : start + tiles_per_call]:
+            image = geo.read_tile(run01, t.tile_id).image
+            if is_nodata_tile(image, getattr(t, "nodata_frac", None), max_nodata_frac):
+                records.append({"tile_id": t.tile_id, "scene_id": scene_id, "status": "skipped_nodata"})
+                continue
+            chunk.append(t)
+            images.append(image)
+        if not chunk:
+            continue
+        t0 = time.perf_counter()
+        preds = predict_tiles(model, processor, images, spec, batch_size, max_new_tokens, generate)
+        seconds = (time.perf_counter() - t0) / len(chunk)
+        for t, pred in zip(chunk, preds, strict=True):
+            votes.add(int(t.row_off), int(t.col_off), pred.mask, pred.confidence)
+            records.append(_tile_record(t, scene_id, pred, seconds))
+            answers.extend(_answer_rows(t.tile_id, scene_id, pred))
+        if log:
+            log(f"{scene_id}: {min(start + tiles_per_call, len(rows))}/{len(rows)} tiles")
+    coarse, conf = votes.result()
+    return SceneResult(scene_id, coarse, conf, crs, transform, pd.DataFrame(records), answers)
+
+
+def _tile_record(t, scene_id: str, pred: TilePrediction, seconds: float) -> dict:
+    return {
+        "tile_id": t.tile_id,
+        "scene_id": scene_id,
+        "status": "inferred",
+        "row_off": int(t.row_off),
+        "col_off": int(t.col_off),
+        "height": int(t.height),
+        "width": int(t.width),
+        "n_answers": len(pred.reports),
+        "n_malformed": pred.n_malformed,
+        "n_unparsed": pred.n_unparsed,
+        "repaired_fraction": float(np.mean([r.repaired_fraction for r in pred.reports])),
+        "infer_s": seconds,
+    }
+
+
+def _answer_rows(tile_id: str, scene_id: str, pred: TilePrediction) -> list[dict]:
+    return [
+        {
+            "tile_id": tile_id,
+            "scene_id": scene_id,
+            "patch_row": None if p is None else p[0],
+            "patch_col": None if p is None else p[1],
+            "answer": a,
+            **r.as_dict(),
+        }
+        for p, a, r in zip(pred.patches, pred.answers, pred.reports, strict=True)
+    ]
+
+
+def refine_scene(
+    run01: Path,
+    scene_tiles: pd.DataFrame,
+    coarse: np.ndarray,
+    confidence: np.ndarray,
+    predictor,
+    **sam_kw,
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """SAM refinement tile by tile on the scene's coarse mask; overlaps vote by SAM's probability.
+
+    Returns (refined uint8, probability float32, seconds per tile id). ``predictor=None`` copies the
+    coarse mask and its confidence.
+    """
+    from magseg_nb import geo
+
+    if predictor is None:
+        return coarse.copy(), confidence.copy(), {}
+    votes = SceneVotes(coarse.shape)
+    seconds = {}
+    for t in scene_tiles.itertuples(index=False):
+        win = (
+            slice(int(t.row_off), int(t.row_off) + int(t.height)),
+            slice(int(t.col_off), int(t.col_off) + int(t.width)),
+        )
+        tile_coarse = coarse[win]
+        if (tile_coarse == NODATA).all():
+            continue
+        t0 = time.perf_counter()
+        image = geo.read_tile(run01, t.tile_id).image
+        refined, prob = refine.sam_refine(image, tile_coarse, predictor, return_prob=True, **sam_kw)
+        seconds[t.tile_id] = time.perf_counter() - t0
+        votes.add(int(t.row_off), int(t.col_off), refined, prob)
+    labels, prob = votes.result()
+    return labels, prob, seconds
+
+
+# --- a variant: every test scene, written to disk -------------------------------------------------------
+
+
+def _write_jsonl(rows: list[dict], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def select_test_tiles(tiles: pd.DataFrame) -> pd.DataFrame:
+    """The test-split rows of tiles.csv, with a clear error when there are none."""
+    test = tiles[tiles["split"] == "test"]
+    if test.empty:
+        raise ValueError(
+            "tiles.csv has no test-split tiles, so there is nothing to infer: rerun notebook "
+            "01_dataset_prep with a test split (its split fractions)"
+        )
+    return test
+
+
+def run_variant(
+    model,
+    processor,
+    run01: Path,
+    tiles: pd.DataFrame,
+    spec: FormatSpec,
+    out_dir: Path,
+    predictor=None,
+    sam_kw: dict | None = None,
+    field_kw: dict | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    max_nodata_frac: float = 1.0,
+    generate: Callable | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Infer every test tile of ``tiles`` and write ``out_dir`` (05_inference/<variant>/):
+    coarse/, confidence/, refined/, instances/ GeoTIFFs per scene, fields.gpkg + fields.parquet,
+    answers.jsonl, tiles.csv (inferred tiles), skipped_tiles.csv. Returns a summary dict."""
+    from magseg_nb import geo
+
+    out_dir = Path(out_dir)
+    test = select_test_tiles(tiles)
+    records, answers, timings = [], [], {"infer_s": 0.0, "refine_s": 0.0, "polygonize_s": 0.0}
+    for scene_id, scene_tiles in test.groupby("scene_id", sort=True):
+        scene_id = str(scene_id)
+        res = infer_scene(
+            model, processor, run01, scene_tiles, spec, batch_size, max_new_tokens,
+            max_nodata_frac=max_nodata_frac, generate=generate, log=log,
+        )  # fmt: skip
+        inferred = res.tiles[res.tiles.status == "inferred"] if len(res.tiles) else res.tiles
+        t0 = time.perf_counter()
+        refined, prob, ref_s = refine_scene(
+            run01, inferred, res.coarse, res.confidence, predictor, **(sam_kw or {})
+        )
+        timings["refine_s"] += time.perf_counter() - t0
+        tile_rows = res.tiles.assign(refine_s=res.tiles.tile_id.map(ref_s)) if len(res.tiles) else res.tiles
+        for name, arr, nodata in (("coarse", res.coarse, NODATA), ("refined", refined, NODATA)):
+            geo.write_geotiff(out_dir / name / f"{scene_id}.tif", arr, res.crs, res.transform, nodata=nodata)
+        geo.write_geotiff(out_dir / "confidence" / f"{scene_id}.tif", prob, res.crs, res.transform)
+        records.append(tile_rows)
+        answers.extend(res.answers)
+        timings["infer_s"] += float(tile_rows.get("infer_s", pd.Series(dtype=float)).sum())
+    table = pd.concat(records, ignore_index=True)
+    inferred = table[table.status == "inferred"].drop(columns="status")
+    skipped = table[table.status != "inferred"][["tile_id", "scene_id", "status"]]
+    geo.write_csv(inferred, out_dir / "tiles.csv")
+    geo.write_csv(skipped, out_dir / "skipped_tiles.csv")
+    _write_jsonl(answers, out_dir / "answers.jsonl")
+    fields = polygonize_saved(out_dir, run01, test, **(field_kw or {}))
+    timings["polygonize_s"] = fields["seconds"]
+    n_answers = int(inferred.n_answers.sum()) if len(inferred) else 0
+    return {
+        "scenes": int(test.scene_id.nunique()),
+        "tiles_inferred": len(inferred),
+        "tiles_skipped_nodata": len(skipped),
+        "answers": n_answers,
+        "malformed": int(inferred.n_malformed.sum()) if len(inferred) else 0,
+        "unparsed": int(inferred.n_unparsed.sum()) if len(inferred) else 0,
+        "fields": fields["fields"],
+        **{k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def polygonize_saved(
+    variant_dir: Path,
+    run01: Path,
+    tiles: pd.DataFrame | None = None,
+    use_image_edges: bool = True,
+    simplify_tolerance: float = 0.0,
+    **watershed,
+) -> dict:
+    """Field instances + polygons from the masks a variant saved (refined/ and confidence/), without the
+    model: writes instances/<scene>.tif, fields.gpkg (layer "fields") and fields.parquet."""
+    import geopandas as gpd
+    import rasterio
+
+    from magseg_nb import geo
+
+    variant_dir = Path(variant_dir)
+    scenes = sorted((variant_dir / "refined").glob("*.tif"))
+    if not scenes:
+        raise FileNotFoundError(
+            f"{variant_dir / 'refined'} holds no scene masks: run notebook 05 with polygonize_only=False first"
+        )
+    frames, n_fields, t0 = [], 0, time.perf_counter()
+    for path in scenes:
+        scene_id = path.stem
+        refined, crs, transform = refine.read_mask(path)
+        conf_path = variant_dir / "confidence" / path.name
+        conf = refine.read_mask(conf_path)[0] if conf_path.exists() else None
+        image = None
+        if use_image_edges:
+            with rasterio.open(geo.scene_paths(run01, scene_id)["image"]) as src:
+                image = src.read().transpose(1, 2, 0)
+        scene_tiles = None if tiles is None else tiles[tiles.scene_id.astype(str) == scene_id]
+        inst, gdf = refine.scene_fields(
+            refined, transform, crs, scene_id, confidence=conf, tiles=scene_tiles, image=image,
+            simplify_tolerance=simplify_tolerance, **watershed,
+        )  # fmt: skip
+        geo.write_geotiff(variant_dir / "instances" / f"{scene_id}.tif", inst, crs, transform, dtype="int32")
+        frames.append(gdf)
+        n_fields += len(gdf)
+    crs = frames[0].crs
+    frames = [f.to_crs(crs) if f.crs != crs else f for f in frames]  # one layer needs one CRS
+    gdf = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs)
+    refine.write_fields(gdf, variant_dir)
+    return {"fields": n_fields, "seconds": time.perf_counter() - t0}
