@@ -30,7 +30,6 @@ import yaml
 from magseg_nb.labels import CLASSES
 
 UNKNOWN = "unknown"
-NODATA_CLASS = "nodata"  # a class_map target meaning "no label here" (NODATA in masks)
 UNPACK_KINDS = ("zip", "tar", "none")
 LAYOUT_KINDS = ("ai4smallfarms", "ftw")
 CHUNK = 1 << 20
@@ -155,7 +154,9 @@ def _validate_dataset(path: Path, where: str, item: dict) -> None:
         raise ManifestError(f"{path}: {where}.labels.format: expected 'gpkg' or 'raster', got {fmt!r}")
     _require(path, f"{where}.labels", labels, "class_field", str)
     class_map = _require(path, f"{where}.labels", labels, "class_map", dict)
-    allowed = set(CLASSES) | {NODATA_CLASS}
+    from magseg_nb.geo import BACKGROUND_CLASSES  # the label vocabulary geo.read_labels accepts
+
+    allowed = set(CLASSES) | set(BACKGROUND_CLASSES)
     for src, dst in class_map.items():
         if dst not in allowed:
             raise ManifestError(
@@ -545,7 +546,9 @@ def prepare_dataset(
     return ds_dir
 
 
-def dataset_sources(manifest_path: str | Path, dataset: str, data_root: str | Path) -> list[SceneSource]:
+def dataset_sources(
+    manifest_path: str | Path, dataset: str, data_root: str | Path, log: Callable[[str], None] = print
+) -> list[SceneSource]:
     """List the scenes of a downloaded + unpacked dataset as SceneSource rows for geo.prepare_scene.
 
     Looks in ``<data_root>/<dataset>`` (or ``data_root`` itself when that folder does not exist, so
@@ -563,7 +566,7 @@ def dataset_sources(manifest_path: str | Path, dataset: str, data_root: str | Pa
             f"manifest.prepare_dataset({str(manifest_path)!r}, {dataset!r}, {str(data_root)!r})"
         )
     kind = spec["layout"]["kind"]
-    sources = _sources_ai4smallfarms(spec, root) if kind == "ai4smallfarms" else _sources_ftw(spec, root)
+    sources = _sources_ai4smallfarms(spec, root) if kind == "ai4smallfarms" else _sources_ftw(spec, root, log)
     if not sources:
         raise FileNotFoundError(
             f"{root}: found no scenes of '{dataset}' (expected the layout described under "
@@ -611,12 +614,12 @@ def _sources_ai4smallfarms(spec: dict, root: Path) -> list[SceneSource]:
     return out
 
 
-def _sources_ftw(spec: dict, root: Path) -> list[SceneSource]:
+def _sources_ftw(spec: dict, root: Path, log: Callable[[str], None]) -> list[SceneSource]:
     import pandas as pd
 
     layout, labels = spec["layout"], spec["labels"]
     presence_only = set(labels.get("presence_only_countries", []))
-    out = []
+    out, empty = [], 0
     for chips in sorted(root.rglob("chips_*.parquet")):
         country = chips.stem.removeprefix("chips_")
         if country not in spec["countries"]:
@@ -629,12 +632,16 @@ def _sources_ftw(spec: dict, root: Path) -> list[SceneSource]:
             if not (image.is_file() and mask.is_file()):
                 continue  # upstream: some AOIs have no imagery (torchgeo's FTW loader skips them too)
             derived = _derived_dir(root) / country / aoi
+            labels_path, n_fields = _polygonize_instances(mask, derived / "labels.gpkg")
+            if n_fields == 0:
+                empty += 1  # geo.prepare_scene needs at least one polygon per scene
+                continue
             out.append(
                 SceneSource(
                     scene_id=f"{country}_{aoi}",
                     country=country,
                     image_path=_rgb_image(image, layout["rgb_bands"], derived),
-                    labels_path=_polygonize_instances(mask, derived / "labels.gpkg"),
+                    labels_path=labels_path,
                     layer="labels",
                     class_field=labels["class_field"],
                     class_map=dict(labels["class_map"]),
@@ -642,6 +649,8 @@ def _sources_ftw(spec: dict, root: Path) -> list[SceneSource]:
                     presence_only=country in presence_only,
                 )
             )
+    if empty:
+        log(f"skipped {empty} FTW chip(s) without any field polygon")
     return out
 
 
@@ -683,11 +692,15 @@ def _rgb_image(image: Path, bands: list[int], derived_dir: Path) -> Path:
     return out
 
 
-def _polygonize_instances(mask: Path, out: Path) -> Path:
-    """Field polygons (class 'field', field_id = instance id) from an instance-id raster, cached."""
-    if _fresh(out, mask):
-        return out
+def _polygonize_instances(mask: Path, out: Path) -> tuple[Path, int]:
+    """Field polygons (class 'field', field_id = instance id) from an instance-id raster, cached.
+
+    Returns the GeoPackage and its number of fields.
+    """
     import geopandas as gpd
+
+    if _fresh(out, mask):
+        return out, len(gpd.read_file(out, layer="labels", columns=["field_id"]))
     import rasterio
     from rasterio import features
     from shapely.geometry import shape
@@ -715,4 +728,4 @@ def _polygonize_instances(mask: Path, out: Path) -> Path:
     tmp.unlink(missing_ok=True)
     gdf.to_file(tmp, layer="labels", driver="GPKG")
     os.replace(tmp, out)
-    return out
+    return out, len(gdf)

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import rasterio
 import yaml
-from rasterio.transform import from_origin
+from affine import Affine
 from shapely.geometry import box
 
 from magseg_nb import manifest as mf
@@ -430,7 +430,7 @@ def _write_tif(path: Path, data: np.ndarray, x0=500000.0, y0=1200000.0, res=10.0
         count=data.shape[0],
         dtype=data.dtype,
         crs=crs,
-        transform=from_origin(x0, y0, res, res),
+        transform=Affine(res, 0, x0, 0, -res, y0),
     ) as dst:
         dst.write(data)
 
@@ -583,9 +583,12 @@ def test_dataset_sources_fields_of_the_world(tmp_path, ftw_archive):
     )
     data_root = tmp_path / "data"
     mf.prepare_dataset(man, "fields_of_the_world", data_root, files=["india.zip"], log=lambda m: None)
-    sources = mf.dataset_sources(man, "fields_of_the_world", data_root)
-    assert [s.scene_id for s in sources] == ["india_g1_00001", "india_g1_00002"]
-    assert [s.split for s in sources] == ["train", None]
+    logs = []
+    sources = mf.dataset_sources(man, "fields_of_the_world", data_root, log=logs.append)
+    # g1_00002 has no field (skipped: prepare_scene needs polygons), g1_00003 has no imagery
+    assert [s.scene_id for s in sources] == ["india_g1_00001"]
+    assert sources[0].split == "train"
+    assert logs == ["skipped 1 FTW chip(s) without any field polygon"]
     s = sources[0]
     assert s.country == "india" and s.presence_only is True
     assert s.layer == "labels" and s.class_field == "class" and s.class_map == {"field": "field"}
@@ -595,7 +598,9 @@ def test_dataset_sources_fields_of_the_world(tmp_path, ftw_archive):
     assert sorted(labels.area.round()) == [8 * 18 * 100.0, 18 * 10 * 100.0]
     with rasterio.open(s.image_path) as rgb:
         assert (rgb.count, rgb.dtypes[0], rgb.crs.to_string()) == (3, "uint8", CRS)
-    empty = gpd.read_file(sources[1].labels_path, layer="labels")
+    empty = gpd.read_file(
+        data_root / "fields_of_the_world" / "derived" / "india" / "g1_00002" / "labels.gpkg"
+    )
     assert len(empty) == 0 and empty.crs == CRS
 
 
@@ -607,3 +612,33 @@ def test_prepare_dataset_rejects_unknown_file_names(tmp_path):
             tmp_path,
             files=["mars.zip"],
         )
+
+
+def test_scene_sources_feed_geo_prepare_scene(tmp_path, ai4sf_archive, ftw_archive):
+    """The contract with notebook 01: every SceneSource goes through geo.prepare_scene unchanged."""
+    from magseg_nb import geo
+    from magseg_nb.labels import CLASS_IDS
+
+    data_root = tmp_path / "data"
+    man_a = _local_manifest(
+        tmp_path, "ai4smallfarms.yaml", "ai4smallfarms", {ai4sf_archive.name: ai4sf_archive}
+    )
+    man_f = _local_manifest(
+        tmp_path, "fields_of_the_world.yaml", "fields_of_the_world", {"india.zip": ftw_archive}
+    )
+    sources = []
+    for man, name in ((man_a, "ai4smallfarms"), (man_f, "fields_of_the_world")):
+        mf.prepare_dataset(man, name, data_root, log=lambda m: None)
+        sources += mf.dataset_sources(man, name, data_root, log=lambda m: None)
+    assert len(sources) == 4
+    for s in sources:
+        out = geo.prepare_scene(
+            s.image_path, s.labels_path, tmp_path / "scenes" / s.scene_id,
+            class_field=s.class_field, class_map=s.class_map, layer=s.layer,
+        )  # fmt: skip
+        with rasterio.open(out["semantic"]) as sem:
+            values = np.unique(sem.read(1))
+            assert sem.crs == CRS
+        assert CLASS_IDS["field"] in values, s.scene_id
+        with rasterio.open(out["instances"]) as inst:
+            assert inst.read(1).max() >= 2  # both fixture fields became instances
