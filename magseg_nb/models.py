@@ -298,6 +298,25 @@ def local_tokenizer(model_id: str):
         return None
 
 
+TINY_TOKENIZER_NOTE = (
+    "tiny-gemma3 tokenizer, built to mimic Gemma's one-label-one-token behaviour "
+    "(the real Gemma 3 tokenizer is not on this machine)"
+)
+
+
+def processor_for_counting(path_or_id: str, cache_dir: Path):
+    """(processor, note) to count tokens with: the model's own, else the tiny one, and a note saying which."""
+    from transformers import AutoProcessor
+
+    info = model_info(str(path_or_id))
+    if info is None or info.kind != "tiny":
+        try:
+            return AutoProcessor.from_pretrained(path_or_id), f"{path_or_id} tokenizer"
+        except Exception:  # gated or offline hub model: fall back to the tiny one, and say so
+            path_or_id = resolve_model("tiny-gemma3", cache_dir)
+    return AutoProcessor.from_pretrained(path_or_id), TINY_TOKENIZER_NOTE
+
+
 # --- loading and generation -----------------------------------------------------------------------
 
 

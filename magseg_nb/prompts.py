@@ -200,6 +200,26 @@ class TileRecord:
     semantic: np.ndarray  # (H, W) class ids, NODATA allowed
 
 
+def tile_records(run01, splits=("train", "val", "test"), max_per_split: int = 0) -> list[TileRecord]:
+    """Notebook 01's tiles as TileRecords (the first ``max_per_split`` of each split; 0 = all)."""
+    from magseg_nb import geo
+
+    table = geo.read_tiles_table(run01)
+    unknown = set(table["split"]) - set(splits)
+    table = table[table["split"].isin(splits)]
+    if table.empty:
+        raise ValueError(
+            f"{run01}/tiles.csv has no tiles in splits {list(splits)} (it has {sorted(unknown)})"
+        )
+    if max_per_split:
+        table = table.groupby("split", sort=False).head(max_per_split)
+    out = []
+    for row in table.itertuples():
+        tile = geo.read_tile(run01, row.tile_id)
+        out.append(TileRecord(row.tile_id, str(row.scene_id), row.split, tile.image, tile.semantic))
+    return out
+
+
 def _save_png(img: Image.Image, path: Path) -> None:
     if path.exists():
         return
@@ -299,6 +319,13 @@ def read_jsonl(path) -> list[dict]:
     return rows
 
 
+def answer_lengths(tokenizer, jsonl_path) -> np.ndarray:
+    """Tokens of each answer in a JSONL file, +1 for <end_of_turn> (sets max_new_tokens downstream)."""
+    texts = [row["completion"][0]["content"][0]["text"] for row in read_jsonl(jsonl_path)]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return np.array([len(x) + 1 for x in ids])
+
+
 def load_conversations(jsonl_path, limit: int | None = None):
     """A ``datasets.Dataset`` that TRL's SFTTrainer and GRPOTrainer take directly.
 
@@ -319,3 +346,108 @@ def load_conversations(jsonl_path, limit: int | None = None):
         row["images"] = [str(p) for p in paths]
     ds = datasets.Dataset.from_list(rows)
     return ds.cast_column("images", datasets.List(datasets.Image()))
+
+
+# --- token budget -----------------------------------------------------------------------------------
+
+
+def budget_settings(resolutions, patch_grids, encodings=textgrid.ENCODINGS, variants=VARIANTS) -> list[dict]:
+    """The (format, variant, encoding, effective resolution, layout, grid) rows of the token-budget table.
+
+    Both formats describe a tile at the same effective resolution E: Text4Seg answers one E x E grid,
+    MAgSeg answers (E/g)^2 grids of g x g (one per patch).
+    """
+    out = []
+    for eff in resolutions:
+        for enc in encodings:
+            out.append(
+                dict(format="text4seg", variant="tile", encoding=enc, effective=eff, patch_layout=1, grid=eff)
+            )
+            for g in patch_grids:
+                if eff % g or eff // g < 2:
+                    continue
+                for variant in variants:
+                    out.append(
+                        dict(
+                            format="magseg",
+                            variant=variant,
+                            encoding=enc,
+                            effective=eff,
+                            patch_layout=eff // g,
+                            grid=g,
+                        )
+                    )
+    return out
+
+
+def _prompt_tokens(processor, example: dict) -> tuple[int, int]:
+    """(all prompt tokens incl. image tokens, image tokens) as the model sees them."""
+    text = processor.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
+    ids = processor(text=[text], images=[example["images"]], return_tensors="np")["input_ids"][0]
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.image_token)
+    return len(ids), int((ids == image_token).sum())
+
+
+def _answer_tokens(tokenizer, mask, encoding: str) -> int:
+    # +1: the <end_of_turn> the model must also write to stop.
+    return len(tokenizer(textgrid.encode(mask, encoding), add_special_tokens=False)["input_ids"]) + 1
+
+
+def token_budget(
+    processor,
+    tiles: list[TileRecord],
+    settings: list[dict],
+    image_tokens_real: int = 256,
+    real_tokenizer=None,
+    max_patches: int = 16,
+    seed: int = 0,
+):
+    """Measured token counts per conversation and per tile, one row per setting (a pandas DataFrame).
+
+    Prompt tokens include the image tokens; ``gemma3_*`` columns swap in ``image_tokens_real`` soft tokens
+    per image (real gemma-3-4b-it: 256), and count answers with ``real_tokenizer`` when one is given.
+    """
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in settings:
+        fmt, enc, layout, grid = s["format"], s["encoding"], s["patch_layout"], s["grid"]
+        variant = s["variant"] if fmt == "magseg" else "index"
+        tile_image = Image.fromarray(np.asarray(tiles[0].image, dtype=np.uint8))
+        first = patches(fmt, layout)[0]
+        example = make_example(tile_image, fmt, grid, enc, first, layout, variant)
+        prompt, image = _prompt_tokens(processor, example)
+        answers, real_answers = [], []
+        for tile in tiles:
+            chosen = patches(fmt, layout)
+            if len(chosen) > max_patches:  # a sample of patches is enough for a mean
+                chosen = [chosen[i] for i in rng.choice(len(chosen), max_patches, replace=False)]
+            for patch in chosen:
+                target = patch_target(tile.semantic, patch, layout, grid)
+                answers.append(_answer_tokens(processor.tokenizer, target, enc))
+                if real_tokenizer is not None:
+                    real_answers.append(_answer_tokens(real_tokenizer, target, enc))
+        n_conv = layout * layout
+        n_images = len(example["images"])
+        answer = float(np.mean(answers))
+        real_answer = float(np.mean(real_answers)) if real_answers else answer
+        real_prompt = prompt - image + n_images * image_tokens_real
+        rows.append(
+            {
+                **s,
+                "conversations_per_tile": n_conv,
+                "images_per_conversation": n_images,
+                "image_tokens": image,
+                "prompt_tokens": prompt,
+                "answer_tokens_mean": round(answer, 1),
+                "answer_tokens_max": int(np.max(answers)),
+                "total_tokens": round(prompt + answer, 1),
+                "tile_tokens": round(n_conv * (prompt + answer)),
+                "gemma3_prompt_tokens": real_prompt,
+                "gemma3_answer_tokens_mean": round(real_answer, 1),
+                "gemma3_total_tokens": round(real_prompt + real_answer, 1),
+                "gemma3_tile_tokens": round(n_conv * (real_prompt + real_answer)),
+            }
+        )
+    return pd.DataFrame(rows)
