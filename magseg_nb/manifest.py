@@ -238,7 +238,8 @@ def fetch(
     is resumed with HTTP Range and renamed into place only after the size and checksum match.
     A file whose sha256 is "unknown" (and has no md5) is refused unless ``record_checksum`` (download,
     print its sha256 for the manifest and write ``<name>.sha256`` beside it) or
-    ``allow_unknown_checksum`` (use it unverified).
+    ``allow_unknown_checksum`` (use it unverified). With an md5 only, the md5 is verified and
+    ``record_checksum`` still records the sha256.
     """
     name = _entry_name(entry)
     if not name or not entry.get("urls"):
@@ -259,8 +260,7 @@ def fetch(
     if final.exists():
         problem = _verify(final, sha, md5, size)
         if problem is None:
-            if not trusted:
-                _report_unknown(final, record_checksum, log)
+            _maybe_report(final, sha, trusted, record_checksum, log)
             return final
         raise ChecksumError(
             f"{final} already exists but {problem}. It is not the file the manifest describes: delete it "
@@ -286,13 +286,15 @@ def fetch(
             )
             continue
         os.replace(part, final)
-        if not trusted:
-            _report_unknown(final, record_checksum, log)
+        _maybe_report(final, sha, trusted, record_checksum, log)
         return final
     raise FetchError(f"could not fetch {name} from any URL:\n" + "\n".join(failures))
 
 
-def _report_unknown(path: Path, record: bool, log: Callable[[str], None]) -> None:
+def _maybe_report(path: Path, sha: str, trusted: bool, record: bool, log: Callable[[str], None]) -> None:
+    """Without a sha256 in the manifest: record it when asked, warn when nothing verified the file."""
+    if _known(sha) or (trusted and not record):
+        return
     digest = sha256_file(path)
     if record:
         tmp = path.with_name(path.name + ".sha256.tmp")

@@ -256,9 +256,12 @@ def test_unknown_checksum_allowed_warns(server, tmp_path):
 def test_md5_only_entry_is_verified(server, tmp_path):
     server.files["/data.bin"] = PAYLOAD
     good = hashlib.md5(PAYLOAD).hexdigest()
-    assert mf.fetch(
-        entry([server.url("/data.bin")], sha256="unknown", md5=good), tmp_path, log=lambda m: None
-    )
+    logs = []
+    e = entry([server.url("/data.bin")], sha256="unknown", md5=good)
+    assert mf.fetch(e, tmp_path, log=logs.append).read_bytes() == PAYLOAD
+    assert logs == []  # verified by md5: nothing to warn about
+    mf.fetch(e, tmp_path, record_checksum=True, log=logs.append)  # already there: just record the sha256
+    assert (tmp_path / "data.bin.sha256").read_text().startswith(sha(PAYLOAD))
     with pytest.raises(mf.FetchError, match="md5 mismatch"):
         mf.fetch(entry([server.url("/data.bin")], name="other.bin", sha256="unknown", md5="0" * 32), tmp_path)
 
