@@ -731,3 +731,59 @@ def _polygonize_instances(mask: Path, out: Path) -> tuple[Path, int]:
     gdf.to_file(tmp, layer="labels", driver="GPKG")
     os.replace(tmp, out)
     return out, len(gdf)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m magseg_nb.manifest check|dataset|model ...`` (see --help)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m magseg_nb.manifest", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    check = sub.add_parser("check", help="validate manifests (default: data_manifests/*.yaml)")
+    check.add_argument("paths", nargs="*", type=Path)
+    for cmd in ("dataset", "model"):
+        p = sub.add_parser(cmd, help=f"fetch a {cmd} listed in a manifest")
+        p.add_argument("manifest", type=Path)
+        p.add_argument("name")
+        p.add_argument("--dest", type=Path, default=Path("data") if cmd == "dataset" else Path("models"))
+        p.add_argument(
+            "--record-checksum", action="store_true", help="download files without a sha256 and print it"
+        )
+        p.add_argument(
+            "--allow-unknown-checksum", action="store_true", help="use files without a checksum unverified"
+        )
+        if cmd == "dataset":
+            p.add_argument("--files", nargs="+", help="only these file names (e.g. india.zip)")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "check":
+            paths = args.paths or sorted(Path("data_manifests").glob("*.yaml"))
+            for path in paths:
+                load_manifest(path)
+                print(f"ok  {path}")
+        elif args.cmd == "dataset":
+            folder = prepare_dataset(
+                args.manifest,
+                args.name,
+                args.dest,
+                args.files,
+                args.allow_unknown_checksum,
+                args.record_checksum,
+            )
+            print(
+                f"{args.name}: {len(dataset_sources(args.manifest, args.name, args.dest))} scenes in {folder}"
+            )
+        else:
+            entry = manifest_entry(args.manifest, "models", args.name)
+            print(fetch(entry, args.dest, args.allow_unknown_checksum, args.record_checksum))
+    except (ManifestError, FetchError, UnpackError, FileNotFoundError) as exc:
+        print(f"error: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

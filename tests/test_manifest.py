@@ -645,3 +645,18 @@ def test_scene_sources_feed_geo_prepare_scene(tmp_path, ai4sf_archive, ftw_archi
         assert CLASS_IDS["field"] in values, s.scene_id
         with rasterio.open(out["instances"]) as inst:
             assert inst.read(1).max() >= 2  # both fixture fields became instances
+
+
+def test_command_line(server, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert mf.main(["check"]) == 0
+    assert "ok  data_manifests/sam_checkpoints.yaml" in capsys.readouterr().out
+    # a model fetch whose download fails prints the reason and returns 1
+    server.modes["/sam_vit_b_01ec64.pth"] = "404"
+    data = yaml.safe_load((ROOT / "data_manifests" / "sam_checkpoints.yaml").read_text())
+    data["models"]["vit_b"]["urls"] = [server.url("/sam_vit_b_01ec64.pth")]
+    man = tmp_path / "sam.yaml"
+    man.write_text(yaml.safe_dump(data))
+    assert mf.main(["model", str(man), "vit_b", "--dest", str(tmp_path / "models")]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("error: could not fetch sam_vit_b_01ec64.pth") and "404" in out
