@@ -32,6 +32,7 @@ from magseg_nb.labels import CLASSES
 UNKNOWN = "unknown"
 UNPACK_KINDS = ("zip", "tar", "none")
 LAYOUT_KINDS = ("ai4smallfarms", "ftw")
+LAYOUT_KEYS = {"ai4smallfarms": ("image_regex", "labels"), "ftw": ("image", "instance_mask")}
 CHUNK = 1 << 20
 NET_CHUNK = 1 << 16  # small network reads: a dropped connection loses at most this much
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -169,6 +170,19 @@ def _validate_dataset(path: Path, where: str, item: dict) -> None:
     rgb = _require(path, f"{where}.layout", layout, "rgb_bands", list)
     if len(rgb) != 3 or not all(isinstance(b, int) and b >= 1 for b in rgb):
         raise ManifestError(f"{path}: {where}.layout.rgb_bands: expected three 1-based band numbers")
+    for key in LAYOUT_KEYS[kind]:
+        _require(path, f"{where}.layout", layout, key, str)
+    if kind == "ai4smallfarms":
+        try:
+            groups = set(re.compile(layout["image_regex"]).groupindex)
+        except re.error as exc:
+            raise ManifestError(
+                f"{path}: {where}.layout.image_regex: not a regular expression ({exc})"
+            ) from exc
+        if not {"split", "tile", "country"} <= groups:
+            raise ManifestError(
+                f"{path}: {where}.layout.image_regex: needs the named groups split, tile and country"
+            )
 
 
 def _validate_file(path: Path, where: str, entry: dict, need_name: bool) -> None:
@@ -200,6 +214,13 @@ def _validate_file(path: Path, where: str, entry: dict, need_name: bool) -> None
     unpack = entry.get("unpack", "none")
     if unpack not in UNPACK_KINDS:
         raise ManifestError(f"{path}: {where}.unpack: expected one of {UNPACK_KINDS}, got {unpack!r}")
+    target = entry.get("unpack_to")
+    if target is not None:
+        parts = PurePosixPath(str(target)).parts
+        if not isinstance(target, str) or not parts or PurePosixPath(target).is_absolute() or ".." in parts:
+            raise ManifestError(
+                f"{path}: {where}.unpack_to: expected a relative folder without '..', got {target!r}"
+            )
 
 
 # --------------------------------------------------------------------------- download
@@ -574,6 +595,14 @@ def dataset_sources(
             f"{root}: found no scenes of '{dataset}' (expected the layout described under "
             f"datasets.{dataset}.layout in {manifest_path}); is the archive unpacked?"
         )
+    seen: dict[str, Path] = {}
+    for s in sources:
+        if s.scene_id in seen:
+            raise ValueError(
+                f"scene {s.scene_id} found twice under {root}: {seen[s.scene_id]} and {s.image_path}. "
+                "Keep one copy of the dataset there (or point data_root at one of them)."
+            )
+        seen[s.scene_id] = s.image_path
     return sources
 
 
@@ -627,7 +656,12 @@ def _sources_ftw(spec: dict, root: Path, log: Callable[[str], None]) -> list[Sce
         if country not in spec["countries"]:
             continue
         cdir = chips.parent
-        table = pd.read_parquet(chips, columns=["aoi_id", "split"])
+        try:
+            table = pd.read_parquet(chips, columns=["aoi_id", "split"])
+        except (KeyError, ValueError, OSError) as exc:
+            raise ValueError(
+                f"{chips}: cannot read columns aoi_id and split ({exc}); is the file complete?"
+            ) from exc
         for aoi, split in zip(table["aoi_id"].astype(str), table["split"].astype(str), strict=True):
             image = cdir / layout["image"].format(aoi=aoi)
             mask = cdir / layout["instance_mask"].format(aoi=aoi)

@@ -393,6 +393,19 @@ def _good_dataset() -> dict:
         ),
         (lambda d: d["datasets"]["ai4smallfarms"]["layout"].update(kind="other"), "layout.kind"),
         (lambda d: d.pop("datasets"), "top level"),
+        (
+            lambda d: d["datasets"]["ai4smallfarms"]["files"][0].update(unpack_to="../up"),
+            "files[0].unpack_to",
+        ),
+        (
+            lambda d: d["datasets"]["ai4smallfarms"]["layout"].update(image_regex="(unclosed"),
+            "layout.image_regex",
+        ),
+        (
+            lambda d: d["datasets"]["ai4smallfarms"]["layout"].update(image_regex=r"(?P<tile>\d+)"),
+            "named groups",
+        ),
+        (lambda d: d["datasets"]["ai4smallfarms"]["layout"].pop("labels"), "layout: missing key 'labels'"),
     ],
 )
 def test_manifest_errors_name_file_and_key(tmp_path, mutate, key):
@@ -543,6 +556,13 @@ def test_dataset_sources_missing_data_says_what_to_do(tmp_path):
     (tmp_path / "empty" / "ai4smallfarms").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="found no scenes"):
         mf.dataset_sources(man, "ai4smallfarms", tmp_path / "empty")
+
+
+def test_dataset_sources_refuses_two_copies(tmp_path, ai4sf_archive):
+    mf.unpack(ai4sf_archive, tmp_path / "two" / "copy1")
+    mf.unpack(ai4sf_archive, tmp_path / "two" / "copy2")
+    with pytest.raises(ValueError, match="found twice"):
+        mf.dataset_sources(ROOT / "data_manifests" / "ai4smallfarms.yaml", "ai4smallfarms", tmp_path / "two")
 
 
 @pytest.fixture
