@@ -60,8 +60,9 @@ class SceneSource:
     """One downloaded scene, ready for ``geo.prepare_scene(image_path, labels_path, out_dir, ...)``.
 
     ``class_map`` maps values of ``class_field`` in the labels file to our class names
-    (``labels.CLASSES``) or ``"nodata"``. ``presence_only`` is True where only fields were labelled,
-    so pixels outside the polygons are unknown rather than "others" (set them to NODATA).
+    (``labels.CLASSES``; road/building/... count as others). ``split`` is the dataset's own split
+    (train/val/test, None when it has none). ``presence_only`` is True where only fields were
+    labelled, so pixels outside the polygons are unknown rather than "others" (NODATA).
     """
 
     scene_id: str
@@ -545,8 +546,9 @@ def prepare_dataset(
     record_checksum: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Fetch and unpack a dataset's files (all, or those named in ``files``); returns its folder.
+    """Fetch and unpack a dataset's files (those not marked ``optional``, or those named in ``files``).
 
+    Returns the dataset's folder.
     Layout: ``<data_root>/<dataset>/downloads/<file>`` and ``<data_root>/<dataset>/<unpack_to>/``.
     """
     spec = manifest_entry(manifest_path, "datasets", dataset)
@@ -560,6 +562,8 @@ def prepare_dataset(
                 f"{manifest_path}: datasets.{dataset}.files has no {missing}; it has {sorted(known)}"
             )
         entries = [e for e in entries if e["name"] in files]
+    else:
+        entries = [e for e in entries if not e.get("optional", False)]
     for entry in entries:
         path = fetch(entry, ds_dir / "downloads", allow_unknown_checksum, record_checksum, log=log)
         if entry.get("unpack", "none") != "none":

@@ -680,3 +680,21 @@ def test_command_line(server, tmp_path, capsys, monkeypatch):
     assert mf.main(["model", str(man), "vit_b", "--dest", str(tmp_path / "models")]) == 1
     out = capsys.readouterr().out
     assert out.startswith("error: could not fetch sam_vit_b_01ec64.pth") and "404" in out
+
+
+def test_prepare_dataset_skips_optional_files(tmp_path, ai4sf_archive):
+    data = yaml.safe_load((ROOT / "data_manifests" / "ai4smallfarms.yaml").read_text())
+    files = data["datasets"]["ai4smallfarms"]["files"]
+    assert [f.get("optional", False) for f in files] == [False, True]
+    files[0].update(
+        urls=[str(ai4sf_archive)],
+        sha256=mf.sha256_file(ai4sf_archive),
+        size_bytes=ai4sf_archive.stat().st_size,
+    )
+    files[1].update(urls=[str(tmp_path / "not-downloaded.parquet")])
+    man = tmp_path / "m.yaml"
+    man.write_text(yaml.safe_dump(data))
+    ds = mf.prepare_dataset(man, "ai4smallfarms", tmp_path / "data", log=lambda m: None)
+    assert sorted(p.name for p in (ds / "downloads").iterdir()) == [ai4sf_archive.name]
+    with pytest.raises(mf.ChecksumError, match="record_checksum"):
+        mf.prepare_dataset(man, "ai4smallfarms", tmp_path / "data", files=["ai4sf_fiboa.parquet"])
