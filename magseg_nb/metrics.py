@@ -821,3 +821,221 @@ def scene_tables(
     """Scene-wide field and prediction tables (for map popups), scored where the model was run."""
     valid = None if pred_semantic is None else np.asarray(pred_semantic) != 255
     return field_table(gt_instances, pred_instances, iou_threshold, valid, pixel_area_m2=pixel_area_m2)
+
+
+def per_tile_scores(counts, metrics=HEADLINE):
+    """The scores of each tile on its own (for finding the worst tiles), indexed by tile_id."""
+    import pandas as pd
+
+    cols = [c for c in counts.columns if c.startswith(("cm_", "b_", "bm_")) or c in _INSTANCE_KEYS]
+    scores = scores_from_counts({c: counts[c].to_numpy(float) for c in cols})
+    index = counts["tile_id"] if "tile_id" in counts else counts.index
+    return pd.DataFrame({m: np.asarray(scores[m], float) for m in metrics}, index=index)
+
+
+def recall_by_size(fields, bins=None, n_boot: int = 500, seed: int = 0, matched: str = "matched"):
+    """Recall of ground-truth fields per field-size bin (m^2), with bootstrap intervals over fields."""
+    import pandas as pd
+
+    area = fields["area_m2"].to_numpy(float)
+    if bins is None:
+        lo, hi = np.nanmin(area) if area.size else 1.0, np.nanmax(area) if area.size else 10.0
+        bins = np.unique(np.geomspace(max(lo, 1e-3), max(hi, lo * 1.001, 1e-3), 6))
+    cut = pd.cut(fields["area_m2"], bins, include_lowest=True)
+    rows = []
+    for interval, grp in fields.groupby(cut, observed=True):
+        est, lo, hi = bootstrap_ci(grp[matched].astype(float), n_boot=n_boot, seed=seed)
+        rows.append(
+            {
+                "area_lo": interval.left,
+                "area_hi": interval.right,
+                "n_fields": len(grp),
+                "recall": est,
+                "lo": lo,
+                "hi": hi,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --- analysis tables for notebook 06 ----------------------------------------------------------------
+
+
+def main_method(methods: list[dict]) -> dict:
+    """The method the figures focus on: MAgSeg after GRPO if present, else after SFT, else any refined."""
+    by_name = {m["name"]: m for m in methods}
+    for name in ("magseg-grpo refined", "magseg-sft refined"):
+        if name in by_name:
+            return by_name[name]
+    return next((m for m in methods if m["refinement"] == "refined"), methods[0])
+
+
+def score_table(results: dict, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, by: str | None = None):
+    """Long table (method, group, metric, value, lo, hi, n_tiles) for every method, overall or per ``by``.
+
+    ``results`` maps a method name to its per-tile counts (from :func:`evaluate_method`); ``by`` is a
+    column of the counts such as "country" or "scene_id" (None = all tiles, group "all").
+    """
+    import pandas as pd
+
+    parts = []
+    for name, counts in results.items():
+        groups = [("all", counts)] if by is None else list(counts.groupby(by, sort=True))
+        for group, sub in groups:
+            parts.append(bootstrap_scores(sub, n_boot, ci, seed).assign(method=name, group=str(group)))
+    cols = ["method", "group", "metric", "value", "lo", "hi", "n_tiles"]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+
+def wide_table(long, metrics=HEADLINE, index=("method",), digits: int = 3):
+    """Readable pivot: one row per method (and group), one column per metric, "value [lo, hi]"."""
+    df = long[long["metric"].isin(metrics)].copy()
+    df["cell"] = [
+        "n/a" if np.isnan(v) else f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+        for v, lo, hi in zip(df["value"], df["lo"], df["hi"], strict=True)
+    ]
+    out = df.pivot_table(index=list(index), columns="metric", values="cell", aggfunc="first", sort=False)
+    return out.reindex(columns=[m for m in metrics if m in out.columns])
+
+
+def ablation_pairs(methods: list[dict]) -> list[tuple[str, str, str]]:
+    """(question, method A, method B) pairs that differ in one factor, among the methods present.
+
+    SAM refinement (coarse -> refined, per variant), GRPO after SFT (per format), the MAgSeg format
+    vs the Text4Seg format (same training), and each refined model vs the watershed baseline.
+    """
+    names = {m["name"] for m in methods}
+    variants = sorted({m["variant"] for m in methods if m["variant"] != "baseline"})
+    pairs = []
+    for v in variants:
+        if {f"{v} coarse", f"{v} refined"} <= names:
+            pairs.append(("SAM refinement", f"{v} coarse", f"{v} refined"))
+    for fmt in sorted({v.rpartition("-")[0] for v in variants}):
+        if {f"{fmt}-sft refined", f"{fmt}-grpo refined"} <= names:
+            pairs.append(("GRPO after SFT", f"{fmt}-sft refined", f"{fmt}-grpo refined"))
+    for training in ("sft", "grpo"):
+        if {f"text4seg-{training} refined", f"magseg-{training} refined"} <= names:
+            pairs.append(
+                ("MAgSeg vs Text4Seg format", f"text4seg-{training} refined", f"magseg-{training} refined")
+            )
+    if "watershed baseline" in names:
+        for v in variants:
+            if f"{v} refined" in names:
+                pairs.append(("vs classical watershed", "watershed baseline", f"{v} refined"))
+    return pairs
+
+
+def ablation_table(
+    results: dict, pairs, metrics=HEADLINE, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+):
+    """Paired differences (B - A) with intervals for every ablation pair, plus a one-line reading each."""
+    import pandas as pd
+
+    parts = []
+    for question, a, b in pairs:
+        diff = compare_methods(results[a], results[b], metrics, n_boot, ci, seed)
+        diff["reading"] = [describe_difference(r, a, b) for _, r in diff.iterrows()]
+        parts.append(diff.assign(question=question, method_a=a, method_b=b))
+    cols = ["question", "method_a", "method_b", "metric", "a", "b", "diff", "lo", "hi", "n_tiles", "reading"]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+
+def ablation_reading(ablation, metrics=("iou_field", "inst_f1", "boundary_m_f1")) -> list[str]:
+    """Short bullet points generated from the ablation numbers (nothing hard-coded about the result)."""
+    lines = []
+    for (question, a, b), grp in ablation.groupby(["question", "method_a", "method_b"], sort=False):
+        sub = grp.set_index("metric").reindex(list(metrics)).dropna(subset=["diff"])
+        if sub.empty:
+            continue
+        clear = sub[(sub["lo"] > 0) | (sub["hi"] < 0)]
+        verdict = (
+            "no difference that this data can resolve"
+            if clear.empty
+            else "; ".join(
+                f"{m} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" for m, r in clear.iterrows()
+            )
+        )
+        n = int(sub["n_tiles"].iloc[0])
+        lines.append(f"**{question}** ({a} → {b}, {n} tiles): {verdict}.")
+    return lines
+
+
+def effective_resolution(run02, tile_px: int, res_m: float):
+    """Label cells per tile side and metres per cell of each instruction format (from 02's test JSONL)."""
+    import json
+
+    import pandas as pd
+
+    rows = []
+    for fmt in ("magseg", "text4seg"):
+        path = Path(run02) / f"{fmt}_test.jsonl"
+        if not path.exists():
+            continue
+        with open(path) as fh:
+            first = json.loads(fh.readline() or "{}")
+        grid = int(first.get("grid", 0))
+        cells = grid * int(first.get("patch_layout", 1)) if fmt == "magseg" else grid
+        rows.append(
+            {
+                "format": fmt,
+                "grid": grid,
+                "patch_layout": first.get("patch_layout"),
+                "cells_per_tile_side": cells,
+                "metres_per_cell": tile_px * res_m / cells if cells else np.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def read_eval_jsons(run_dir) -> pd.DataFrame:  # noqa: F821
+    """Scalar entries of 03_sft/<format>/eval.json and 04_grpo/<format>/eval.json, one row per file."""
+    import json
+
+    import pandas as pd
+
+    rows = []
+    for path in sorted(Path(run_dir).glob("0[34]_*/*/eval.json")):
+        data = json.loads(path.read_text())
+        flat = pd.json_normalize(data, sep=".").iloc[0].to_dict() if isinstance(data, dict) else {}
+        scalars = {k: v for k, v in flat.items() if isinstance(v, int | float | str | bool)}
+        rows.append({"stage": path.parent.parent.name, "format": path.parent.name, **scalars})
+    return pd.DataFrame(rows)
+
+
+def markdown_table(df, index: bool = True) -> str:
+    """A pandas frame as a GitHub markdown table (without the optional tabulate dependency)."""
+    df = df.reset_index() if index else df
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    sep = "| " + " | ".join("---" for _ in df.columns) + " |"
+    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body])
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "n/a" if np.isnan(v) else f"{v:.3f}"
+    return str(v).replace("|", "/")
+
+
+def write_report(path, title: str, sections: list[tuple[str, object]]) -> Path:
+    """report.md: a title, then (heading, DataFrame | text | list of lines) sections; atomic write."""
+    import os
+
+    import pandas as pd
+
+    parts = [f"# {title}", ""]
+    for heading, content in sections:
+        parts += [f"## {heading}", ""]
+        if isinstance(content, pd.DataFrame):
+            has_index = not isinstance(content.index, pd.RangeIndex)
+            parts.append(markdown_table(content, index=has_index) if len(content) else "(none)")
+        elif isinstance(content, list | tuple):
+            parts += [f"- {line}" for line in content]
+        else:
+            parts.append(str(content))
+        parts.append("")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, path)
+    return path

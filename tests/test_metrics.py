@@ -539,3 +539,111 @@ def test_evaluate_method_rejects_a_prediction_off_the_scene_grid(synthetic_run, 
         metrics.evaluate_method(run01, tiles, {"vn0": bad}, None)
     with pytest.raises(FileNotFoundError, match="missing.tif does not exist"):
         metrics.evaluate_method(run01, tiles, {"vn0": tmp_path / "missing.tif"}, None)
+
+
+def test_analysis_tables_figures_and_report(synthetic_run, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from magseg_nb.viz import metrics as vizm
+
+    run01, run05 = synthetic_run / "01_dataset_prep", synthetic_run / "05_inference"
+    methods = metrics.discover_methods(run01, run05)
+    tiles = metrics.common_tiles(pd.read_csv(run01 / "tiles.csv"), methods)
+    evaluated = {
+        m["name"]: metrics.evaluate_method(run01, tiles, m["semantic"], m["instances"]) for m in methods
+    }
+    results = {k: v[0] for k, v in evaluated.items()}
+    overall = metrics.score_table(results, n_boot=50)
+    assert set(overall["method"]) == set(results) and (overall["group"] == "all").all()
+    by_country = metrics.score_table(results, n_boot=50, by="country")
+    assert set(by_country["group"]) == {"Vietnam", "Cambodia"}
+    wide = metrics.wide_table(overall)
+    assert (
+        wide.loc["watershed baseline", "miou"] == "n/a" and "[" in wide.loc["magseg-sft refined", "inst_f1"]
+    )
+    pairs = metrics.ablation_pairs(methods)
+    assert ("GRPO after SFT", "magseg-sft refined", "magseg-grpo refined") in pairs
+    assert ("MAgSeg vs Text4Seg format", "text4seg-sft refined", "magseg-sft refined") in pairs
+    assert ("SAM refinement", "magseg-sft coarse", "magseg-sft refined") in pairs
+    assert ("vs classical watershed", "watershed baseline", "magseg-grpo refined") in pairs
+    ablation = metrics.ablation_table(results, pairs, n_boot=50)
+    reading = metrics.ablation_reading(ablation)
+    assert len(reading) == len(pairs) and all(line.startswith("**") for line in reading)
+    main = metrics.main_method(methods)
+    assert main["name"] == "magseg-grpo refined"
+    fields = pd.concat([v[1].assign(method=k) for k, v in evaluated.items()], ignore_index=True)
+    curve = metrics.recall_by_size(fields[fields["method"] == main["name"]], n_boot=50)
+    assert curve["n_fields"].sum() == results[main["name"]]["n_gt"].sum()
+    assert ((curve["lo"] <= curve["recall"]) & (curve["recall"] <= curve["hi"])).all()
+    figs = {
+        "bars": vizm.per_class_bars(overall, "iou"),
+        "headline": vizm.headline_bars(overall, ["miou", "inst_f1"]),
+        "gallery": vizm.error_gallery(
+            run01, tiles, metrics.per_tile_scores(results[main["name"]]), main, n=2
+        ),
+        "size": vizm.recall_vs_size({"x": curve}),
+    }
+    for name, fig in figs.items():
+        assert vizm.save(fig, tmp_path / "figures", name).stat().st_size > 1000
+    assert len(figs["gallery"].axes) == 6
+    report = metrics.write_report(
+        tmp_path / "report.md", "t", [("Overall", wide), ("Reading", reading), ("Empty", pd.DataFrame())]
+    )
+    text = report.read_text()
+    assert text.startswith("# t") and "| method | miou |" in text and "(none)" in text
+
+
+def test_effective_resolution_and_training_eval(tmp_path):
+    import json
+
+    (tmp_path / "02_instruction_format").mkdir()
+    (tmp_path / "02_instruction_format" / "magseg_test.jsonl").write_text(
+        json.dumps({"grid": 16, "patch_layout": 4}) + "\n"
+    )
+    (tmp_path / "02_instruction_format" / "text4seg_test.jsonl").write_text(json.dumps({"grid": 64}) + "\n")
+    res = metrics.effective_resolution(tmp_path / "02_instruction_format", tile_px=256, res_m=0.5).set_index(
+        "format"
+    )
+    assert res.loc["magseg", "cells_per_tile_side"] == 64 and res.loc["text4seg", "metres_per_cell"] == 2.0
+    (tmp_path / "03_sft" / "magseg").mkdir(parents=True)
+    (tmp_path / "03_sft" / "magseg" / "eval.json").write_text(json.dumps({"val": {"dice": 0.7}, "n": 3}))
+    ev = metrics.read_eval_jsons(tmp_path)
+    assert ev.loc[0, "stage"] == "03_sft" and ev.loc[0, "val.dice"] == 0.7
+
+
+@pytest.mark.slow
+def test_notebook_06_runs_on_a_synthetic_chain(tmp_path):
+    """The notebook itself (papermill) on the synthetic 01/05 folders: every output file is written."""
+    import json
+
+    import papermill
+
+    root = Path(__file__).resolve().parents[1]
+    run = make_synthetic_run(tmp_path / "runs" / "syn")
+    papermill.execute_notebook(
+        str(root / "notebooks" / "06_metrics.ipynb"),
+        str(tmp_path / "out.ipynb"),
+        parameters={"run_dir": str(run), "profile": "smoke", "n_boot": 100, "browser_screenshot": False},
+        cwd=str(root / "notebooks"),
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    out = run / "06_metrics"
+    for name in (
+        "metrics.csv",
+        "metrics.json",
+        "fields.csv",
+        "ablation.csv",
+        "map.html",
+        "report.md",
+        "figures/per_class_iou.png",
+        "figures/worst_tiles.png",
+        "figures/recall_vs_field_size.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    state = json.loads((out / "state.json").read_text())
+    assert state["summary"]["n_tiles"] == 6 and state["summary"]["best_inst_f1_method"]
+    assert "## Reading" in (out / "report.md").read_text()

@@ -112,12 +112,14 @@ def scene_map(
     masks: dict[str, Path] | None = None,
     title: str = "",
     height: str = "600px",
+    max_size: int = 2048,
 ):
     """A leafmap MapLibre map of one scene: imagery, class masks (toggleable) and field polygons.
 
     ``gt_fields`` / ``pred_fields`` are GeoDataFrames (any CRS); their columns ``class``,
     ``area_m2``, ``iou`` and ``match_id`` (when present) appear in the click popups. ``masks`` maps
-    a layer name (e.g. "coarse", "refined") to a class-id GeoTIFF.
+    a layer name (e.g. "coarse", "refined") to a class-id GeoTIFF. Rasters larger than
+    ``max_size`` pixels are shrunk so that the single HTML file stays small.
     """
     import leafmap.maplibregl as leafmap
 
@@ -126,14 +128,18 @@ def scene_map(
         use_message_queue=True,  # the widget state is replayed in the saved HTML
         controls={"navigation": "top-right", "scale": "bottom-left"},
         height=height,
+        # leafmap's sidebars need ipyvuetify widgets that this ipyvuetify lacks; the plain
+        # MapLibre widget shows inline in JupyterLab and has its own layer switcher.
+        add_sidebar=False,
+        add_floating_sidebar=False,
     )
-    img, bounds, _ = to_wgs84(Path(image_path), resampling="bilinear")
+    img, bounds, _ = to_wgs84(Path(image_path), max_size=max_size, resampling="bilinear")
     rgb = np.moveaxis(img[:3], 0, -1).astype(np.uint8)
     alpha = np.where(rgb.any(-1), 255, 0).astype(np.uint8)  # outside the rotated scene: transparent
     add_image_layer(m, "imagery", np.dstack([rgb, alpha]), bounds)
     layer_ids = ["imagery"]
     for name, path in (masks or {}).items():
-        arr, mbounds, _ = to_wgs84(Path(path))
+        arr, mbounds, _ = to_wgs84(Path(path), max_size=max_size)
         add_image_layer(m, name, class_rgba(arr[0]), mbounds, visible=name == list(masks)[-1])
         layer_ids.append(name)
     keep = ["class", "area_m2", "iou", "match_id", "gt_id", "instance_id"]
