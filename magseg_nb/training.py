@@ -734,6 +734,7 @@ def pretrain_proxy_base(
     max_examples: int | None = 4000,
     seed: int = 0,
     time_budget_s: float | None = None,
+    logging_steps: int = 25,
 ) -> Path:
     """Full fine-tune of a randomly initialised tiny model on the label-free colour-code task.
 
@@ -769,7 +770,7 @@ def pretrain_proxy_base(
         batch_size=batch_size,
         warmup_steps=20,
         save_steps=max(50, max_steps // 4),
-        logging_steps=25,
+        logging_steps=logging_steps,
         seed=seed,
         time_budget_s=time_budget_s,
         eval_max_examples=0,
@@ -780,6 +781,8 @@ def pretrain_proxy_base(
     for name in ("log.csv", DONE_FILE):  # keep the pretraining's record beside the weights
         if (work / name).exists():
             os.replace(work / name, dest / f"proxy_{name}")
+    if (base_model / "tiny_spec.json").exists():  # models.model_info() still knows the shapes
+        shutil.copy(base_model / "tiny_spec.json", dest / "tiny_spec.json")
     write_json(
         dest / "proxy_pretraining.json", {**key_src, "task": PROXY_INSTRUCTION.strip(), "n_examples": len(ds)}
     )
