@@ -246,11 +246,20 @@ def predict_tile(
     return predict_tiles(model, processor, [tile_image], spec, batch_size, max_new_tokens, generate)[0]
 
 
-def answer_budget(processor, spec: FormatSpec, margin: float = 1.0) -> int:
-    """max_new_tokens for the longest well-formed answer: a grid whose every run has length one."""
-    cells = np.arange(spec.grid * spec.grid).reshape(spec.grid, spec.grid)
-    worst = textgrid.encode((cells + cells // spec.grid) % len(CLASSES), spec.encoding)
-    return int(len(processor.tokenizer(worst, add_special_tokens=False)["input_ids"]) * margin) + 8
+def answer_budget(processor, spec: FormatSpec, run02: Path | None = None, margin: float = 1.25) -> int:
+    """max_new_tokens for generation: the longest reference answer of notebook 02's training
+    conversations of this format times ``margin`` (as training's evaluation does), or, without them,
+    the longest well-formed answer (a grid whose every run has length one)."""
+    texts = []
+    path = Path(run02) / f"{spec.fmt}_train.jsonl" if run02 else None
+    if path is not None and path.exists():
+        with open(path) as fh:
+            texts = [json.loads(line)["completion"][0]["content"][0]["text"] for line in fh if line.strip()]
+    if not texts:
+        cells = np.arange(spec.grid * spec.grid).reshape(spec.grid, spec.grid)
+        texts, margin = [textgrid.encode((cells + cells // spec.grid) % len(CLASSES), spec.encoding)], 1.0
+    longest = max(len(processor.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    return int(longest * margin) + 8
 
 
 # --- a scene ----------------------------------------------------------------------------------------
@@ -560,3 +569,92 @@ def polygonize_saved(
     gdf = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs)
     refine.write_fields(gdf, variant_dir)
     return {"fields": n_fields, "seconds": time.perf_counter() - t0}
+
+
+# --- notebook helpers ---------------------------------------------------------------------------------
+
+
+def stage_needs(run_dir: Path, requested) -> list[str]:
+    """The stages notebook 05 depends on: 01-03, and 04 when a GRPO variant is asked for (or, with
+    "all", when 04 has run)."""
+    needs = ["01_dataset_prep", "02_instruction_format", "03_sft"]
+    names = [requested] if isinstance(requested, str) else list(requested)
+    wants_grpo = any(n.endswith("-grpo") for n in names)
+    if wants_grpo or ("all" in names and (Path(run_dir) / "04_grpo" / "state.json").exists()):
+        needs.append("04_grpo")
+    return needs
+
+
+SAVED = ("coarse", "confidence", "refined", "answers.jsonl", "tiles.csv", "skipped_tiles.csv")
+
+
+def reuse_saved(previous: Path, out_dir: Path) -> None:
+    """Copy a variant's saved masks and tables (not its instances or polygons) for ``polygonize_saved``."""
+    import shutil
+
+    previous, out_dir = Path(previous), Path(out_dir)
+    if not (previous / "refined").is_dir():
+        raise FileNotFoundError(
+            f"{previous / 'refined'} does not exist: run notebook 05 once with polygonize_only=False"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in SAVED:
+        src, dst = previous / name, out_dir / name
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        elif src.exists():
+            shutil.copy2(src, dst)
+
+
+def _crop_box(mask: np.ndarray, pad: int = 0):
+    rows, cols = np.nonzero(mask != NODATA)
+    if rows.size == 0:
+        return slice(None), slice(None)
+    return (
+        slice(max(rows.min() - pad, 0), rows.max() + 1 + pad),
+        slice(max(cols.min() - pad, 0), cols.max() + 1 + pad),
+    )
+
+
+def scene_outputs(variant_dir: Path, run01: Path, scene_id: str, crop: bool = True) -> dict:
+    """A scene's image, ground truth, coarse, refined and instance rasters, cropped to the inferred area."""
+    import rasterio
+
+    from magseg_nb import geo
+
+    paths = geo.scene_paths(run01, scene_id)
+    with rasterio.open(paths["image"]) as src:
+        image = src.read().transpose(1, 2, 0)
+    out = {"image": image, "truth": refine.read_mask(paths["semantic"])[0]}
+    for name in ("coarse", "refined", "instances"):
+        out[name] = refine.read_mask(Path(variant_dir) / name / f"{scene_id}.tif")[0]
+    if crop:
+        box = _crop_box(out["coarse"])
+        out = {k: v[box] for k, v in out.items()}
+    return out
+
+
+def quick_scores(variant_dir: Path, run01: Path) -> pd.DataFrame:
+    """Per scene: mean Dice of the coarse and the refined mask against the ground truth, on the
+    inferred pixels (a first look; notebook 06 scores properly), and the share of pixels SAM changed."""
+    from magseg_nb.rewards import mean_dice
+
+    rows = []
+    for path in sorted((Path(variant_dir) / "coarse").glob("*.tif")):
+        s = scene_outputs(variant_dir, run01, path.stem, crop=False)
+        valid = (s["coarse"] != NODATA) & (s["truth"] != NODATA)
+        if not valid.any():
+            rows.append({"scene_id": path.stem, "pixels": 0})
+            continue
+        gt = s["truth"][valid]
+        rows.append(
+            {
+                "scene_id": path.stem,
+                "pixels": int(valid.sum()),
+                "mean_dice_coarse": mean_dice(gt, s["coarse"][valid]),
+                "mean_dice_refined": mean_dice(gt, s["refined"][valid]),
+                "changed_by_sam": float((s["coarse"][valid] != s["refined"][valid]).mean()),
+                "fields": int(np.unique(s["instances"][s["instances"] > 0]).size),
+            }
+        )
+    return pd.DataFrame(rows)

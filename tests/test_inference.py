@@ -347,6 +347,50 @@ def test_adapter_that_does_not_match_the_model(tiny_model, tmp_path):
     assert model.peft_config
 
 
+def test_answer_budget_from_training_answers(tiny_model, tmp_path):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    worst = inference.answer_budget(processor, SPEC)
+    row = {"completion": [{"role": "assistant", "content": [{"type": "text", "text": "field *4\n" * 4}]}]}
+    (tmp_path / "magseg_train.jsonl").write_text(json.dumps(row) + "\n")
+    from_data = inference.answer_budget(processor, SPEC, tmp_path)
+    n = len(processor.tokenizer("field *4\n" * 4, add_special_tokens=False)["input_ids"])
+    assert from_data == int(n * 1.25) + 8 < worst
+
+
+def test_stage_needs_and_reuse_saved(written, tmp_path):
+    out, _, _, run01 = written
+    assert inference.stage_needs(tmp_path, "all") == ["01_dataset_prep", "02_instruction_format", "03_sft"]
+    assert inference.stage_needs(tmp_path, ["magseg-grpo"])[-1] == "04_grpo"
+    copy = tmp_path / "again" / "magseg-sft"
+    inference.reuse_saved(out, copy)
+    assert (copy / "refined" / "s0.tif").exists() and not (copy / "instances").exists()
+    assert inference.polygonize_saved(copy, run01, min_area_px=8, h_px=1.0)["fields"] > 0
+    with pytest.raises(FileNotFoundError, match="polygonize_only=False"):
+        inference.reuse_saved(tmp_path / "nothing", copy)
+    scores = inference.quick_scores(out, run01)
+    assert list(scores.scene_id) == ["s0", "s1"] and scores.pixels.iloc[1] == 0
+    assert 0 < scores.mean_dice_coarse.iloc[0] < 1  # the oracle's one bad patch per tile costs a little
+    assert scores.changed_by_sam.iloc[0] == 0  # no SAM: refined == coarse
+    s = inference.scene_outputs(out, run01, "s0")
+    assert s["coarse"].shape == s["image"].shape[:2] == s["truth"].shape
+    assert (s["coarse"] != NODATA).any(axis=1).all()  # cropped to the inferred area
+
+
+def test_figures(written, tmp_path):
+    from magseg_nb.viz import inference as vi
+
+    out, _, _, run01 = written
+    s = inference.scene_outputs(out, run01, "s0")
+    fig = vi.plot_coarse_vs_refined(s["image"], s["coarse"], s["refined"], s["instances"], s["truth"], "t")
+    assert len(fig.axes) == 5 and vi.save(fig, tmp_path, "a").stat().st_size > 0
+    fig = vi.plot_malformed({"magseg-sft": pd.read_csv(out / "tiles.csv")})
+    assert fig.axes[0].get_ylabel() == "answers"
+    assert vi.class_rgb(np.array([[0, NODATA]], np.uint8))[0, 1].tolist() == [255, 255, 255]
+    assert vi.changed_fraction(s["coarse"], s["refined"]) == 0.0
+
+
 @pytest.mark.slow
 def test_predict_tile_with_the_tiny_model(tiny_model):
     """The random tiny model writes nonsense: every answer is decoded and counted, none raises."""
