@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from magseg_nb import models, prompts, textgrid  # noqa: E402
+from magseg_nb.viz import formats as vf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +165,33 @@ def test_model_info_from_folder(tiny):
     assert info.kind == "tiny" and info.image_tokens == 64
     assert json.loads((models.Path(tiny) / "tiny_spec.json").read_text())["hidden"] == 128
     assert models.model_info("google/gemma-3-4b-it").image_tokens == 256
+
+
+def test_token_budget_measured_with_the_tiny_processor(loaded, tmp_path):
+    _, processor = loaded
+    rng = np.random.default_rng(0)
+    semantic = np.kron(rng.integers(0, 4, (4, 4)), np.ones((16, 16))).astype(np.uint8)
+    tiles = [
+        prompts.TileRecord("t", "s", "train", rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), semantic)
+    ]
+    settings = prompts.budget_settings([16, 64], [8])
+    assert {(s["format"], s["effective"], s["patch_layout"]) for s in settings} == {
+        ("text4seg", 16, 1), ("magseg", 16, 2), ("text4seg", 64, 1), ("magseg", 64, 8)
+    }  # fmt: skip
+    df = prompts.token_budget(processor, tiles, settings, image_tokens_real=256)
+    t4s = df[(df["format"] == "text4seg") & (df["encoding"] == "plain") & (df["effective"] == 16)].iloc[0]
+    assert t4s["answer_tokens_mean"] == 16 * 16 * 2 - 1 + 1  # labels + separators + <end_of_turn>
+    assert t4s["image_tokens"] == 64 and t4s["gemma3_prompt_tokens"] == t4s["prompt_tokens"] - 64 + 256
+    crop = df[(df["variant"] == "crop") & (df["encoding"] == "plain") & (df["effective"] == 64)].iloc[0]
+    assert crop["conversations_per_tile"] == 64 and crop["images_per_conversation"] == 2
+    assert crop["answer_tokens_mean"] == 8 * 8 * 2 and crop["image_tokens"] == 128
+    assert crop["tile_tokens"] == round(64 * (crop["prompt_tokens"] + crop["answer_tokens_mean"]))
+    fig = vf.plot_token_budget(df, variant="crop")
+    fig.savefig(tmp_path / "budget.png")
+    assert (tmp_path / "budget.png").stat().st_size > 1000
+
+
+def test_processor_for_counting_falls_back_to_tiny(tiny):
+    processor, note = models.processor_for_counting("google/gemma-3-4b-it", models.Path(tiny).parent)
+    assert "tiny-gemma3 tokenizer" in note and "not on this machine" in note
+    assert processor.tokenizer.convert_tokens_to_ids("<image_soft_token>") == 9

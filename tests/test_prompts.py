@@ -142,3 +142,30 @@ def test_load_conversations_errors(tmp_path):
     (tmp_path / "images" / "a.png").unlink()
     with pytest.raises(FileNotFoundError, match="a.png"):
         prompts.load_conversations(paths["train"])
+
+
+def test_conversation_figures(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from magseg_nb.viz import formats as vf
+
+    tile = _tile(size=64)
+    paths = prompts.write_conversations([tile], tmp_path, "magseg", 4, "plain", 2, "mark")
+    ds = prompts.load_conversations(paths["train"])
+    fig = vf.show_conversation(ds[3], ds[3]["images"])
+    assert len(fig.axes) == 4
+    parts = [[prompts.patch_target(tile.semantic, (r, c), 2, 4) for c in range(2)] for r in range(2)]
+    fig = vf.show_patch_mosaic(tile.image, parts, 2, prompts.patch_target(tile.semantic, None, 1, 8))
+    np.testing.assert_array_equal(fig.axes[1].images[0].get_array(), fig.axes[2].images[0].get_array())
+    lengths = prompts.answer_lengths(_FakeTokenizer(), paths["train"])
+    assert lengths.tolist() == [4 * 4 * 2 - 1 + 1] * 4
+
+
+class _FakeTokenizer:
+    """Splits on '|' and newlines, as the Gemma-like tokenizer does for plain grids."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        import re
+
+        return {"input_ids": [re.findall(r"[^|\n]+|[|\n]", t) for t in texts]}
