@@ -354,6 +354,8 @@ def load_model_and_processor(path_or_id, adapter_dir=None, dtype="auto", device=
 
     path_or_id = str(path_or_id)
     device = _pick_device(device)
+    if adapter_dir is not None:
+        _adapter_base(Path(adapter_dir), path_or_id)  # fail before loading a multi-GB base model
     try:
         model = AutoModelForImageTextToText.from_pretrained(path_or_id, dtype=_pick_dtype(dtype, device))
     except OSError as err:
@@ -376,9 +378,8 @@ def load_model_and_processor(path_or_id, adapter_dir=None, dtype="auto", device=
     return model, processor
 
 
-def _attach_adapter(model, base: str, adapter_dir: Path, trainable: bool):
-    from peft import PeftModel
-
+def _adapter_base(adapter_dir: Path, base: str) -> str:
+    """The base model an adapter was trained on; raises when it is clearly not ``base``."""
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: is it a PEFT adapter folder?")
@@ -388,6 +389,13 @@ def _attach_adapter(model, base: str, adapter_dir: Path, trainable: bool):
             f"adapter {adapter_dir} was trained on base model {trained_on!r}, "
             f"but is being loaded onto {base!r}; load it with the base model it was trained on"
         )
+    return trained_on
+
+
+def _attach_adapter(model, base: str, adapter_dir: Path, trainable: bool):
+    from peft import PeftModel
+
+    trained_on = _adapter_base(adapter_dir, base)
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except (RuntimeError, KeyError, ValueError) as err:
