@@ -344,8 +344,14 @@ def load_conversations(jsonl_path, limit: int | None = None):
         if missing:
             raise FileNotFoundError(f"{jsonl_path}: images {missing} are missing; rerun notebook 02")
         row["images"] = [str(p) for p in paths]
-    ds = datasets.Dataset.from_list(rows)
-    return ds.cast_column("images", datasets.List(datasets.Image()))
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a bar per small cast clutters notebooks
+    try:
+        ds = datasets.Dataset.from_list(rows)
+        return ds.cast_column("images", datasets.List(datasets.Image()))
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 # --- token budget -----------------------------------------------------------------------------------

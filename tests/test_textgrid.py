@@ -139,3 +139,12 @@ def test_bad_shape_and_encoding_raise():
 def test_report_as_dict():
     d = textgrid.decode("field", (1, 2)).report.as_dict()
     assert set(d) == {"valid", "repairs", "repaired_fraction", "parsed"} and d["valid"] is False
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("fieldtrwaosh|*0123456789 \n-_xX")), max_size=200))
+def test_any_text_decodes(text):
+    out = textgrid.decode(text, (3, 4))
+    assert out.mask.shape == (3, 4) and out.mask.max() < len(CLASSES)
+    assert 0.0 <= out.report.repaired_fraction <= 1.0
+    assert out.report.valid == (not out.report.repairs)
