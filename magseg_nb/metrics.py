@@ -46,26 +46,43 @@ def _check_pair(gt: np.ndarray, pred: np.ndarray, valid: np.ndarray | None) -> t
     return gt.ravel(), pred.ravel()
 
 
+def _dense_labels(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted ids with 0 first, index of each pixel into them, pixels per id): ids relabelled 0..n-1.
+
+    A lookup table (linear time) when the largest id is moderate, np.unique (a sort) otherwise.
+    """
+    top = int(x.max()) if x.size else 0
+    if top < max(1 << 22, 4 * x.size):
+        try:
+            counts = np.bincount(x, minlength=1)
+        except ValueError as err:  # bincount refuses negative values
+            raise ValueError("instance labels must be >= 0 (0 = background)") from err
+        present = counts > 0
+        present[0] = True
+        ids = np.flatnonzero(present)
+        return ids, (np.cumsum(present) - 1)[x], counts[ids]
+    if x.min() < 0:
+        raise ValueError("instance labels must be >= 0 (0 = background)")
+    ids, inv = np.unique(np.concatenate([[0], x]), return_inverse=True)
+    inv = inv[1:]
+    return ids, inv, np.bincount(inv, minlength=ids.size)
+
+
 def contingency(gt: np.ndarray, pred: np.ndarray, valid: np.ndarray | None = None) -> Contingency:
     """The sparse overlap table of two instance label images (0 = no instance).
 
     ``valid`` (bool, same shape) restricts the count to pixels that were evaluated, e.g. the tiles a
-    model was run on; instances are clipped to it.
+    model was run on; instances are clipped to it. The background/background cell is left empty
+    (it is never used); the areas are exact.
     """
     g, p = _check_pair(gt, pred, valid)
-    # Prepend a background pixel to each so that index 0 is always label 0, whether present or not.
-    gt_ids, g_idx = np.unique(np.concatenate([[0], g]), return_inverse=True)
-    pred_ids, p_idx = np.unique(np.concatenate([[0], p]), return_inverse=True)
-    if gt_ids[0] != 0 or pred_ids[0] != 0:
-        raise ValueError("instance labels must be >= 0 (0 = background)")
-    ones = np.ones(g_idx.size - 1, dtype=np.int64)
+    gt_ids, g_idx, gt_area = _dense_labels(g)
+    pred_ids, p_idx, pred_area = _dense_labels(p)
+    fg = (g_idx > 0) | (p_idx > 0)  # background on both sides says nothing about instances
     # COO -> CSR sums the duplicate (gt, pred) pairs: that sum is the overlap in pixels.
-    table = scipy.sparse.coo_matrix(
-        (ones, (g_idx[1:], p_idx[1:])), shape=(gt_ids.size, pred_ids.size)
-    ).tocsr()
-    gt_area = np.asarray(table.sum(axis=1)).ravel()
-    pred_area = np.asarray(table.sum(axis=0)).ravel()
-    return Contingency(table, gt_ids, pred_ids, gt_area, pred_area)
+    shape = (gt_ids.size, pred_ids.size)
+    table = scipy.sparse.coo_matrix((np.ones(int(fg.sum()), np.int64), (g_idx[fg], p_idx[fg])), shape=shape)
+    return Contingency(table.tocsr(), gt_ids, pred_ids, gt_area, pred_area)
 
 
 def _pairs(ct: Contingency) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -182,7 +199,7 @@ def _merged_contingency(ct: Contingency, groups: np.ndarray) -> Contingency:
         shape=(n_pred, 1 + fields.size + alone.size),
     )
     table = (ct.table @ assign).tocsr()
-    pred_area = np.asarray(table.sum(axis=0)).ravel()
+    pred_area = assign.T @ ct.pred_area
     return Contingency(table, ct.gt_ids, np.arange(table.shape[1]), ct.gt_area, pred_area)
 
 
