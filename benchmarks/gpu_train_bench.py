@@ -15,7 +15,7 @@ whole tile. Masks come from the generated landscape, so run-length answers have 
 Note that MAgSeg needs ``patch_layout**2`` answers per tile: the table also gives the time per tile.
 
     python benchmarks/gpu_train_bench.py --out $OUT              # on a CUDA GPU (~5 min on one H100)
-    python benchmarks/gpu_train_bench.py --dry-run --out /tmp/b  # CPU, tiny model only, 2 steps
+    python benchmarks/gpu_train_bench.py --dry-run --out /tmp/b  # CPU, tiny model only, 2 steps, 16x16 cells
 """
 
 from __future__ import annotations
@@ -230,7 +230,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.dry_run:
-        args.models, args.steps, args.tiles, args.batch_size = "tiny", 2, 2, 2
+        args.models, args.steps, args.tiles, args.batch_size = "tiny", 2, 1, 2
+        args.resolution, args.patch_layout = 16, 2
     elif not cuda:
         ap.error("no CUDA GPU: use --dry-run on a CPU")
     device = "cuda" if cuda else "cpu"
