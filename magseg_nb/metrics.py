@@ -3,6 +3,19 @@
 Instance metrics are computed from one sparse label contingency table (ground-truth id x predicted
 id -> overlapping pixels), so a scene with thousands of fields costs one pass over its pixels and no
 Python loop over pairs of instances.
+
+Instance protocols (ids are field instances, 0 = no field):
+
+* one-to-one: a prediction matches a ground-truth field when their IoU >= 0.5; each is used once.
+* ALU-style merge ("several predictions overlapping one field are merged before matching"), made
+  exact here: each prediction is assigned to the field it overlaps most, if at least half of the
+  prediction's own pixels lie in that field (``min_inside=0.5``); all predictions assigned to one
+  field become one object; then one-to-one matching at IoU >= 0.5. Predictions not assigned stay
+  as they are (and count as false positives unless they match on their own).
+* over-segmentation rate: share of fields that received two or more predictions under that rule;
+  under-segmentation rate: share of fields of which one prediction covers >= half while also
+  covering >= half of another field; plus Persello et al. (2019) per-field OS/US errors.
+* intervals: percentile bootstrap over tiles, resampling tiles and recomputing pooled scores.
 """
 
 from __future__ import annotations
