@@ -461,6 +461,15 @@ def select_test_tiles(tiles: pd.DataFrame) -> pd.DataFrame:
     return test
 
 
+def limit_tiles(tiles: pd.DataFrame, n: int) -> pd.DataFrame:
+    """At most ``n`` tiles (0: all), taken in turn from each scene so that every scene is represented."""
+    if not n or len(tiles) <= n:
+        return tiles.sort_values("tile_id")
+    ordered = tiles.sort_values("tile_id")
+    rank = ordered.groupby("scene_id", sort=True).cumcount()
+    return ordered.assign(_rank=rank).sort_values(["_rank", "scene_id"]).head(n).drop(columns="_rank")
+
+
 def run_variant(
     model,
     processor,

@@ -155,6 +155,18 @@ def test_is_nodata_tile():
     assert inference.is_nodata_tile(np.ones((4, 4, 3), np.uint8), nodata_frac=0.5, max_nodata_frac=0.5)
 
 
+def test_limit_tiles_takes_every_scene():
+    tiles = pd.DataFrame(
+        {
+            "tile_id": [f"{s}_{i}" for s in "abc" for i in range(4)],
+            "scene_id": [s for s in "abc" for _ in range(4)],
+        }
+    )
+    picked = inference.limit_tiles(tiles, 4)
+    assert sorted(picked.tile_id) == ["a_0", "a_1", "b_0", "c_0"]
+    assert len(inference.limit_tiles(tiles, 0)) == 12
+
+
 def test_format_spec_from_02(tmp_path):
     row = {"grid": 8, "patch_layout": 4, "encoding": "rle", "variant": "mark"}
     (tmp_path / "magseg_train.jsonl").write_text(json.dumps(row) + "\n")
