@@ -219,8 +219,10 @@ def _merged_contingency(ct: Contingency, groups: np.ndarray) -> Contingency:
 def _best_overlap(ct: Contingency) -> tuple[np.ndarray, np.ndarray]:
     """For each gt row: the pred column with the largest overlap (0 = none) and that overlap."""
     fg = ct.table[:, 1:]
+    if fg.shape[1] == 0:  # no predicted instance at all
+        return np.zeros(fg.shape[0], np.int64), np.zeros(fg.shape[0])
     best = np.asarray(fg.argmax(axis=1)).ravel() + 1
-    px = np.asarray(fg.max(axis=1).todense()).ravel() if fg.shape[1] else np.zeros(fg.shape[0])
+    px = np.asarray(fg.max(axis=1).todense()).ravel()
     return np.where(px > 0, best, 0), px
 
 

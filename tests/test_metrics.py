@@ -188,6 +188,22 @@ def test_alu_keeps_predictions_that_are_mostly_outside():
     assert fields["alu_iou"].tolist() == [0.5]
 
 
+def test_field_table_and_scores_with_an_empty_side():
+    gt, _ = _split_and_merge_scene()
+    empty = np.zeros_like(gt)
+    fields, preds = metrics.field_table(gt, empty)
+    assert len(fields) == 3 and len(preds) == 0
+    assert (
+        (~fields["matched"]).all() and (fields["os_error"] == 1.0).all() and (fields["us_error"] == 1.0).all()
+    )
+    s = metrics.instance_scores(gt, empty)
+    assert s["inst_recall"] == 0.0 and s["alu_f1"] == 0.0 and s["over_seg_rate"] == 0.0
+    fields, preds = metrics.field_table(empty, gt)
+    assert len(fields) == 0 and len(preds) == 3 and (~preds["matched"]).all()
+    assert metrics.instance_scores(empty, gt)["inst_precision"] == 0.0
+    assert metrics.instance_scores(empty, empty)["inst_f1"] == 1.0
+
+
 def test_field_table_areas_in_square_metres():
     gt, pred = _split_and_merge_scene()
     fields, preds = metrics.field_table(gt, pred, pixel_area_m2=0.25)
