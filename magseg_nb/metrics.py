@@ -1059,7 +1059,7 @@ def write_report(path, title: str, sections: list[tuple[str, object]]) -> Path:
     for heading, content in sections:
         parts += [f"## {heading}", ""]
         if isinstance(content, pd.DataFrame):
-            has_index = not isinstance(content.index, pd.RangeIndex)
+            has_index = any(name is not None for name in content.index.names)  # a row number is not shown
             parts.append(markdown_table(content, index=has_index) if len(content) else "(none)")
         elif isinstance(content, list | tuple):
             parts += [f"- {line}" for line in content]

@@ -153,7 +153,7 @@ def scene_map(
             paint={"line-color": colour, "line-width": 2},
             fit_bounds=False,
         )
-        # A transparent fill under the outline makes the whole polygon clickable for its popup.
+        # A transparent fill under the outline makes the whole polygon clickable (add_gdf adds the popup).
         m.add_gdf(
             _popup_gdf(gdf, keep),
             layer_type="fill",
@@ -161,7 +161,6 @@ def scene_map(
             paint={"fill-color": colour, "fill-opacity": 0.01},
             fit_bounds=False,
         )
-        m.add_popup(f"{name} (click)")
         layer_ids += [name]
     m.add_layer_control(layer_ids=layer_ids, position="top-left")
     m.add_legend(
@@ -301,11 +300,12 @@ def browser_check(
         popup = None
         if click is not None:
             x, y = click[0] * size[0], click[1] * size[1]
+            call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
             for kind in ("mousePressed", "mouseReleased"):
                 call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
             time.sleep(1.0)
             popup = evaluate(
-                "(document.querySelector('.maplibregl-popup-content') || {}).textContent || null"
+                "[...document.querySelectorAll('.maplibregl-popup-content')].map(e => e.innerText).join(' | ') || null"
             )
         if screenshot_path is not None:
             shot = call("Page.captureScreenshot", format="png")
