@@ -225,15 +225,14 @@ def class_logits(
         return _sam_logits(predictor, binary, points, labels, None, iterations)
     comps = measure.label(binary, connectivity=1)
     props = sorted(measure.regionprops(comps), key=lambda p: -p.area)
-    out = np.where(binary, LOGIT, -LOGIT).astype(np.float32)
+    out = np.full(binary.shape, -LOGIT, np.float32)
     prompted = np.zeros_like(binary)
     for prop in props[:max_boxes]:
         comp = comps == prop.label
         r0, c0, r1, c1 = prop.bbox
         points, labels = prompt_points(comp, 1, n_neg, rng)
         box = np.array([c0, r0, c1 - 1, r1 - 1], np.float32)
-        logit = _sam_logits(predictor, comp, points, labels, box, iterations)
-        out = np.where(prompted, np.maximum(out, logit), logit) if prompted.any() else logit
+        out = np.maximum(out, _sam_logits(predictor, comp, points, labels, box, iterations))
         prompted |= comp
     # Components that got no prompt of their own stay as they were in the coarse mask.
     rest = binary & ~prompted
@@ -399,16 +398,11 @@ def empty_fields(crs) -> gpd.GeoDataFrame:
 
 def _tile_of(rows: np.ndarray, cols: np.ndarray, tiles: pd.DataFrame) -> list[str]:
     """The first tile (tiles.csv window columns) holding each pixel, '' when none does."""
-    out = []
-    for r, c in zip(rows, cols, strict=True):
-        hit = tiles[
-            (tiles.row_off <= r)
-            & (r < tiles.row_off + tiles.height)
-            & (tiles.col_off <= c)
-            & (c < tiles.col_off + tiles.width)
-        ]
-        out.append(str(hit.tile_id.iloc[0]) if len(hit) else "")
-    return out
+    r0, c0 = tiles.row_off.to_numpy(), tiles.col_off.to_numpy()
+    r, c = np.asarray(rows)[:, None], np.asarray(cols)[:, None]
+    inside = (r0 <= r) & (r < r0 + tiles.height.to_numpy()) & (c0 <= c) & (c < c0 + tiles.width.to_numpy())
+    ids = tiles.tile_id.astype(str).to_numpy()
+    return [ids[k] if hit else "" for k, hit in zip(inside.argmax(axis=1), inside.any(axis=1), strict=True)]
 
 
 def polygonize(

@@ -418,3 +418,39 @@ def test_predict_tile_with_the_tiny_model(tiny_model):
     assert pred.mask.shape == (32, 32) and pred.mask.dtype == np.uint8
     assert len(pred.answers) == len(pred.reports) == 4
     assert 0 <= pred.n_malformed <= 4 and set(np.unique(pred.mask)) <= {0, 1, 2, 3}
+
+
+# --- the smoke chain's outputs ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smoke_chain_outputs_read_back(smoke_run):
+    """05 in the smoke chain: scene masks on the scene grids, known classes, valid polygons."""
+    from .conftest import stage_dir
+
+    run05 = stage_dir(smoke_run, "05_inference")
+    run01 = smoke_run / "01_dataset_prep"
+    state = json.loads((run05 / "state.json").read_text())
+    variants = state["summary"]["variants"]
+    assert "magseg-sft" in variants
+    for name in variants:
+        vdir = run05 / name
+        tiles = pd.read_csv(vdir / "tiles.csv")
+        assert len(tiles) and tiles.n_answers.gt(0).all()
+        assert state["summary"][f"{name}_malformed"] == int(tiles.n_malformed.sum())
+        for path in sorted((vdir / "coarse").glob("*.tif")):
+            with rasterio.open(path) as src, rasterio.open(run01 / "scenes" / path.stem / "image.tif") as ref:
+                assert src.crs == ref.crs and src.bounds == ref.bounds and src.nodata == NODATA
+                coarse = src.read(1)
+            assert set(np.unique(coarse)) <= {0, 1, 2, 3, NODATA} and (coarse != NODATA).any()
+            with rasterio.open(vdir / "refined" / path.name) as src:
+                refined = src.read(1)
+                assert src.crs == ref.crs and np.array_equal(refined == NODATA, coarse == NODATA)
+            with rasterio.open(vdir / "instances" / path.name) as src:
+                assert src.dtypes[0] == "int32" and src.crs == ref.crs
+                inst = src.read(1)
+            assert (refined[inst > 0] == 1).all()
+        gdf = gpd.read_file(vdir / "fields.gpkg", layer="fields")
+        assert {"class", "area_m2", "scene_id", "tile_id", "confidence", "instance_id"} <= set(gdf.columns)
+        assert gdf.geometry.is_valid.all() and (gdf.area_m2 > 0).all()
+        assert len(gpd.read_parquet(vdir / "fields.parquet")) == len(gdf)
