@@ -466,6 +466,11 @@ def boundary_counts(
         tolerance_px = tolerance_m / pixel_size
     if tolerance_px is None or tolerance_px < 0:
         raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance_px}")
+    return _boundary_counts_at(gt, pred, {"b": tolerance_px}, valid)
+
+
+def _boundary_counts_at(gt, pred, tolerances_px: dict, valid=None) -> dict:
+    """Boundary counts at several tolerances (prefix -> pixels) from one pair of distance maps."""
     from scipy.ndimage import distance_transform_edt
 
     gb = np.asarray(gt) if np.asarray(gt).dtype == bool else boundaries(gt)
@@ -474,15 +479,20 @@ def boundary_counts(
         raise ValueError(f"ground truth {gb.shape} and prediction {pb.shape} must have the same shape")
     if valid is not None:
         gb, pb = gb & valid, pb & valid
-    # Distance of every pixel to the nearest boundary pixel of the other mask (inf if it has none).
-    d_to_gt = distance_transform_edt(~gb) if gb.any() else np.full(gb.shape, np.inf)
-    d_to_pred = distance_transform_edt(~pb) if pb.any() else np.full(pb.shape, np.inf)
-    return {
-        "b_pred": int(pb.sum()),
-        "b_pred_hit": int((d_to_gt[pb] <= tolerance_px).sum()),
-        "b_gt": int(gb.sum()),
-        "b_gt_hit": int((d_to_pred[gb] <= tolerance_px).sum()),
-    }
+    # Distance from each boundary pixel to the nearest boundary pixel of the other mask (inf: none).
+    d_pred = distance_transform_edt(~gb)[pb] if gb.any() else np.full(int(pb.sum()), np.inf)
+    d_gt = distance_transform_edt(~pb)[gb] if pb.any() else np.full(int(gb.sum()), np.inf)
+    out = {}
+    for prefix, tol in tolerances_px.items():
+        out.update(
+            {
+                f"{prefix}_pred": int(pb.sum()),
+                f"{prefix}_pred_hit": int((d_pred <= tol).sum()),
+                f"{prefix}_gt": int(gb.sum()),
+                f"{prefix}_gt_hit": int((d_gt <= tol).sum()),
+            }
+        )
+    return out
 
 
 def boundary_scores_from_counts(c, prefix: str = "boundary") -> dict:
@@ -540,9 +550,8 @@ def tile_counts(
         for j in range(n_classes):
             out[f"cm_{i}_{j}"] = cm[i, j]
     valid = np.asarray(gt_semantic) != NODATA
-    for prefix, kw in (("b", {"tolerance_px": boundary_tol_px}), ("bm", {"tolerance_m": boundary_tol_m})):
-        c = boundary_counts(gt_instances, pred_instances, pixel_size=pixel_size, valid=valid, **kw)
-        out.update({prefix + k[1:]: v for k, v in c.items()})
+    tolerances = {"b": boundary_tol_px, "bm": boundary_tol_m / pixel_size}
+    out.update(_boundary_counts_at(gt_instances, pred_instances, tolerances, valid))
     fields, preds = field_table(
         gt_instances, pred_instances, iou_threshold, valid, pixel_area_m2=pixel_size**2
     )
