@@ -982,7 +982,11 @@ def ablation_table(
 
 
 def ablation_reading(ablation, metrics=("iou_field", "inst_f1", "boundary_m_f1")) -> list[str]:
-    """Short bullet points generated from the ablation numbers (nothing hard-coded about the result)."""
+    """Short bullet points generated from the ablation numbers (nothing hard-coded about the result).
+
+    A difference is reported only when its paired interval excludes zero; the metrics here are all
+    "higher is better", so the sign of the interval says which method is better.
+    """
     lines = []
     for (question, a, b), grp in ablation.groupby(["question", "method_a", "method_b"], sort=False):
         sub = grp.set_index("metric").reindex(list(metrics)).dropna(subset=["diff"])
@@ -993,7 +997,8 @@ def ablation_reading(ablation, metrics=("iou_field", "inst_f1", "boundary_m_f1")
             "no difference that this data can resolve"
             if clear.empty
             else "; ".join(
-                f"{m} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]" for m, r in clear.iterrows()
+                f"{m} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] ({b if r['lo'] > 0 else a} better)"
+                for m, r in clear.iterrows()
             )
         )
         n = int(sub["n_tiles"].iloc[0])

@@ -588,6 +588,12 @@ def test_analysis_tables_figures_and_report(synthetic_run, tmp_path):
     ablation = metrics.ablation_table(results, pairs, n_boot=50)
     reading = metrics.ablation_reading(ablation)
     assert len(reading) == len(pairs) and all(line.startswith("**") for line in reading)
+    grpo = next(line for line in reading if line.startswith("**GRPO"))
+    row = ablation.query("question == 'GRPO after SFT' and metric == 'inst_f1'").iloc[0]
+    if row["lo"] > 0:
+        assert "inst_f1" in grpo and "(magseg-grpo refined better)" in grpo
+    elif row["hi"] >= 0:
+        assert "inst_f1" not in grpo
     main = metrics.main_method(methods)
     assert main["name"] == "magseg-grpo refined"
     fields = pd.concat([v[1].assign(method=k) for k, v in evaluated.items()], ignore_index=True)
