@@ -1,9 +1,11 @@
 """The classical baseline of notebook 01: marker-based watershed on the image gradient (scikit-image).
 
 It is a fair, ordinary recipe for delineating fields in very-high-resolution imagery: smooth the
-image, take the colour gradient (Sobel, strongest band), seed one marker per flat low-gradient area,
-flood with watershed, and keep segments of field size. Its defaults were picked by a small grid search
-on generated scenes (``tune_watershed``), so a low score reflects the landscape, not a crippled method.
+image, take the colour gradient (Sobel, strongest band), seed one marker per gradient basin deeper
+than h (h-minima, so noisy flat fields are not shattered), flood with watershed, and keep segments of
+field size. Its defaults were picked by a grid search over sigma x h_rel (``tune_watershed``) on
+generated scenes: on the ``Difficulty.easy()`` landscape it reaches field F1 ~0.75-0.89, on the default
+one ~0.48 at best, so a low score reflects the landscape, not a crippled method.
 """
 
 from __future__ import annotations
@@ -15,15 +17,14 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 from skimage.filters import gaussian, sobel
-from skimage.morphology import remove_small_objects
+from skimage.morphology import h_minima
 from skimage.segmentation import watershed
 
 
 @dataclass
 class WatershedSettings:
     sigma: float = 2.0  # Gaussian smoothing (px) before the gradient: suppresses crop rows and noise
-    marker_quantile: float = 0.45  # pixels below this gradient quantile seed markers
-    min_marker_px: int = 40  # smaller flat areas do not seed a segment
+    h_rel: float = 0.05  # marker depth: gradient minima shallower than h_rel x (99th pct gradient) merge
     min_area_px: int = 150  # smaller segments are not fields
     compactness: float = 0.0  # 0 = classic watershed
 
@@ -39,12 +40,17 @@ def watershed_baseline(
     if image.ndim != 3 or image.shape[2] < 3:
         raise ValueError(f"expected an RGB image (H, W, 3), got shape {image.shape}")
     valid = image[..., :3].any(axis=2)
+    if not valid.any():
+        return np.zeros(image.shape[:2], np.int32)
     smooth = gaussian(image[..., :3].astype(np.float32) / 255.0, sigma=s.sigma, channel_axis=-1)
     grad = np.max([sobel(smooth[..., c]) for c in range(3)], axis=0)
-    grad[~valid] = grad.max()
-    flat = grad < np.quantile(grad[valid], s.marker_quantile) if valid.any() else np.zeros_like(valid)
-    markers, _ = ndi.label(remove_small_objects(flat & valid, max_size=s.min_marker_px - 1))
-    seg = watershed(grad, markers, mask=valid, compactness=s.compactness)
+    # h-minima markers: one per basin deeper than h, so a noisy but flat field gets one marker.
+    # Quantised to uint16 because skimage's reconstruction is several times faster on integers.
+    scale = max(float(np.quantile(grad[valid], 0.99)), 1e-9)
+    levels = np.clip(grad / scale * 4000, 0, 65535).astype(np.uint16)
+    levels[~valid] = 65535
+    markers, _ = ndi.label(h_minima(levels, max(1, int(s.h_rel * 4000))) & valid)
+    seg = watershed(levels, markers, mask=valid, compactness=s.compactness)
     areas = np.bincount(seg.ravel())
     seg[areas[seg] < s.min_area_px] = 0
     return seg.astype(np.int32)
@@ -67,7 +73,7 @@ def score_scenes(
 
 def tune_watershed(images, truths, grid: dict | None = None) -> tuple[WatershedSettings, pd.DataFrame]:
     """Grid search for the settings with the best mean field-instance F1 (use training scenes only)."""
-    grid = grid or {"sigma": [1.0, 2.0, 3.0], "marker_quantile": [0.2, 0.3, 0.45], "min_area_px": [60, 150]}
+    grid = grid or {"sigma": [1.0, 2.0, 3.0], "h_rel": [0.02, 0.05, 0.1]}
     rows = []
     for values in itertools.product(*grid.values()):
         s = WatershedSettings(**dict(zip(grid, values, strict=True)))
@@ -75,5 +81,49 @@ def tune_watershed(images, truths, grid: dict | None = None) -> tuple[WatershedS
         rows.append({**asdict(s), "mean_f1": f1})
     table = pd.DataFrame(rows).sort_values("mean_f1", ascending=False, kind="stable").reset_index(drop=True)
     best = WatershedSettings(**{k: table.iloc[0][k] for k in asdict(WatershedSettings())})
-    best.min_marker_px, best.min_area_px = int(best.min_marker_px), int(best.min_area_px)
+    best.min_area_px = int(best.min_area_px)
     return best, table
+
+
+def load_scenes(run01, scene_ids: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Images (H, W, 3) and true instance masks of prepared scenes, e.g. to tune the baseline."""
+    import rasterio
+
+    from magseg_nb import geo
+
+    images, truths = [], []
+    for scene_id in scene_ids:
+        paths = geo.scene_paths(run01, scene_id)
+        with geo.open_raster(paths["image"]) as src:
+            images.append(src.read().transpose(1, 2, 0))
+        with rasterio.open(paths["instances"]) as src:
+            truths.append(src.read(1))
+    return images, truths
+
+
+def run_baseline(run01, scene_ids: list[str], settings: WatershedSettings | None = None) -> pd.DataFrame:
+    """Run the baseline on each prepared scene of notebook 01, save ``baseline/<scene_id>_instances.tif``
+    (int32, scene CRS) and return the per-scene field-instance scores (IoU >= 0.5)."""
+    from pathlib import Path
+
+    import rasterio
+
+    from magseg_nb import geo
+    from magseg_nb.metrics import match_instances
+
+    settings = settings or WatershedSettings()
+    rows = []
+    for scene_id in scene_ids:
+        paths = geo.scene_paths(run01, scene_id)
+        with geo.open_raster(paths["image"]) as src:
+            image = src.read().transpose(1, 2, 0)
+            crs, transform = src.crs, src.transform
+        with rasterio.open(paths["instances"]) as src:
+            truth = src.read(1)
+        with rasterio.open(paths["semantic"]) as src:
+            valid = src.read(1) != 255
+        pred = watershed_baseline(image, settings)
+        pred[~valid] = 0
+        geo.write_geotiff(Path(run01) / "baseline" / f"{scene_id}_instances.tif", pred, crs, transform)
+        rows.append({"scene_id": scene_id, **match_instances(truth, pred, iou_threshold=0.5, valid=valid)})
+    return pd.DataFrame(rows)

@@ -147,7 +147,8 @@ def read_labels(
     """Read label polygons as columns ``class`` (text), ``class_id``, ``field_id``, geometry, in ``crs``.
 
     ``class_map`` maps the file's values of ``class_field`` to our classes (``field``, ``tree``,
-    ``water``, ``others``, or ``road``/``building``, which count as others). Returns (labels, notes).
+    ``water``, ``others``, or ``road``/``building``, which count as others, or ``nodata``: unlabelled,
+    NODATA in the masks). Returns (labels, notes).
     """
     labels_path = Path(labels_path)
     if not labels_path.exists():
@@ -186,14 +187,16 @@ def read_labels(
     raw = gdf[class_field].astype(str)
     mapping = {str(k): str(v) for k, v in (class_map or {}).items()}
     names = raw.map(lambda v: mapping.get(v, v))
-    known = set(CLASSES) | set(BACKGROUND_CLASSES)
+    known = set(CLASSES) | set(BACKGROUND_CLASSES) | {"nodata"}
     unknown = sorted(set(names) - known)
     if unknown:
         raise GeoDataError(
             f"label file {labels_path}: values {unknown[:10]} of column {class_field!r} are not classes "
             f"({', '.join(sorted(known))}). Fix: pass class_map={{value: class}} for them."
         )
-    ids = names.map(lambda v: CLASS_IDS.get(v, CLASS_IDS["others"])).astype(np.uint8)
+    ids = names.map(lambda v: NODATA if v == "nodata" else CLASS_IDS.get(v, CLASS_IDS["others"])).astype(
+        np.uint8
+    )
     out = gpd.GeoDataFrame(
         {"class": names.values, "class_id": ids.values}, geometry=gdf.geometry.values, crs=gdf.crs
     )
@@ -218,13 +221,19 @@ class Masks:
     report: dict
 
 
-def rasterize_labels(labels: gpd.GeoDataFrame, shape, transform, valid: np.ndarray | None = None) -> Masks:
-    """Semantic, boundary and instance masks from ``read_labels`` output (smaller polygons win overlaps)."""
+def rasterize_labels(
+    labels: gpd.GeoDataFrame, shape, transform, valid: np.ndarray | None = None, presence_only: bool = False
+) -> Masks:
+    """Semantic, boundary and instance masks from ``read_labels`` output (smaller polygons win overlaps).
+
+    ``valid`` marks the raster's data pixels (others become NODATA); ``presence_only`` means only
+    some classes were labelled, so pixels outside every polygon are NODATA instead of ``others``.
+    """
     order = labels.assign(_area=labels.geometry.area).sort_values("_area", ascending=False, kind="stable")
     geoms = order.geometry.values
     semantic = rasterio.features.rasterize(
         zip(geoms, order["class_id"].astype(int), strict=True), out_shape=shape, transform=transform,
-        fill=CLASS_IDS["others"], dtype="uint8",
+        fill=NODATA if presence_only else CLASS_IDS["others"], dtype="uint8",
     )  # fmt: skip
     # A field polygon's id wherever it is on top; pixels won by trees/water/roads go back to 0.
     inst_value = np.where(order["class_id"] == CLASS_IDS["field"], order["field_id"], 0).astype(int)
@@ -246,7 +255,7 @@ def rasterize_labels(labels: gpd.GeoDataFrame, shape, transform, valid: np.ndarr
         shapely.intersection(labels.geometry.values[pairs[0]], labels.geometry.values[pairs[1]])
     )
     pix_area = abs(transform.a * transform.e)
-    n_valid = int(valid.sum()) if valid is not None else semantic.size
+    n_valid = int((semantic != NODATA).sum())
     report = {
         "n_polygons": len(labels),
         "n_fields": int(np.unique(instances[instances > 0]).size),
@@ -274,7 +283,13 @@ def to_rgb8(array: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def prepare_scene(
-    image_path, labels_path, out_dir, class_field: str = "class", class_map: dict | None = None, layer=None
+    image_path,
+    labels_path,
+    out_dir,
+    class_field: str = "class",
+    class_map: dict | None = None,
+    layer=None,
+    presence_only: bool = False,
 ) -> dict:
     """Check a raster + label file and write ``out_dir``/{image.tif, labels.gpkg, semantic.tif, boundary.tif,
     instances.tif}. The image becomes RGB uint8 (nodata 0); labels are reprojected to its CRS.
@@ -298,7 +313,7 @@ def prepare_scene(
             f"no polygon of {labels_path} lies inside raster {image_path} (bounds {left:.0f},{bottom:.0f},"
             f"{right:.0f},{top:.0f} in {crs}). Fix: check that the two files belong together and their CRS."
         )
-    masks = rasterize_labels(labels, (h, w), transform, valid)
+    masks = rasterize_labels(labels, (h, w), transform, valid, presence_only)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / f"{k}.tif" for k in ("image", "semantic", "boundary", "instances")}
     paths["labels"] = out_dir / "labels.gpkg"
@@ -315,6 +330,21 @@ def prepare_scene(
     res = abs(transform.a)
     report = {"crs": crs.to_string(), "res_m": res, "width": w, "height": h, **notes, **masks.report}
     return {**paths, "report": report}
+
+
+def prepare_scenes(sources, scenes_dir, log=print) -> pd.DataFrame:
+    """``prepare_scene`` for each ``SceneSource`` into ``scenes_dir/<scene_id>/``; the scenes.csv table."""
+    rows = []
+    for src in sources:
+        out = prepare_scene(src.image_path, src.labels_path, Path(scenes_dir) / src.scene_id, src.class_field,
+                            src.class_map, src.layer, getattr(src, "presence_only", False))  # fmt: skip
+        rep = out["report"]
+        rows.append({"scene_id": src.scene_id, "country": src.country, **rep,
+                     "dataset_split": getattr(src, "split", None)})  # fmt: skip
+        log(f"{src.scene_id}: {rep['width']}x{rep['height']} px, {rep['n_fields']} fields, "
+            f"{rep['n_overlap_pairs']} overlapping pairs" + (f", labels reprojected from {rep['reprojected_from']}"
+            if rep["reprojected_from"] else ""))  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def scene_paths(run01, scene_id: str) -> dict[str, Path]:
@@ -444,6 +474,56 @@ def write_split(tiles: pd.DataFrame, path) -> str:
     """Write split.csv (tile_id, scene_id, block_id, split) and return its sha256."""
     cols = ["tile_id", "scene_id", "block_id", "split"]
     return sha256_file(write_csv(tiles[cols].sort_values("tile_id"), path))
+
+
+def split_by_scene(tiles: pd.DataFrame, scene_split: dict) -> tuple[pd.DataFrame, dict]:
+    """Use a dataset's own split (one split per scene): ``block_id`` is the scene."""
+    missing = sorted(set(tiles.scene_id) - {k for k, v in scene_split.items() if v in SPLITS})
+    if missing:
+        raise GeoDataError(
+            f"scenes {missing[:5]} have no train/val/test split in the dataset; use split_mode='block'"
+        )
+    t = tiles.assign(block_id=tiles.scene_id, split=tiles.scene_id.map(scene_split))
+    return t, {"n_blocks": t.scene_id.nunique(), "n_straddling_dropped": 0}
+
+
+def make_tiles(
+    run01,
+    scenes: pd.DataFrame,
+    tile_size: int,
+    overlap: int,
+    block_size: int,
+    fractions: dict | None = None,
+    seed: int = 0,
+    split_mode: str = "block",
+) -> tuple[pd.DataFrame, dict]:
+    """Scan, split and write the tiles of every prepared scene; writes tiles.csv and split.csv.
+
+    ``split_mode``: "block" (spatial blocks, see ``spatial_split``) or "dataset" (the dataset's own
+    per-scene split, column ``dataset_split`` of ``scenes``). Returns (tiles table, report with counts
+    and ``split_sha256``).
+    """
+    run01 = Path(run01)
+    found, counts = [], {"n_candidates": 0, "n_all_nodata": 0}
+    for scene in scenes.itertuples():
+        df, rep = scan_tiles(
+            run01 / "scenes" / scene.scene_id, scene.scene_id, scene.country, tile_size, overlap
+        )
+        found.append(df)
+        counts = {k: counts[k] + rep[k] for k in counts}
+    candidates = pd.concat(found, ignore_index=True) if found else pd.DataFrame()
+    if split_mode == "block":
+        tiles, rep = spatial_split(candidates, block_size, fractions, seed)
+    elif split_mode == "dataset":
+        tiles, rep = split_by_scene(candidates, dict(zip(scenes.scene_id, scenes.dataset_split, strict=True)))
+    else:
+        raise ValueError(f"split_mode={split_mode!r}: use 'block' or 'dataset'")
+    tiles = tiles[TILE_COLUMNS].sort_values("tile_id", kind="stable").reset_index(drop=True)
+    write_tiles(run01, tiles)
+    write_csv(tiles, run01 / "tiles.csv")
+    sha = write_split(tiles, run01 / "split.csv")
+    per_split = {f"n_{s}": int((tiles.split == s).sum()) for s in SPLITS}
+    return tiles, {**counts, **rep, "n_tiles": len(tiles), **per_split, "split_sha256": sha}
 
 
 # --- reading notebook 01's outputs --------------------------------------------------------------------

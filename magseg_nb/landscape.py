@@ -512,3 +512,31 @@ def scene_origin(country: str, index: int, size: int, res_m: float) -> tuple[flo
     """Scenes of one country sit side by side, 2 km apart, so they never overlap."""
     e, n = COUNTRIES[country].origin
     return e + index * (size * res_m + 2000.0), n
+
+
+def generate_sources(
+    scenes_dir,
+    countries: list[str],
+    n_per_country: int,
+    size: int = 1024,
+    res_m: float = 0.8,
+    seed: int = 0,
+    difficulty: Difficulty | dict | None = None,
+    log=print,
+) -> list:
+    """Generate and write every scene; returns ``manifest.SceneSource`` rows, like a downloaded dataset."""
+    from magseg_nb.manifest import SceneSource
+
+    if isinstance(difficulty, dict):
+        difficulty = Difficulty(**difficulty)
+    sources = []
+    for scene_id, country, k in scene_plan(countries, n_per_country):
+        scene = generate_scene(
+            scene_id, country, size, res_m, seed, difficulty, scene_origin(country, k, size, res_m)
+        )
+        paths = write_scene(scene, Path(scenes_dir) / scene_id)
+        log(
+            f"{scene_id} ({country}, {scene.crs}): {int(scene.fields.max())} fields, {len(scene.labels)} polygons"
+        )
+        sources.append(SceneSource(scene_id, country, paths["image"], paths["labels"], "labels", "class", {}))
+    return sources
