@@ -116,3 +116,21 @@ def test_headless_chromium_shows_the_layers_and_saves_a_screenshot(saved_map):
     magenta = (np.abs(img - [255, 61, 245]).sum(-1) < 60).sum()  # predicted outlines were drawn
     assert img.shape[:2] == (800, 1200) and magenta > 200
     print(f"screenshot: {shot}")
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.skipif(
+    not Path(maps.CHROMIUM).exists(), reason=f"{maps.CHROMIUM} missing: bash scripts/setup.sh --browser"
+)
+def test_the_smoke_chains_map_opens_offline_with_its_layers(smoke_run):
+    """The map notebook 06 wrote in the smoke chain, opened in Chromium; screenshot kept in the run folder."""
+    from .conftest import stage_dir
+
+    page = stage_dir(smoke_run, "06_metrics") / "map.html"
+    assert maps.network_loads(page.read_text()) == []
+    shot = smoke_run / "map_screenshot.png"
+    res = maps.browser_check(page, shot, wait_s=8.0)
+    assert res["canvas"] and res["errors"] == []
+    assert {"imagery", "coarse", "refined", "ground truth"} <= set(res["layers"])
+    assert shot.stat().st_size > 10_000
