@@ -6,6 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from magseg_nb import metrics
 
@@ -669,3 +672,42 @@ def test_notebook_06_runs_on_a_synthetic_chain(tmp_path):
     state = json.loads((out / "state.json").read_text())
     assert state["summary"]["n_tiles"] == 6 and state["summary"]["best_inst_f1_method"]
     assert "## Reading" in (out / "report.md").read_text()
+
+
+# --- properties --------------------------------------------------------------------------------------
+
+_labels = arrays(np.int32, (12, 12), elements=st.integers(0, 6))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_labels, _labels, st.integers(0, 10_000))
+def test_matching_properties(gt, pred, shift):
+    res = metrics.match_instances(gt, pred)
+    # Swapping the sides swaps false positives and negatives; relabelling ids changes nothing.
+    swapped = metrics.match_instances(pred, gt)
+    assert (swapped["tp"], swapped["fp"], swapped["fn"]) == (res["tp"], res["fn"], res["fp"])
+    relabelled = metrics.match_instances(gt, np.where(pred > 0, pred + shift, 0))
+    assert relabelled == res
+    assert res["tp"] == _greedy(gt, pred)
+    fields, preds = metrics.field_table(gt, pred)
+    assert fields["matched"].sum() == res["tp"] and preds["matched"].sum() == res["tp"]
+    assert (fields["alu_matched"].sum() >= 0) and (fields["n_merged"].sum() <= len(preds))
+
+
+def _greedy(gt, pred):
+    """Pairs at IoU >= 0.5 taken best first, each field and prediction at most once (a plain loop)."""
+    pairs = []
+    for g in np.unique(gt[gt > 0]):
+        gm = gt == g
+        for p in np.unique(pred[gm & (pred > 0)]):
+            pm = pred == p
+            iou = (gm & pm).sum() / (gm | pm).sum()
+            if iou >= 0.5:
+                pairs.append((-iou, g, p))
+    used_g, used_p, tp = set(), set(), 0
+    for _, g, p in sorted(pairs):
+        if g not in used_g and p not in used_p:
+            used_g.add(g)
+            used_p.add(p)
+            tp += 1
+    return tp
