@@ -164,6 +164,11 @@ def test_non_uint8_image_becomes_rgb8(tmp_path, simple):
     with rasterio.open(out["image"]) as src:
         assert (src.count, src.dtypes[0], src.nodata) == (3, "uint8", 0)
         assert src.read().min() >= 1 and src.read().max() == 255
+    # A 4-band uint8 image (RGB + NIR) keeps its first three bands, unstretched.
+    rgbn = np.random.default_rng(2).integers(1, 255, (4, 20, 20)).astype(np.uint8)
+    image = geo.write_geotiff(tmp_path / "rgbn.tif", rgbn, CRS, T, nodata=0)
+    with rasterio.open(geo.prepare_scene(image, labels, tmp_path / "s4")["image"]) as src:
+        assert src.count == 3 and np.array_equal(src.read(), rgbn[:3])
 
 
 # --- bad input ----------------------------------------------------------------------------------------
@@ -414,3 +419,15 @@ def test_figures(run01, tmp_path):
     rgb = viz.class_rgb(np.array([[0, 1], [2, 255]], np.uint8))
     assert rgb.shape == (2, 2, 3) and tuple(rgb[1, 1]) == (255, 255, 255)
     plt.close("all")
+
+
+def test_bench_tiling_runs_on_a_small_scene(tmp_path, capsys):
+    import runpy
+
+    from magseg_nb.chain import repo_root
+
+    bench = runpy.run_path(str(repo_root() / "benchmarks" / "bench_tiling.py"))
+    result = bench["main"](["--size", "256", "--tile", "64", "--overlap", "0", "--keep", str(tmp_path)])
+    assert result["n_tiles"] == 16 and result["ratio_raw_over_full"] > 0
+    assert len(list((tmp_path / "run01" / "tiles").iterdir())) == 16
+    assert "ratio raw / full" in capsys.readouterr().out
