@@ -92,6 +92,11 @@ def main(argv=None) -> int:
             f"{n} tiles, {s['answers']} answers ({s['malformed']} malformed), {s['fields']} fields, {total:.1f} s"
         )
         io = total - s["infer_s"] - s["polygonize_s"]
+        # The model's mask may hold no field at all (random model): time the fields of the true mask too.
+        truth, crs, transform = refine.read_mask(geo.scene_paths(run01, "vn0")["semantic"])
+        t0 = time.perf_counter()
+        _, gt_fields = refine.scene_fields(truth, transform, crs, "vn0", tiles=tiles, min_area_px=16)
+        gt_poly_s = time.perf_counter() - t0
         coarse, _, _ = refine.read_mask(out / "coarse" / "vn0.tif")
         conf, _, _ = refine.read_mask(out / "confidence" / "vn0.tif")
         for backend in args.sam:
@@ -106,6 +111,9 @@ def main(argv=None) -> int:
                 ("reading/writing rasters, tables", io, "scene", scenes),
             ]
             whole = sum(p[1] for p in parts)
+            parts.append(
+                (f"instances + polygons of the true mask ({len(gt_fields)} fields)", gt_poly_s, "scene", 1)
+            )
             for part, secs, unit, per in parts:
                 rows.append(
                     {"sam": backend, "part": part, "seconds": round(secs, 2),
