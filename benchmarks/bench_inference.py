@@ -64,7 +64,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--models-dir", default="runs/bench/models")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # a measurement setting: on a loaded 2-core machine it matters
 
     spec = inference.FormatSpec(args.format, args.grid, args.patch_layout, args.encoding, args.prompt_variant)
     if args.adapter:

@@ -145,6 +145,24 @@ def test_boundary_prob_separates_touching_fields():
     assert inst.max() == 2 and inst[15, 10] != inst[15, 50]
 
 
+def test_edge_markers_split_touching_fields_of_different_colour():
+    field = np.zeros((30, 60), bool)
+    field[5:25, 5:55] = True  # one block of field class, two crops side by side
+    image = np.zeros((30, 60, 3), np.uint8)
+    image[:, :30] = (200, 180, 60)
+    image[:, 30:] = (120, 160, 60)
+    edges = refine.image_edges(image, sigma=1.0)
+    assert edges.max() == 1 and edges[15, 10] < 0.05
+    inst = refine.field_instances(field, markers="edges", edges=edges)
+    assert inst.max() == 2 and inst[15, 10] != inst[15, 50] and (inst[~field] == 0).all()
+    flat = refine.field_instances(field, markers="edges", edges=np.zeros(field.shape, np.float32))
+    assert flat.max() == 1  # no edge, no split; every part still gets a marker
+    with pytest.raises(ValueError, match="markers='edges' needs an edge map"):
+        refine.field_instances(field, markers="edges")
+    with pytest.raises(ValueError, match="markers must be one of"):
+        refine.field_instances(field, markers="peaks")
+
+
 def test_min_area_holes_and_confidence_markers():
     field = np.zeros((40, 40), bool)
     field[2:20, 2:20] = True
@@ -254,5 +272,8 @@ def test_scene_fields_from_a_saved_mask(tmp_path):
         dst.write(sem, 1)
     mask, crs, transform = refine.read_mask(path)
     image = np.random.default_rng(0).integers(0, 255, sem.shape + (3,), dtype=np.uint8)
-    inst, gdf = refine.scene_fields(mask, transform, crs, "s0", image=image, h_px=2)
+    inst, gdf = refine.scene_fields(mask, transform, crs, "s0", image=image, markers="distance", h_px=2)
     assert inst.max() == len(gdf) == 2 and gdf.crs == CRS_UTM
+    colours = np.array([[120, 120, 120], [230, 200, 60], [30, 120, 40], [40, 110, 220]], np.uint8)
+    inst, gdf = refine.scene_fields(mask, transform, crs, "s0", image=colours[sem])  # edges by default
+    assert inst.max() == len(gdf) >= 1 and (mask[inst > 0] == CLASS_IDS["field"]).all()
