@@ -174,7 +174,22 @@ def read_labels(
             f"label file {labels_path} has no CRS. Fix: set it, e.g. `ogr2ogr -a_srs EPSG:4326 out.gpkg "
             f"{labels_path.name}` or gdf.set_crs(...)."
         )
-    notes = {"reprojected_from": None}
+    # Points and lines are not areas: dropped and counted. Invalid polygons (self-intersections, common in
+    # hand-digitised labels) are repaired with make_valid, keeping their polygonal part, and counted.
+    polygonal = gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])
+    invalid = polygonal & ~gdf.geometry.is_valid
+    if invalid.any():
+        gdf = gdf.copy()
+        gdf.loc[invalid, gdf.geometry.name] = shapely.buffer(
+            shapely.make_valid(gdf.geometry[invalid].values), 0
+        )
+    notes = {"reprojected_from": None, "n_non_polygons_dropped": int((~polygonal).sum()),
+             "n_invalid_repaired": int(invalid.sum())}  # fmt: skip
+    gdf = gdf[polygonal & ~gdf.geometry.is_empty]
+    if gdf.empty:
+        raise GeoDataError(
+            f"label file {labels_path} has no polygons (only points or lines); labels must be areas"
+        )
     target = rasterio.crs.CRS.from_user_input(crs)
     if rasterio.crs.CRS.from_user_input(gdf.crs) != target:
         notes["reprojected_from"] = gdf.crs.to_string()

@@ -431,3 +431,23 @@ def test_bench_tiling_runs_on_a_small_scene(tmp_path, capsys):
     assert result["n_tiles"] == 16 and result["ratio_raw_over_full"] > 0
     assert len(list((tmp_path / "run01" / "tiles").iterdir())) == 16
     assert "ratio raw / full" in capsys.readouterr().out
+
+
+def test_invalid_polygons_are_repaired_and_lines_dropped(tmp_path):
+    image = make_raster(tmp_path / "image.tif")
+    bowtie = shapely.Polygon(
+        [(500_000, 1_199_990), (500_010, 1_200_000), (500_010, 1_199_990), (500_000, 1_200_000)]
+    )
+    line = shapely.LineString([(500_000, 1_199_995), (500_020, 1_199_995)])
+    gdf = gpd.GeoDataFrame({"class": ["field", "field", "road"], "field_id": [1, 2, 0]},
+                           geometry=[bowtie, px_box(12, 0, 20, 20), line], crs=CRS)  # fmt: skip
+    geo.write_vector(gdf, tmp_path / "messy.gpkg")
+    out = geo.prepare_scene(image, tmp_path / "messy.gpkg", tmp_path / "s")
+    rep = out["report"]
+    assert rep["n_invalid_repaired"] == 1 and rep["n_non_polygons_dropped"] == 1 and rep["n_polygons"] == 2
+    inst = rasterio.open(out["instances"]).read(1)
+    assert 40 <= (inst[0:10, 0:10] == 1).sum() <= 60, "the bow-tie keeps both of its triangles (50 m2)"
+    only_line = gpd.GeoDataFrame({"class": ["road"]}, geometry=[line], crs=CRS)
+    geo.write_vector(only_line, tmp_path / "line.gpkg")
+    with pytest.raises(geo.GeoDataError, match=r"line\.gpkg has no polygons"):
+        geo.prepare_scene(image, tmp_path / "line.gpkg", tmp_path / "s2")
