@@ -73,3 +73,17 @@ def test_run_baseline_writes_instance_rasters(tmp_path):
         assert src.read(1).max() > 0
     images, truths = baseline.load_scenes(tmp_path, ["kh0"])
     assert images[0].shape == (192, 192, 3) and truths[0].dtype == np.int32
+
+
+def test_compare_difficulty_easy_beats_default():
+    import matplotlib.pyplot as plt
+
+    from magseg_nb.viz import dataset as viz
+
+    scores, examples = baseline.compare_difficulty("cambodia", landscape.Difficulty(), size=256, seed=1)
+    assert list(scores.landscape) == ["easy", "this run"]
+    assert scores.f1.iloc[0] > scores.f1.iloc[1] + 0.1
+    image, truth, pred = examples["easy"]
+    assert image.shape == (256, 256, 3) and truth.shape == pred.shape == (256, 256)
+    assert len(viz.plot_difficulty(examples, scores).axes) == 6
+    plt.close("all")

@@ -179,3 +179,21 @@ def plot_baseline_scene(run01, scene_id: str, crop: int = 384) -> plt.Figure:
     return plot_baseline(
         image, truth, pred, f"{scene_id}: true fields vs watershed baseline ({crop} px crop)"
     )
+
+
+def plot_difficulty(examples: dict, scores: pd.DataFrame) -> plt.Figure:
+    """Rows of (image, true fields, watershed) for each landscape of ``baseline.compare_difficulty``."""
+    fig, axes = plt.subplots(len(examples), 3, figsize=(10, 3.4 * len(examples)), squeeze=False)
+    for row, (name, (image, truth, pred)) in zip(axes, examples.items(), strict=True):
+        f1 = float(scores.loc[scores.landscape == name, "f1"].iloc[0])
+        for ax, (img, title) in zip(row, [(image, f"{name}: image"), (truth, "true fields"),
+                                          (pred, f"watershed (field F1 {f1:.2f})")], strict=True):  # fmt: skip
+            if img.ndim == 2:
+                img = _instances_to_show(img)
+                ax.imshow(img, cmap=instance_cmap(img.max()), interpolation="nearest")
+            else:
+                ax.imshow(img)
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+    fig.tight_layout()
+    return fig
