@@ -28,6 +28,7 @@ def smoke_run(tmp_path_factory) -> Path:
     profile = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
     profile["common"]["run_dir"] = str(run_dir)
     path = run_dir.parent / "smoke.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(profile))
     cwd = os.getcwd()
     os.chdir(ROOT)
