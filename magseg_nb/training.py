@@ -311,8 +311,11 @@ def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None) -> dict:
         train_ds = (
             train_ds if train_ds is not None else load_split(s.train_jsonl, s.max_train_examples, s.seed)
         )
+        # A full fine-tune resumes from the checkpoint's weights: the Trainer's own resume does not map
+        # the checkpoint's saved key names back onto the model (it warns and keeps the base weights).
+        resume = last_checkpoint(out / "checkpoints") if s.full_finetune else None
         model, processor = models.load_model_and_processor(
-            s.base_model, dtype=_train_dtype(s), device="cpu", trainable=True
+            resume or s.base_model, dtype=_train_dtype(s), device="cpu", trainable=True
         )
         peft_config = None
         if not s.full_finetune:
