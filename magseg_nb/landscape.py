@@ -62,6 +62,10 @@ class Difficulty:
     noise: float = 5.0  # sensor noise sigma in digital numbers
     label_misalignment_m: float = 0.0  # shift of the label polygons against the image (co-registration)
     nodata_edge_frac: float = 0.0  # share of the scene cut off as a nodata swath edge (value 0)
+    # Composition: multipliers of the country's usual cover (1 = typical mix, 0 = none of it).
+    villages: float = 1.0  # villages: buildings, bare yards, home-garden trees, lanes, village ponds
+    trees: float = 1.0  # tree clumps, scattered crowns, tree lines along bunds, roads and canals
+    water: float = 1.0  # ponds, canals and rivers
 
     @classmethod
     def easy(cls) -> Difficulty:
@@ -85,6 +89,10 @@ class CountryStyle:
     canal_prob: float  # share of region edges that are canals
     bund_trees: float  # share of field edges lined with trees
     crops: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...]  # (main colour, patch colour)
+    village_cover: float = 0.12  # share of the scene in villages
+    garden_trees: float = 0.4  # share of a village under home-garden trees
+    river_prob: float = 0.5  # chance a scene has a river crossing it
+    road_trees: float = 0.4  # share of road and canal banks lined with trees
 
 
 COUNTRIES: dict[str, CountryStyle] = {
@@ -108,6 +116,10 @@ COUNTRIES: dict[str, CountryStyle] = {
             ((120, 128, 66), (100, 118, 58)),
             ((84, 112, 58), (110, 120, 80)),
         ),
+        village_cover=0.22,
+        garden_trees=0.45,
+        river_prob=0.7,
+        road_trees=0.5,
     ),
     # Battambang: larger rice plots, fewer trees, dry-season soil.
     "cambodia": CountryStyle(
@@ -118,8 +130,8 @@ COUNTRIES: dict[str, CountryStyle] = {
         0.6,
         0.35,
         (1.5, 3.5),
-        0.06,
-        0.03,
+        0.09,
+        0.08,
         0.15,
         0.04,
         (
@@ -129,6 +141,10 @@ COUNTRIES: dict[str, CountryStyle] = {
             ((150, 138, 104), (132, 120, 90)),
             ((96, 110, 64), (124, 122, 84)),
         ),
+        village_cover=0.23,
+        garden_trees=0.45,
+        river_prob=0.45,
+        road_trees=0.4,
     ),
     # Telangana: medium irregular plots, red soils, trees on bunds.
     "india": CountryStyle(
@@ -140,7 +156,7 @@ COUNTRIES: dict[str, CountryStyle] = {
         0.3,
         (1.5, 4.0),
         0.1,
-        0.03,
+        0.08,
         0.05,
         0.12,
         (
@@ -150,6 +166,10 @@ COUNTRIES: dict[str, CountryStyle] = {
             ((110, 116, 70), (96, 100, 64)),
             ((126, 112, 84), (108, 104, 74)),
         ),
+        village_cover=0.22,
+        garden_trees=0.25,
+        river_prob=0.25,
+        road_trees=0.3,
     ),
 }
 
@@ -249,76 +269,116 @@ def _layout_fields(rng, style: CountryStyle, shape, res_m) -> tuple[np.ndarray, 
     return ids, region
 
 
-def _roads_and_canals(rng, style, region, shape, res_m, side):
-    """Boolean road and water masks: a main road, tracks and canals along region edges."""
+def _curve(rng, shape, half_width_px):
+    """A gently curving band across the scene (main road or river)."""
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    theta = rng.uniform(0, np.pi)
+    offset = rng.uniform(0.2, 0.8) * (h * abs(np.sin(theta)) + w * abs(np.cos(theta)))
+    d = xx * np.sin(theta) - yy * np.cos(theta)
+    along = xx * np.cos(theta) + yy * np.sin(theta)
+    d = d - d.min() - offset + 0.05 * h * np.sin(along / (0.4 * h) + rng.uniform(0, 6))
+    width = half_width_px * (1 + 0.25 * smooth_noise(rng, shape, h / 4))
+    return np.abs(d) < width
+
+
+def _roads_and_canals(rng, style, d: Difficulty, region, shape, res_m, side):
+    """Boolean road and water masks: a main road, tracks, canals along region edges, a river, ponds."""
     n_r = int(region.max()) + 1
     rmin, rmax = ndi.minimum_filter(region, 3), ndi.maximum_filter(region, 3)
     edge = rmin != rmax
     pair = rmin.astype(np.int64) * n_r + rmax
     choice = rng.random(n_r * n_r)
     track = edge & (choice[pair] < 0.45)
-    canal = edge & (choice[pair] > 1 - style.canal_prob)
+    canal = edge & (choice[pair] > 1 - style.canal_prob * min(d.water, 1.5))
     road = ndi.binary_dilation(track, iterations=max(1, int(1.5 / res_m)))
-    # A main road across the scene, gently curving.
-    theta = rng.uniform(0, np.pi)
-    offset = rng.uniform(0.3, 0.7) * (h * abs(np.sin(theta)) + w * abs(np.cos(theta)))
-    d = xx * np.sin(theta) - yy * np.cos(theta)
-    along = xx * np.cos(theta) + yy * np.sin(theta)
-    d = d - d.min() - offset + 0.05 * h * np.sin(along / (0.4 * h) + rng.uniform(0, 6))
-    road |= np.abs(d) < rng.uniform(3.0, 5.0) / res_m
-    water = ndi.binary_dilation(canal, iterations=max(1, int(2.0 / res_m)))
+    road |= _curve(rng, shape, rng.uniform(3.0, 5.0) / res_m)
+    water = ndi.binary_dilation(canal, iterations=max(1, int(2.5 / res_m)))
+    # A river (delta distributary, irrigation channel or stream): wide, so whole tiles can be water.
+    if rng.random() < style.river_prob * min(d.water, 1.0):
+        water |= _curve(rng, shape, rng.uniform(8.0, 22.0) / res_m)
     # Ponds: blobs of smooth noise above a high quantile.
-    if style.water_cover > 0:
+    cover = style.water_cover * d.water
+    if cover > 0:
         pond = smooth_noise(rng, shape, 1.2 * side)
-        water |= pond > np.quantile(pond, 1 - style.water_cover * 0.6)
+        water |= pond > np.quantile(pond, 1 - min(cover, 0.5) * 0.6)
     return road, water & ~road
 
 
-def _trees(rng, style, ids, shape, res_m, side):
-    """Boolean tree mask: clumps, scattered crowns and trees along some field edges."""
+def _trees(rng, style, d: Difficulty, ids, road, water, shape, res_m, side):
+    """Boolean tree mask: clumps, scattered crowns, trees along some field edges, roads and canals."""
+    cover = min(style.tree_cover * d.trees, 0.6)
+    trees = np.zeros(shape, bool)
+    if cover <= 0:
+        return trees
     clumps = smooth_noise(rng, shape, 0.8 * side)
-    trees = clumps > np.quantile(clumps, 1 - style.tree_cover * 0.5)
+    trees |= clumps > np.quantile(clumps, 1 - cover * 0.5)
     pts = np.zeros(shape, bool)
-    n_crowns = int(shape[0] * shape[1] * res_m**2 * style.tree_cover / 300)
+    n_crowns = int(shape[0] * shape[1] * res_m**2 * cover / 300)
     pts[rng.integers(0, shape[0], n_crowns), rng.integers(0, shape[1], n_crowns)] = True
     radius = (2.5 + 1.5 * smooth_noise(rng, shape, 6)) / res_m
     trees |= ndi.distance_transform_edt(~pts) < radius
     # Bund trees: pick some field pairs and line their shared edge.
     lo, hi = ndi.minimum_filter(ids, 3), ndi.maximum_filter(ids, 3)
     key = (lo.astype(np.int64) * 7919 + hi) % 100_003
-    lined = (lo != hi) & (rng.random(100_003)[key] < style.bund_trees)
+    lined = (lo != hi) & (rng.random(100_003)[key] < style.bund_trees * d.trees)
     trees |= ndi.binary_dilation(lined, iterations=max(1, int(2.0 / res_m)))
+    # Tree lines on road and canal banks, with gaps.
+    corridor = road | water
+    bank = ndi.binary_dilation(corridor, iterations=max(2, int(4.0 / res_m))) & ~corridor
+    gaps = smooth_noise(rng, shape, 25 / res_m)
+    trees |= bank & (gaps > np.quantile(gaps, 1 - min(style.road_trees * d.trees, 1.0)))
     return trees
 
 
-def _buildings(rng, road, shape, res_m):
-    """Boolean building mask: small rotated rectangles in villages next to roads."""
+def _villages(rng, style, d: Difficulty, road, water, shape, res_m):
+    """Village, building, garden-tree, lane and pond masks: villages sit along roads and canals.
+
+    A village is bare yards (class others) around dense buildings, with home gardens full of trees,
+    lanes and small ponds; so some tiles are mostly village rather than field.
+    """
     h, w = shape
-    near = np.argwhere(ndi.binary_dilation(road, iterations=int(25 / res_m)) & ~road)
-    boxes = []
-    for _ in range(rng.integers(1, 4)):  # villages
-        if len(near) == 0:
-            break
-        cy, cx = near[rng.integers(len(near))]
-        n = rng.integers(8, 30)
-        ys = cy + rng.normal(0, 25 / res_m, n)
-        xs = cx + rng.normal(0, 25 / res_m, n)
-        for y, x in zip(ys, xs, strict=True):
-            bw, bh = rng.uniform(5, 14, 2) / res_m
-            box = shapely.box(x - bw / 2, y - bh / 2, x + bw / 2, y + bh / 2)
-            boxes.append(shapely.affinity.rotate(box, rng.uniform(0, 90)))
-    if not boxes:
-        return np.zeros(shape, bool)
-    mask = rasterio.features.rasterize(boxes, out_shape=shape, default_value=1, dtype="uint8")
-    return mask.astype(bool) & ~road
+    empty = np.zeros(shape, bool)
+    cover = min(style.village_cover * d.villages, 0.6)
+    if cover <= 0:
+        return empty, empty, empty, empty, empty
+    near = ndi.distance_transform_edt(~(road | water)) * res_m
+    score = smooth_noise(rng, shape, 90 / res_m) - near / 60.0
+    village = score > np.quantile(score, 1 - cover)
+    village &= ~(road | water)
+    # Lanes: thin tracks on the edges of a coarse cell pattern, only inside villages.
+    cells = smooth_noise(rng, shape, 30 / res_m)
+    lanes = village & (np.abs(cells) < 0.06)
+    # Home gardens: tree canopy in smooth blobs.
+    canopy = smooth_noise(rng, shape, 8 / res_m) + 0.4 * smooth_noise(rng, shape, 3 / res_m)
+    inside = canopy[village]
+    gardens = village & (canopy > np.quantile(inside, 1 - style.garden_trees)) if inside.size else empty
+    # Buildings: rotated rectangles dropped on village pixels (vectorised corners, one rasterize call).
+    cand = np.argwhere(village & ~gardens & ~lanes)
+    n = min(len(cand), int(village.sum() * res_m**2 / 400))
+    buildings = empty
+    if n:
+        yx = cand[rng.choice(len(cand), n, replace=False)].astype(float)
+        half = rng.uniform(2.5, 7.0, (n, 2)) / res_m
+        ang = rng.uniform(0, np.pi / 2, n)
+        corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float)
+        cx = corners[None, :, 0] * half[:, None, 0]
+        cy = corners[None, :, 1] * half[:, None, 1]
+        px = yx[:, None, 1] + cx * np.cos(ang)[:, None] - cy * np.sin(ang)[:, None]
+        py = yx[:, None, 0] + cx * np.sin(ang)[:, None] + cy * np.cos(ang)[:, None]
+        polys = shapely.polygons(np.stack([px, py], -1))
+        buildings = rasterio.features.rasterize(polys, out_shape=shape, default_value=1, dtype="uint8") > 0
+        buildings &= village & ~lanes
+    # Village ponds (fish ponds in the deltas, tanks in India).
+    pond_noise = smooth_noise(rng, shape, 12 / res_m)
+    ponds = village & (pond_noise > np.quantile(pond_noise, 1 - 0.06 * min(d.water, 2.0))) & ~buildings
+    return village, buildings, gardens & ~buildings & ~ponds, lanes & ~buildings, ponds
 
 
 # --- rendering ----------------------------------------------------------------------------------------
 
 
-def _render(rng, style, d: Difficulty, kind, ids, shape, res_m, side) -> np.ndarray:
+def _render(rng, style, d: Difficulty, kind, ids, village, shape, res_m, side) -> np.ndarray:
     """The RGB image (float, 0..255) of a kind raster and field ids."""
     h, w = shape
     n = int(ids.max()) + 1
@@ -360,6 +420,10 @@ def _render(rng, style, d: Difficulty, kind, ids, shape, res_m, side) -> np.ndar
     soil = np.array([150, 128, 100], np.float32) * (1 + 0.08 * smooth_noise(rng, shape, 4 / res_m))[..., None]
     fallow = kind == OTHERS
     img[fallow] = soil[fallow]
+    # Village yards: packed earth, lighter and blotchier than fallow soil.
+    yard = fallow & village
+    blotch = (1 + 0.12 * smooth_noise(rng, shape, 3 / res_m))[..., None]
+    img[yard] = (np.array([172, 158, 132], np.float32) * blotch)[yard]
     # Trees: dark crowns with strong texture; orchards get a regular crown grid.
     crown = smooth_noise(rng, shape, 2.5 / res_m)
     tree_col = np.array([42, 72, 38], np.float32) * (1 + 0.25 * crown)[..., None]
@@ -445,18 +509,20 @@ def generate_scene(
     rng = np.random.default_rng(key)
     side = np.sqrt(style.field_area_m2) / res_m
     ids, region = _layout_fields(rng, style, shape, res_m)
-    road, water = _roads_and_canals(rng, style, region, shape, res_m, side)
-    trees = _trees(rng, style, ids, shape, res_m, side)
-    buildings = _buildings(rng, road, shape, res_m)
+    road, water = _roads_and_canals(rng, style, d, region, shape, res_m, side)
+    village, buildings, gardens, lanes, ponds = _villages(rng, style, d, road, water, shape, res_m)
+    trees = _trees(rng, style, d, ids, road, water, shape, res_m, side)
     # Orchards and fallow plots keep a field's shape but not its class.
     n = int(ids.max()) + 1
     fate = rng.random(n)
     kind = np.full(shape, FIELD, np.uint8)
     kind[(fate < d.orchard_frac)[ids]] = TREE
     kind[((fate >= d.orchard_frac) & (fate < d.orchard_frac + d.fallow_frac))[ids]] = OTHERS
-    kind[trees] = TREE
-    kind[water] = WATER
-    kind[road] = ROAD
+    kind[village] = OTHERS
+    kind[trees & ~village] = TREE
+    kind[gardens] = TREE
+    kind[water | ponds] = WATER
+    kind[road | lanes] = ROAD
     kind[buildings] = BUILDING
     # Fields cut by roads or canals become separate instances; slivers become bare ground.
     fields = connected_label(np.where(kind == FIELD, ids, 0), background=0, connectivity=1).astype(np.int32)
@@ -466,7 +532,7 @@ def generate_scene(
     kind[tiny[fields]] = OTHERS
     fields[tiny[fields]] = 0
     fields = np.unique(fields, return_inverse=True)[1].reshape(shape).astype(np.int32)
-    img = _render(rng, style, d, kind, ids, shape, res_m, side)
+    img = _render(rng, style, d, kind, ids, village, shape, res_m, side)
     img = _atmosphere(rng, d, img, shape)
     image = np.clip(img, 1, 255).astype(np.uint8)  # 0 is reserved for nodata
     if d.nodata_edge_frac > 0:

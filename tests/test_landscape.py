@@ -73,9 +73,11 @@ def test_countries_differ_in_field_size_and_crs():
     assert medians["vietnam"] < medians["india"] < medians["cambodia"]
 
 
-def test_vietnam_has_elongated_strip_fields(scene):
+def test_vietnam_has_elongated_strip_fields():
     from skimage.measure import regionprops
 
+    # 512 px: a 256 px scene may be mostly village or river and hold too few fields to judge.
+    scene = landscape.generate_scene("vn0", "vietnam", 512, 0.8, seed=0)
     props = regionprops(scene.fields)
     elong = [p.axis_major_length / max(p.axis_minor_length, 1) for p in props if p.area > 100]
     assert np.mean(np.array(elong) > 2.5) > 0.2, "a good share of fields should be long strips"
@@ -143,3 +145,35 @@ def test_the_default_landscape_is_hard_and_the_easy_one_is_not():
         f1[name] = float(np.mean(scores))
     assert f1["default"] < 0.6
     assert f1["easy"] > f1["default"] + 0.15
+
+
+def _shares(s):
+    """Label shares as the tiles count them: others (incl. roads, buildings), field, tree, water."""
+    k = s.kind
+    cls = np.select([k == landscape.FIELD, k == landscape.TREE, k == landscape.WATER], [1, 2, 3], 0)
+    return np.bincount(cls.ravel(), minlength=4) / cls.size
+
+
+@pytest.mark.parametrize("country", ["vietnam", "cambodia", "india"])
+def test_default_composition_is_a_mixed_landscape_not_all_field(country):
+    """Field must not dominate (an all-field guess would look good), and every class has a real share."""
+    s = landscape.generate_scene(f"{landscape.COUNTRIES[country].code}0", country, 768, 0.8, seed=0)
+    others, fieldf, tree, water = _shares(s)
+    assert 0.45 < fieldf < 0.7
+    assert 0.1 < others < 0.3 and 0.08 < tree < 0.25 and 0.02 < water < 0.15
+    # Tiles differ a lot: some are nearly all field, some are mostly village, trees or water.
+    tiles = (s.kind == landscape.FIELD).reshape(6, 128, 6, 128).mean(axis=(1, 3))
+    assert tiles.max() > 0.8 and tiles.min() < 0.3
+
+
+def test_composition_knobs_change_the_mix():
+    bare = landscape.Difficulty(villages=0.0, trees=0.0, water=0.0)
+    more = landscape.Difficulty(villages=2.0)
+    base = _shares(landscape.generate_scene("kh0", "cambodia", 384, 0.8, seed=1))
+    none = _shares(landscape.generate_scene("kh0", "cambodia", 384, 0.8, seed=1, difficulty=bare))
+    lots = _shares(landscape.generate_scene("kh0", "cambodia", 384, 0.8, seed=1, difficulty=more))
+    assert none[1] > base[1] + 0.15, "without villages, trees and water the scene is mostly field"
+    assert none[2] == 0 or none[2] < 0.06  # only orchards remain as trees
+    assert lots[0] > base[0] + 0.05
+    s = landscape.generate_scene("kh0", "cambodia", 384, 0.8, seed=1, difficulty=more)
+    assert (s.kind == landscape.BUILDING).mean() > 0.01 and "building" in set(s.labels["class"])
