@@ -54,7 +54,7 @@ class Difficulty:
     within_field_variance: float = 0.6  # patchy growth / soil showing through inside a field
     row_texture: float = 0.5  # crop-row stripes amplitude
     orchard_frac: float = 0.04  # fields replaced by orchards (class tree, field-like shape)
-    fallow_frac: float = 0.05  # plots left bare (class others, look like ploughed fields)
+    fallow_frac: float = 0.07  # plots left bare (class others, look like ploughed fields)
     haze: float = 0.3  # contrast loss under a spatially varying veil (0..1)
     cloud_shadows: int = 3  # number of cloud-shadow blobs per scene
     shadow_strength: float = 0.35  # darkening inside a cloud shadow (0..1)
@@ -116,7 +116,7 @@ COUNTRIES: dict[str, CountryStyle] = {
             ((120, 128, 66), (100, 118, 58)),
             ((84, 112, 58), (110, 120, 80)),
         ),
-        village_cover=0.22,
+        village_cover=0.25,
         garden_trees=0.45,
         river_prob=0.7,
         road_trees=0.5,
@@ -141,7 +141,7 @@ COUNTRIES: dict[str, CountryStyle] = {
             ((150, 138, 104), (132, 120, 90)),
             ((96, 110, 64), (124, 122, 84)),
         ),
-        village_cover=0.23,
+        village_cover=0.26,
         garden_trees=0.45,
         river_prob=0.45,
         road_trees=0.4,
@@ -166,7 +166,7 @@ COUNTRIES: dict[str, CountryStyle] = {
             ((110, 116, 70), (96, 100, 64)),
             ((126, 112, 84), (108, 104, 74)),
         ),
-        village_cover=0.22,
+        village_cover=0.24,
         garden_trees=0.25,
         river_prob=0.25,
         road_trees=0.3,
@@ -289,7 +289,7 @@ def _roads_and_canals(rng, style, d: Difficulty, region, shape, res_m, side):
     edge = rmin != rmax
     pair = rmin.astype(np.int64) * n_r + rmax
     choice = rng.random(n_r * n_r)
-    track = edge & (choice[pair] < 0.45)
+    track = edge & (choice[pair] < 0.5)
     canal = edge & (choice[pair] > 1 - style.canal_prob * min(d.water, 1.5))
     road = ndi.binary_dilation(track, iterations=max(1, int(1.5 / res_m)))
     road |= _curve(rng, shape, rng.uniform(3.0, 5.0) / res_m)
