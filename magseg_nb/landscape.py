@@ -10,8 +10,14 @@ The generator is deterministic by seed and meant to be *hard* for classical segm
 - three countries differ in field size, shape and palette (Vietnam: tiny paddy strips; Cambodia:
   larger rice plots; India: medium irregular plots with bund trees).
 
+Not everything is field: villages (dense buildings, bare yards, home gardens full of trees, lanes and
+ponds) sit along roads and canals, trees line roads and canal banks, and rivers, canals and ponds
+cross the fields. A default demo scene is about 60% field, 15-20% others (roads, buildings, yards,
+fallow), 15% tree and 5-8% water, so an all-field guess is not a good answer; tiles range from pure
+field to pure village or river. ``Difficulty.villages``/``trees``/``water`` scale that mix.
+
 Every step is vectorised numpy/scipy on whole rasters (no Python loops over pixels); a 1024 x 1024
-scene takes about a second. Labels are polygonised from the generated id raster, so rasterising them
+scene takes a few seconds on a loaded 2-core machine. Labels are polygonised from the generated id raster, so rasterising them
 back (``geo.prepare_scene``) reproduces the truth exactly unless ``label_misalignment_m`` shifts them.
 """
 
