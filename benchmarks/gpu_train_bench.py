@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from magseg_nb import landscape, models, prompts
+from magseg_nb import models, prompts
 
 # gemma-3-4b-it's published config.json (text and vision parts)
 GEMMA3_4B_TEXT = dict(
@@ -111,8 +111,19 @@ def gemma3_4b_random(tiny_dir: str, device: str):
     return model, processor
 
 
-def bench_tiles(n_tiles: int, tile: int = 256, seed: int = 0) -> list[prompts.TileRecord]:
-    """Tiles of a generated landscape scene with class ids (roads/buildings -> others)."""
+def bench_tiles(n_tiles: int, tile: int = 256, seed: int = 0, npz: str = "") -> list[prompts.TileRecord]:
+    """Tiles of a generated landscape scene with class ids (roads/buildings -> others).
+
+    With ``npz`` the tiles come from a file written by ``--save-tiles`` (GPU images lack the geo stack).
+    """
+    if npz:
+        data = np.load(npz)
+        return [
+            prompts.TileRecord(f"b{i}", "bench", "train", data["images"][i], data["masks"][i])
+            for i in range(min(n_tiles, len(data["images"])))
+        ]
+    from magseg_nb import landscape  # needs rasterio/geopandas
+
     size = max(512, int(np.ceil(np.sqrt(n_tiles))) * tile)
     scene = landscape.generate_scene("bench", "vietnam", size=size, seed=seed)
     sem = np.where(scene.kind < 4, scene.kind, 0).astype(np.uint8)
@@ -226,8 +237,17 @@ def main(argv=None) -> int:
     ap.add_argument("--encoding", default="rle", choices=["rle", "plain"])
     ap.add_argument("--variant", default="crop", choices=["index", "mark", "crop"])
     ap.add_argument("--tiles", type=int, default=8)
+    ap.add_argument("--tiles-npz", default="", help="read the tiles from this file instead of generating them")
+    ap.add_argument("--save-tiles", default="", help="write the generated tiles to this .npz and stop")
     ap.add_argument("--no-grad-ckpt", action="store_true", help="no gradient checkpointing for the 4B model")
     args = ap.parse_args(argv)
+    if args.save_tiles:
+        tiles = bench_tiles(args.tiles)
+        np.savez_compressed(
+            args.save_tiles, images=np.stack([t.image for t in tiles]), masks=np.stack([t.semantic for t in tiles])
+        )
+        print(f"wrote {len(tiles)} tiles to {args.save_tiles}")
+        return 0
     cuda = torch.cuda.is_available()
     if args.dry_run:
         args.models, args.steps, args.tiles, args.batch_size = "tiny", 2, 1, 2
@@ -241,7 +261,7 @@ def main(argv=None) -> int:
     tiny_dir = models.resolve_model("tiny-gemma3", work / "models")
     data = write_data(
         work / "data",
-        bench_tiles(args.tiles),
+        bench_tiles(args.tiles, npz=args.tiles_npz),
         args.resolution,
         args.patch_layout,
         args.encoding,
