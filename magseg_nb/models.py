@@ -451,9 +451,14 @@ _LM_PROJ = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 _VISION_PROJ = "q_proj|k_proj|v_proj|out_proj|fc1|fc2"
 
 
-def lora_config(r=16, alpha=32, dropout=0.05, target_modules="language", train_projector=True):
+def lora_config(
+    r=16, alpha=32, dropout=0.05, target_modules="language", train_projector=True, train_embeddings=False
+):
     """PEFT settings. ``target_modules``: "language" (the LM's projections), "all" (also the vision
     tower), or an explicit list/regex. ``train_projector`` trains the multimodal projector fully.
+    ``train_embeddings`` also trains the (tied) token embeddings / LM head and the LM's final norm: a
+    randomly initialised tiny model needs them, or its output distribution stays near uniform (greedy
+    decoding learns, sampling stays noise and GRPO gets no signal). Real Gemma 3 does not.
 
     Module names are exact: PEFT matches ``modules_to_save`` by suffix, and a loose name such as
     "norm" also catches the projector's norm and breaks loading the adapter.
@@ -466,11 +471,15 @@ def lora_config(r=16, alpha=32, dropout=0.05, target_modules="language", train_p
         target = rf"(.*language_model.*\.({_LM_PROJ})|.*vision_tower.*\.({_VISION_PROJ}))$"
     else:
         target = target_modules
+    save = (["multi_modal_projector"] if train_projector else []) + (
+        ["language_model.embed_tokens", "language_model.norm"] if train_embeddings else []
+    )
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target,
-        modules_to_save=["multi_modal_projector"] if train_projector else None,
+        modules_to_save=save or None,
+        ensure_weight_tying=train_embeddings,
         task_type="CAUSAL_LM",
     )

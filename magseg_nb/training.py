@@ -74,6 +74,7 @@ class SFTSettings(CommonSettings):
     lora_dropout: float = 0.05
     target_modules: str | list[str] = "language"
     train_projector: bool = True
+    train_embeddings: bool = False  # also train token embeddings/LM head + final norm (random tiny bases)
     full_finetune: bool = False  # train every weight and save a full model instead of an adapter
 
 
@@ -325,6 +326,7 @@ def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None) -> dict:
                 dropout=s.lora_dropout,
                 target_modules=s.target_modules,
                 train_projector=s.train_projector,
+                train_embeddings=s.train_embeddings,
             )
         trainer = train_sft(model, processor, train_ds, s, out, peft_config)
         if trainer.is_world_process_zero():
