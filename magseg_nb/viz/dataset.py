@@ -11,6 +11,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch, Rectangle
 
 from magseg_nb.labels import CLASS_COLORS, CLASSES
+from magseg_nb.viz import save  # noqa: F401  (re-exported: notebooks call viz.<module>.save)
 
 SPLIT_COLORS = {"train": "#4c72b0", "val": "#dd8452", "test": "#c44e52"}
 
@@ -140,15 +141,6 @@ def plot_baseline(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, title:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
-
-
-def save(fig: plt.Figure, folder, name: str) -> Path:
-    """Save a figure as PNG into ``folder`` (created) and return the path; the figure stays open to show."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
 
 
 def scene_preview(image_path, max_side: int = 256) -> np.ndarray:

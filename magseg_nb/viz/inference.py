@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -11,6 +9,7 @@ from matplotlib.patches import Patch
 from skimage.segmentation import find_boundaries
 
 from magseg_nb.labels import CLASS_COLORS, CLASSES, NODATA
+from magseg_nb.viz import save  # noqa: F401  (re-exported: notebooks call viz.<module>.save)
 
 NODATA_RGB = (255, 255, 255)
 
@@ -99,12 +98,3 @@ def plot_malformed(tables: dict[str, pd.DataFrame]):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def save(fig, folder: Path, name: str) -> Path:
-    """Save a figure as PNG into ``folder`` (created) and return the path."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path

@@ -7,6 +7,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from magseg_nb.viz import save  # noqa: F401  (re-exported: notebooks call viz.<module>.save)
+
 from ..labels import CLASS_COLORS, CLASSES, NODATA
 
 
@@ -132,12 +134,3 @@ def recall_vs_size(curves: dict, ax=None):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return ax.figure
-
-
-def save(fig, folder: Path, name: str) -> Path:
-    """Save a figure as PNG into ``folder`` (created) and return its path."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path

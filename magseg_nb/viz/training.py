@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from magseg_nb.labels import CLASS_COLORS, CLASSES
+from magseg_nb.viz import save  # noqa: F401  (re-exported: notebooks call viz.<module>.save)
 
 
 def _read(log) -> pd.DataFrame:
@@ -78,11 +79,3 @@ def plot_dice_bars(table: pd.DataFrame, title: str = "validation Dice per class"
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def save(fig, folder: Path, name: str) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
