@@ -237,14 +237,18 @@ def main(argv=None) -> int:
     ap.add_argument("--encoding", default="rle", choices=["rle", "plain"])
     ap.add_argument("--variant", default="crop", choices=["index", "mark", "crop"])
     ap.add_argument("--tiles", type=int, default=8)
-    ap.add_argument("--tiles-npz", default="", help="read the tiles from this file instead of generating them")
+    ap.add_argument(
+        "--tiles-npz", default="", help="read the tiles from this file instead of generating them"
+    )
     ap.add_argument("--save-tiles", default="", help="write the generated tiles to this .npz and stop")
     ap.add_argument("--no-grad-ckpt", action="store_true", help="no gradient checkpointing for the 4B model")
     args = ap.parse_args(argv)
     if args.save_tiles:
         tiles = bench_tiles(args.tiles)
         np.savez_compressed(
-            args.save_tiles, images=np.stack([t.image for t in tiles]), masks=np.stack([t.semantic for t in tiles])
+            args.save_tiles,
+            images=np.stack([t.image for t in tiles]),
+            masks=np.stack([t.semantic for t in tiles]),
         )
         print(f"wrote {len(tiles)} tiles to {args.save_tiles}")
         return 0
