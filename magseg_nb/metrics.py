@@ -902,13 +902,26 @@ def recall_by_size(fields, bins=None, n_boot: int = 500, seed: int = 0, matched:
 # --- analysis tables for notebook 06 ----------------------------------------------------------------
 
 
-def main_method(methods: list[dict]) -> dict:
-    """The method the figures focus on: MAgSeg after GRPO if present, else after SFT, else any refined."""
+def comparison_masks(choice: str, sam_backend: str | None) -> str:
+    """Which masks the ablation compares models on: "coarse" or "refined".
+
+    "auto" takes the coarse masks when notebook 05 refined with no SAM or with the random-weight tiny
+    SAM (whose changes are noise), and the refined masks when a real SAM checkpoint was used.
+    """
+    if choice in ("coarse", "refined"):
+        return choice
+    if choice != "auto":
+        raise ValueError(f"compare_masks must be 'auto', 'coarse' or 'refined', not {choice!r}")
+    return "coarse" if sam_backend in (None, "", "none", "tiny") else "refined"
+
+
+def main_method(methods: list[dict], masks: str = "refined") -> dict:
+    """The method the figures focus on: MAgSeg after GRPO if present, else after SFT, else any of ``masks``."""
     by_name = {m["name"]: m for m in methods}
-    for name in ("magseg-grpo refined", "magseg-sft refined"):
+    for name in (f"magseg-grpo {masks}", f"magseg-sft {masks}"):
         if name in by_name:
             return by_name[name]
-    return next((m for m in methods if m["refinement"] == "refined"), methods[0])
+    return next((m for m in methods if m["refinement"] == masks), methods[0])
 
 
 def score_table(results: dict, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, by: str | None = None):
@@ -939,11 +952,12 @@ def wide_table(long, metrics=HEADLINE, index=("method",), digits: int = 3):
     return out.reindex(columns=[m for m in metrics if m in out.columns])
 
 
-def ablation_pairs(methods: list[dict]) -> list[tuple[str, str, str]]:
+def ablation_pairs(methods: list[dict], masks: str = "refined") -> list[tuple[str, str, str]]:
     """(question, method A, method B) pairs that differ in one factor, among the methods present.
 
-    SAM refinement (coarse -> refined, per variant), GRPO after SFT (per format), the MAgSeg format
-    vs the Text4Seg format (same training), and each refined model vs the watershed baseline.
+    SAM refinement (coarse -> refined, per variant), then on ``masks`` ("coarse" or "refined"): GRPO
+    after SFT (per format), the MAgSeg format vs the Text4Seg format (same training), and each model
+    vs the watershed baseline.
     """
     names = {m["name"] for m in methods}
     variants = sorted({m["variant"] for m in methods if m["variant"] != "baseline"})
@@ -952,17 +966,17 @@ def ablation_pairs(methods: list[dict]) -> list[tuple[str, str, str]]:
         if {f"{v} coarse", f"{v} refined"} <= names:
             pairs.append(("SAM refinement", f"{v} coarse", f"{v} refined"))
     for fmt in sorted({v.rpartition("-")[0] for v in variants}):
-        if {f"{fmt}-sft refined", f"{fmt}-grpo refined"} <= names:
-            pairs.append(("GRPO after SFT", f"{fmt}-sft refined", f"{fmt}-grpo refined"))
+        if {f"{fmt}-sft {masks}", f"{fmt}-grpo {masks}"} <= names:
+            pairs.append(("GRPO after SFT", f"{fmt}-sft {masks}", f"{fmt}-grpo {masks}"))
     for training in ("sft", "grpo"):
-        if {f"text4seg-{training} refined", f"magseg-{training} refined"} <= names:
+        if {f"text4seg-{training} {masks}", f"magseg-{training} {masks}"} <= names:
             pairs.append(
-                ("MAgSeg vs Text4Seg format", f"text4seg-{training} refined", f"magseg-{training} refined")
+                ("MAgSeg vs Text4Seg format", f"text4seg-{training} {masks}", f"magseg-{training} {masks}")
             )
     if "watershed baseline" in names:
         for v in variants:
-            if f"{v} refined" in names:
-                pairs.append(("vs classical watershed", "watershed baseline", f"{v} refined"))
+            if f"{v} {masks}" in names:
+                pairs.append(("vs classical watershed", "watershed baseline", f"{v} {masks}"))
     return pairs
 
 

@@ -711,3 +711,24 @@ def _greedy(gt, pred):
             used_p.add(p)
             tp += 1
     return tp
+
+
+def test_models_are_compared_on_coarse_masks_unless_a_real_sam_refined_them():
+    assert metrics.comparison_masks("auto", "tiny") == "coarse"
+    assert metrics.comparison_masks("auto", "none") == "coarse"
+    assert metrics.comparison_masks("auto", "vit_h") == "refined"
+    assert metrics.comparison_masks("refined", "tiny") == "refined"
+    with pytest.raises(ValueError, match="compare_masks must be"):
+        metrics.comparison_masks("best", "tiny")
+    methods = [
+        {"name": f"{v} {r}", "variant": v, "refinement": r}
+        for v in ("magseg-sft", "magseg-grpo", "text4seg-sft")
+        for r in ("coarse", "refined")
+    ] + [{"name": "watershed baseline", "variant": "baseline", "refinement": "baseline"}]
+    pairs = metrics.ablation_pairs(methods, "coarse")
+    assert ("GRPO after SFT", "magseg-sft coarse", "magseg-grpo coarse") in pairs
+    assert ("MAgSeg vs Text4Seg format", "text4seg-sft coarse", "magseg-sft coarse") in pairs
+    assert ("vs classical watershed", "watershed baseline", "text4seg-sft coarse") in pairs
+    assert ("SAM refinement", "magseg-grpo coarse", "magseg-grpo refined") in pairs
+    assert not any("refined" in b for q, _, b in pairs if q != "SAM refinement")
+    assert metrics.main_method(methods, "coarse")["name"] == "magseg-grpo coarse"
