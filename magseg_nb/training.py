@@ -329,23 +329,35 @@ def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None) -> dict:
                 train_embeddings=s.train_embeddings,
             )
         trainer = train_sft(model, processor, train_ds, s, out, peft_config)
-        if trainer.is_world_process_zero():
-            _save_atomic(trainer.model, processor, dest)
-            done = {
-                "settings_hash": settings_hash(s),
-                "steps": trainer.state.global_step,
-                "train_seconds": round(time.time() - t0, 1),
-                "n_train": len(train_ds),
-            }
-            write_json(out / DONE_FILE, done)
+        done = _save_trained(trainer, processor, dest, s, t0, len(train_ds))
         model = trainer.model
     else:
         print(f"{dest} is complete for these settings; skipping training", flush=True)
-        model = None
-    result = {"output_dir": str(out), "trained": str(dest), **(done or {})}
+        model = processor = None
+    return _result(s, dest, done, model, processor, val_ds, s.full_finetune)
+
+
+def _save_trained(trainer, processor, dest: Path, s, t0: float, n_train: int) -> dict | None:
+    """Save the trained weights and the record that lets a rerun skip training (main process only)."""
+    if not trainer.is_world_process_zero():
+        return None
+    _save_atomic(trainer.model, processor, dest)
+    done = {
+        "settings_hash": settings_hash(s),
+        "steps": trainer.state.global_step,
+        "train_seconds": round(time.time() - t0, 1),
+        "n_train": n_train,
+    }
+    write_json(Path(s.output_dir) / DONE_FILE, done)
+    return done
+
+
+def _result(s, dest: Path, done, model, processor, val_ds, full: bool = False) -> dict:
+    """What run_sft/run_grpo return: paths, the training record and (main process) the validation scores."""
+    result = {"output_dir": str(s.output_dir), "trained": str(dest), **(done or {})}
     if _is_main() and s.eval_max_examples != 0 and (s.val_jsonl or val_ds is not None):
         if model is None:
-            model, processor = _load_trained(s.base_model, dest, s.full_finetune)
+            model, processor = _load_trained(s.base_model, dest, full)
         result["eval"] = evaluate_split(model, processor, s, val_ds=val_ds, train_jsonl=s.train_jsonl)
     return result
 
@@ -450,23 +462,12 @@ def run_grpo(cfg: dict | GRPOSettings, train_ds=None, val_ds=None) -> dict:
         trainer.train(resume_from_checkpoint=resume)
         if trainer.is_world_process_zero():
             write_log_csv(trainer.state.log_history, out / "log.csv")
-            _save_atomic(trainer.model, processor, dest)
-            done = {
-                "settings_hash": settings_hash(s),
-                "steps": trainer.state.global_step,
-                "train_seconds": round(time.time() - t0, 1),
-                "n_train": len(train_ds),
-            }
-            write_json(out / DONE_FILE, done)
+        done = _save_trained(trainer, processor, dest, s, t0, len(train_ds))
         model = trainer.model
     else:
         print(f"{dest} is complete for these settings; skipping training", flush=True)
-    result = {"output_dir": str(out), "trained": str(dest), **(done or {})}
-    if _is_main() and s.eval_max_examples != 0 and (s.val_jsonl or val_ds is not None):
-        if model is None:
-            model, processor = _load_trained(s.base_model, dest)
-        result["eval"] = evaluate_split(model, processor, s, val_ds=val_ds, train_jsonl=s.train_jsonl)
-    return result
+        processor = None
+    return _result(s, dest, done, model, processor, val_ds)
 
 
 # --- evaluation -----------------------------------------------------------------------------------

@@ -125,19 +125,24 @@ def plot_class_balance(tiles: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def _show_panel(ax, img: np.ndarray, title: str) -> None:
+    """An RGB image as it is, an instance raster (2-D) in distinct colours."""
+    if img.ndim == 2:
+        img = _instances_to_show(img)
+        ax.imshow(img, cmap=instance_cmap(img.max()), interpolation="nearest")
+    else:
+        ax.imshow(img)
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
 def plot_baseline(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, title: str = "") -> plt.Figure:
     """The image, the true field instances and the watershed baseline's instances (a crop)."""
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.9))
     for ax, (img, name) in zip(
         axes, [(image, "image"), (truth, "true fields"), (pred, "watershed")], strict=True
     ):
-        if img.ndim == 2:
-            img = _instances_to_show(img)
-            ax.imshow(img, cmap=instance_cmap(img.max()), interpolation="nearest")
-        else:
-            ax.imshow(img)
-        ax.set_title(name, fontsize=9)
-        ax.set_axis_off()
+        _show_panel(ax, img, name)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
@@ -180,12 +185,6 @@ def plot_difficulty(examples: dict, scores: pd.DataFrame) -> plt.Figure:
         f1 = float(scores.loc[scores.landscape == name, "f1"].iloc[0])
         for ax, (img, title) in zip(row, [(image, f"{name}: image"), (truth, "true fields"),
                                           (pred, f"watershed (field F1 {f1:.2f})")], strict=True):  # fmt: skip
-            if img.ndim == 2:
-                img = _instances_to_show(img)
-                ax.imshow(img, cmap=instance_cmap(img.max()), interpolation="nearest")
-            else:
-                ax.imshow(img)
-            ax.set_title(title, fontsize=9)
-            ax.set_axis_off()
+            _show_panel(ax, img, title)
     fig.tight_layout()
     return fig

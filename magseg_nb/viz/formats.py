@@ -105,41 +105,20 @@ def plot_token_budget(df, variant: str = "index", title: str = ""):
     for (grid, enc), part in magseg.groupby(["grid", "encoding"], sort=True):
         part = part.sort_values("effective")
         label = f"MAgSeg {grid}x{grid} per patch ({enc})"
-        axes[0].plot(
-            part["effective"],
-            part["answer_tokens_mean"],
-            styles[enc],
-            marker="o",
-            color=colors[grid],
-            label=label,
-        )
-        axes[1].plot(
-            part["effective"],
-            part["gemma3_tile_tokens"],
-            styles[enc],
-            marker="o",
-            color=colors[grid],
-            label=label,
-        )
+        for ax, column in zip(axes, ("answer_tokens_mean", "gemma3_tile_tokens"), strict=True):
+            ax.plot(part["effective"], part[column], styles[enc], marker="o", color=colors[grid], label=label)
     t4s = df[df["format"] == "text4seg"]
     for enc, part in t4s.groupby("encoding"):
         part = part.sort_values("effective")
-        axes[0].plot(
-            part["effective"],
-            part["answer_tokens_mean"],
-            styles[enc],
-            marker="s",
-            color="tab:red",
-            label=f"Text4Seg ({enc})",
-        )
-        axes[1].plot(
-            part["effective"],
-            part["gemma3_tile_tokens"],
-            styles[enc],
-            marker="s",
-            color="tab:red",
-            label=f"Text4Seg ({enc})",
-        )
+        for ax, column in zip(axes, ("answer_tokens_mean", "gemma3_tile_tokens"), strict=True):
+            ax.plot(
+                part["effective"],
+                part[column],
+                styles[enc],
+                marker="s",
+                color="tab:red",
+                label=f"Text4Seg ({enc})",
+            )
     axes[0].set_ylabel("answer tokens per conversation")
     axes[1].set_ylabel("tokens per tile (gemma-3: 256 per image)")
     for ax in axes:
