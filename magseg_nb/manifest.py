@@ -721,15 +721,9 @@ def _rgb_image(image: Path, bands: list[int], derived_dir: Path) -> Path:
             lo, hi = np.percentile(valid, [2, 98])
             scaled = (band.filled(lo) - lo) / max(hi - lo, 1e-6) * 255.0
             rgb[i] = np.clip(scaled, 0, 255).astype(np.uint8)
-    profile.update(count=3, dtype="uint8", nodata=None, photometric="RGB", compress="deflate", driver="GTiff")
-    for key in ("blockxsize", "blockysize", "tiled"):  # the source's tiling may not fit 3 uint8 bands
-        profile.pop(key, None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.tif")
-    with rasterio.open(tmp, "w", **profile) as dst:
-        dst.write(rgb)
-    os.replace(tmp, out)
-    return out
+    from magseg_nb import geo
+
+    return geo.write_geotiff(out, rgb, profile["crs"], profile["transform"])
 
 
 def _polygonize_instances(mask: Path, out: Path) -> tuple[Path, int]:
@@ -763,12 +757,9 @@ def _polygonize_instances(mask: Path, out: Path) -> tuple[Path, int]:
     gdf = gpd.GeoDataFrame(columns, geometry=geoms, crs=crs)  # may be empty: a chip without fields
     # One row per field even when a field's pixels are not 4-connected.
     gdf = gdf.dissolve(by="field_id", as_index=False)[["class", "field_id", "geometry"]] if len(gdf) else gdf
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.gpkg")
-    tmp.unlink(missing_ok=True)
-    gdf.to_file(tmp, layer="labels", driver="GPKG")
-    os.replace(tmp, out)
-    return out, len(gdf)
+    from magseg_nb import geo
+
+    return geo.write_vector(gdf, out, layer="labels"), len(gdf)
 
 
 # --------------------------------------------------------------------------- command line

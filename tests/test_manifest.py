@@ -19,6 +19,7 @@ import yaml
 from affine import Affine
 from shapely.geometry import box
 
+from magseg_nb import geo
 from magseg_nb import manifest as mf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -435,20 +436,7 @@ CRS = "EPSG:32648"
 
 
 def _write_tif(path: Path, data: np.ndarray, x0=500000.0, y0=1200000.0, res=10.0, crs=CRS):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = data if data.ndim == 3 else data[None]
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        height=data.shape[1],
-        width=data.shape[2],
-        count=data.shape[0],
-        dtype=data.dtype,
-        crs=crs,
-        transform=Affine(res, 0, x0, 0, -res, y0),
-    ) as dst:
-        dst.write(data)
+    geo.write_geotiff(path, data, crs, Affine(res, 0, x0, 0, -res, y0))
 
 
 def _local_manifest(tmp_path: Path, name: str, dataset: str, archives: dict[str, Path]) -> Path:

@@ -368,23 +368,9 @@ def _degrade(sem, inst, rng, cell, n_split, n_merge):
 
 
 def _write(path, arr, transform, nodata=None):
-    import rasterio
+    from magseg_nb import geo
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = arr if arr.ndim == 3 else arr[None]
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        height=arr.shape[1],
-        width=arr.shape[2],
-        count=arr.shape[0],
-        dtype=arr.dtype,
-        crs="EPSG:32648",
-        transform=transform,
-        nodata=nodata,
-    ) as dst:
-        dst.write(arr)
+    geo.write_geotiff(path, arr, "EPSG:32648", transform, nodata=nodata)
 
 
 def _polygons(inst, sem, transform, **cols):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import geopandas as gpd
 import numpy as np
 import pytest
-import rasterio
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from magseg_nb import refine
+from magseg_nb import geo, refine
 from magseg_nb.labels import CLASS_IDS, NODATA
 
 CRS_UTM = CRS.from_epsg(32648)  # UTM 48N (Vietnam)
@@ -258,18 +257,7 @@ def test_read_mask_missing_file(tmp_path):
 def test_scene_fields_from_a_saved_mask(tmp_path):
     sem = two_fields()
     path = tmp_path / "refined.tif"
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        height=40,
-        width=60,
-        count=1,
-        dtype="uint8",
-        crs=CRS_UTM,
-        transform=TRANSFORM,
-    ) as dst:
-        dst.write(sem, 1)
+    geo.write_geotiff(path, sem.astype(np.uint8), CRS_UTM, TRANSFORM)
     mask, crs, transform = refine.read_mask(path)
     image = np.random.default_rng(0).integers(0, 255, sem.shape + (3,), dtype=np.uint8)
     inst, gdf = refine.scene_fields(mask, transform, crs, "s0", image=image, markers="distance", h_px=2)
