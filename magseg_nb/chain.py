@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from magseg_nb import files
+
 STAGES: tuple[str, ...] = (
     "01_dataset_prep",
     "02_instruction_format",
@@ -107,12 +109,6 @@ def read_state(stage_dir: Path) -> dict | None:
         ) from err
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
 def _list_outputs(folder: Path, with_hash: bool = True) -> dict[str, dict]:
     outputs = {}
     for path in sorted(folder.rglob("*")):
@@ -179,7 +175,7 @@ class Stage:
             if old.get("key") != key:  # different settings: the scratch cannot be reused
                 shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(marker, {"key": key})
+        files.write_json(marker, {"key": key}, sort_keys=True)
         return stage
 
     @property
@@ -214,7 +210,7 @@ class Stage:
             "finished": time.time(),
         }
         state["fingerprint"] = _hash_json({k: state[k] for k in ("stage", "params", "inputs", "outputs")})
-        _write_json_atomic(partial / STATE_FILE, state)
+        files.write_json(partial / STATE_FILE, state, sort_keys=True)
         final = self.final_dir
         if final.exists():
             trash = final.with_name(final.name + ".old")
@@ -366,7 +362,7 @@ def run_chain(
                 f"[{stage}] ran but wrote no {STATE_FILE}: the notebook must call stage.finish()"
             )
         state["run_key"] = key
-        _write_json_atomic(run_dir / stage / STATE_FILE, state)
+        files.write_json(run_dir / stage / STATE_FILE, state, sort_keys=True)
         seconds = time.time() - t0
         log(
             f"[{stage}] done in {seconds:.0f} s; summary: {json.dumps(state.get('summary', {}), default=str)}"

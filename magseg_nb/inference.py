@@ -21,7 +21,6 @@ Rules for bad input (tested):
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magseg_nb import prompts, refine, textgrid
+from magseg_nb import files, prompts, refine, textgrid
 from magseg_nb.labels import CLASSES, NODATA
 
 TRAININGS = (("03_sft", "sft"), ("04_grpo", "grpo"))
@@ -442,14 +441,6 @@ def refine_scene(
 # --- a variant: every test scene, written to disk -------------------------------------------------------
 
 
-def _write_jsonl(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
 def select_test_tiles(tiles: pd.DataFrame) -> pd.DataFrame:
     """The test-split rows of tiles.csv, with a clear error when there are none."""
     test = tiles[tiles["split"] == "test"]
@@ -518,7 +509,7 @@ def run_variant(
     skipped = table[table.status != "inferred"][["tile_id", "scene_id", "status"]]
     geo.write_csv(inferred, out_dir / "tiles.csv")
     geo.write_csv(skipped, out_dir / "skipped_tiles.csv")
-    _write_jsonl(answers, out_dir / "answers.jsonl")
+    files.write_jsonl(out_dir / "answers.jsonl", answers)
     fields = polygonize_saved(out_dir, run01, test, **(field_kw or {}))
     timings["polygonize_s"] = fields["seconds"]
     n_answers = int(inferred.n_answers.sum()) if len(inferred) else 0

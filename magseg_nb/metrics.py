@@ -27,6 +27,8 @@ import numpy as np
 import scipy.sparse
 from scipy.optimize import linear_sum_assignment
 
+from magseg_nb import files
+
 # --- instance matching ------------------------------------------------------------------------------
 
 
@@ -1079,7 +1081,6 @@ def _cell(v) -> str:
 
 def write_report(path, title: str, sections: list[tuple[str, object]]) -> Path:
     """report.md: a title, then (heading, DataFrame | text | list of lines) sections; atomic write."""
-    import os
 
     import pandas as pd
 
@@ -1094,8 +1095,4 @@ def write_report(path, title: str, sections: list[tuple[str, object]]) -> Path:
         else:
             parts.append(str(content))
         parts.append("")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, path)
-    return path
+    return files.write_text(path, "\n".join(parts))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from magseg_nb import textgrid
+from magseg_nb import files, textgrid
 from magseg_nb.labels import CLASSES, NODATA
 
 FORMATS = ("magseg", "text4seg")
@@ -294,13 +294,7 @@ def write_conversations(
         by_split.setdefault(tile.split, []).extend(rows)
     paths = {}
     for split, rows in sorted(by_split.items()):
-        path = out_dir / f"{fmt}_{split}.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-        paths[split] = path
+        paths[split] = files.write_jsonl(out_dir / f"{fmt}_{split}.jsonl", rows)
     return paths
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from magseg_nb import rewards, textgrid
+from magseg_nb import files, rewards, textgrid
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
 DONE_FILE = "train_done.json"
@@ -134,20 +134,6 @@ def use_bf16(flag: bool | str) -> bool:
 
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def load_split(jsonl: str | Path, max_examples: int | None = None, seed: int = 0):
@@ -348,7 +334,7 @@ def _save_trained(trainer, processor, dest: Path, s, t0: float, n_train: int) ->
         "train_seconds": round(time.time() - t0, 1),
         "n_train": n_train,
     }
-    write_json(Path(s.output_dir) / DONE_FILE, done)
+    files.write_json(Path(s.output_dir) / DONE_FILE, done)
     return done
 
 
@@ -585,10 +571,8 @@ def evaluate_split(model, processor, s: CommonSettings, val_ds=None, train_jsonl
         train_gts=train_gts,
     )
     out = Path(s.output_dir)
-    write_json(out / "eval.json", report)
-    tmp = out / "answers.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(a, default=_json_default) + "\n" for a in answers))
-    os.replace(tmp, out / "answers.jsonl")
+    files.write_json(out / "eval.json", report)
+    files.write_jsonl(out / "answers.jsonl", answers)
     return report
 
 
@@ -789,7 +773,7 @@ def pretrain_proxy_base(
             os.replace(work / name, dest / f"proxy_{name}")
     if (base_model / "tiny_spec.json").exists():  # models.model_info() still knows the shapes
         shutil.copy(base_model / "tiny_spec.json", dest / "tiny_spec.json")
-    write_json(
+    files.write_json(
         dest / "proxy_pretraining.json", {**key_src, "task": PROXY_INSTRUCTION.strip(), "n_examples": len(ds)}
     )
     shutil.rmtree(work, ignore_errors=True)
@@ -832,7 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = run_sft if args.mode == "sft" else run_grpo
     result = run(cfg)
     if _is_main():
-        print(json.dumps(result, indent=2, default=_json_default))
+        print(json.dumps(result, indent=2, default=files.json_default))
     return 0
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from magseg_nb import metrics
+from magseg_nb.labels import CLASSES
 
 
 def _blocks(shape, boxes):
@@ -378,8 +379,6 @@ def _polygons(inst, sem, transform, **cols):
     import rasterio.features
     from shapely.geometry import shape
 
-    from magseg_nb.labels import CLASSES
-
     rows = [(int(v), shape(g)) for g, v in rasterio.features.shapes(inst, mask=inst > 0, transform=transform)]
     gdf = gpd.GeoDataFrame(
         {"field_id": [r[0] for r in rows]}, geometry=[r[1] for r in rows], crs="EPSG:32648"
@@ -597,6 +596,14 @@ def test_analysis_tables_figures_and_report(synthetic_run, tmp_path):
         ),
         "size": vizm.recall_vs_size({"x": curve}),
     }
+    n_methods = overall["method"].nunique()
+    first = overall[overall["method"] == overall["method"].iloc[0]].set_index("metric")["value"]
+    bars = figs["bars"].axes[0].patches
+    assert len(bars) == n_methods * len(CLASSES)
+    heights = [b.get_height() for b in bars[: len(CLASSES)]]
+    assert np.allclose(heights, [first[f"iou_{c}"] for c in CLASSES], equal_nan=True)
+    assert [t.get_text() for t in figs["headline"].axes[0].get_xticklabels()] == ["miou", "inst_f1"]
+    assert len(figs["headline"].axes[0].patches) == n_methods * 2
     for name, fig in figs.items():
         assert vizm.save(fig, tmp_path / "figures", name).stat().st_size > 1000
     assert len(figs["gallery"].axes) == 6

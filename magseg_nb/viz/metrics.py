@@ -16,55 +16,37 @@ def _yerr(df):
     return np.vstack([(df["value"] - df["lo"]).clip(lower=0), (df["hi"] - df["value"]).clip(lower=0)])
 
 
+def _grouped_bars(table, metrics, labels, methods, ax, figsize, rotation=0):
+    """One group of bars per metric, one bar per method, with the bootstrap intervals."""
+    methods = list(methods or dict.fromkeys(table["method"]))
+    ax = ax or plt.subplots(figsize=figsize)[1]
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(metrics))
+    for k, method in enumerate(methods):
+        sub = table[table["method"] == method].set_index("metric").reindex(list(metrics))
+        offset = (k - (len(methods) - 1) / 2) * width
+        ax.bar(x + offset, sub["value"], width, yerr=_yerr(sub), capsize=3, label=method)
+    ax.set_xticks(x, labels, rotation=rotation)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    return ax
+
+
 def per_class_bars(table, metric: str = "iou", methods=None, ax=None):
     """Grouped bars: ``metric`` per class for each method, with bootstrap intervals as error bars.
 
     ``table`` has columns method, metric, value, lo, hi (rows such as metric == "iou_field").
     """
-    methods = list(methods or dict.fromkeys(table["method"]))
-    ax = ax or plt.subplots(figsize=(9, 3.8))[1]
-    width = 0.8 / max(1, len(methods))
-    x = np.arange(len(CLASSES))
-    for k, method in enumerate(methods):
-        rows = table[table["method"] == method].set_index("metric")
-        sub = rows.reindex([f"{metric}_{c}" for c in CLASSES])
-        ax.bar(
-            x + (k - (len(methods) - 1) / 2) * width,
-            sub["value"],
-            width,
-            yerr=_yerr(sub),
-            capsize=3,
-            label=method,
-        )
-    ax.set_xticks(x, CLASSES)
-    ax.set_ylim(0, 1)
+    metrics = [f"{metric}_{c}" for c in CLASSES]
+    ax = _grouped_bars(table, metrics, CLASSES, methods, ax, figsize=(9, 3.8))
     ax.set_ylabel(f"{metric} (95% bootstrap CI over tiles)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", alpha=0.3)
     return ax.figure
 
 
 def headline_bars(table, metrics, methods=None, ax=None):
     """Bars of a few headline metrics (columns) for every method, with their intervals."""
-    methods = list(methods or dict.fromkeys(table["method"]))
-    ax = ax or plt.subplots(figsize=(10, 3.8))[1]
-    width = 0.8 / max(1, len(methods))
-    x = np.arange(len(metrics))
-    for k, method in enumerate(methods):
-        sub = table[table["method"] == method].set_index("metric").reindex(list(metrics))
-        ax.bar(
-            x + (k - (len(methods) - 1) / 2) * width,
-            sub["value"],
-            width,
-            yerr=_yerr(sub),
-            capsize=3,
-            label=method,
-        )
-    ax.set_xticks(x, metrics, rotation=20)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(axis="y", alpha=0.3)
-    return ax.figure
+    return _grouped_bars(table, metrics, metrics, methods, ax, figsize=(10, 3.8), rotation=20).figure
 
 
 def _colour(mask):
