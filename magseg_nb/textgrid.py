@@ -139,6 +139,7 @@ def decode(text, shape, encoding: str = "auto") -> Decoded:
     # Expand each row into labels, counting what had to be fixed.
     bad_cells = 0  # cells in the output whose value is a guess
     unknown, bad_counts, empty_cells, used_rle, case = set(), [], 0, False, False
+    bare = 0  # cells without a run count
     labels_rows = []
     for cells, empty in rows:
         empty_cells += empty
@@ -152,6 +153,7 @@ def decode(text, shape, encoding: str = "auto") -> Decoded:
             if problem:
                 bad_counts.append(problem)
             used_rle = used_rle or is_run
+            bare += not is_run
             labels.extend([label] * count)
         labels_rows.append(labels)
 
@@ -190,6 +192,10 @@ def decode(text, shape, encoding: str = "auto") -> Decoded:
         repairs.append(f"{len(bad_counts)} bad run count(s), e.g. {bad_counts[0]}; read as 1")
     if empty_cells:
         repairs.append(f"{empty_cells} empty cell(s) between separators")
+    if used_rle and bare:
+        # the encoder never mixes the two; a bare label among runs is usually a run cut short
+        bad_cells += bare
+        repairs.append(f"{bare} bare label(s) among 'label *count' runs; read as 1")
     if encoding == "plain" and used_rle:
         repairs.append("expected a plain grid, found run counts")
     if encoding == "rle" and not used_rle:

@@ -148,3 +148,14 @@ def test_any_text_decodes(text):
     assert out.mask.shape == (3, 4) and out.mask.max() < len(CLASSES)
     assert 0.0 <= out.report.repaired_fraction <= 1.0
     assert out.report.valid == (not out.report.repairs)
+
+
+def test_a_run_cut_before_its_count_is_reported():
+    """'field *1' cut to 'field' at the end of an answer looks like a plain cell: still a repair."""
+    mask = np.array([[0, 1, 0, 1]], dtype=np.uint8)
+    text = textgrid.encode(mask, "rle")
+    out = textgrid.decode(text[: -len(" *1")], mask.shape)
+    assert not out.report.valid
+    assert out.report.repairs == ["1 bare label(s) among 'label *count' runs; read as 1"]
+    assert out.report.repaired_fraction == 0.25
+    assert out.mask.tolist() == mask.tolist()
