@@ -300,13 +300,21 @@ def browser_check(
         popup = None
         if click is not None:
             x, y = click[0] * size[0], click[1] * size[1]
-            call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
-            for kind in ("mousePressed", "mouseReleased"):
-                call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-            time.sleep(1.0)
-            popup = evaluate(
-                "[...document.querySelectorAll('.maplibregl-popup-content')].map(e => e.innerText).join(' | ') || null"
-            )
+            # On a busy machine the vector tiles may still be loading: click again until a popup
+            # shows or ``wait_s`` more seconds have passed.
+            deadline = time.time() + wait_s
+            while popup is None and time.time() < deadline:
+                call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+                for kind in ("mousePressed", "mouseReleased"):
+                    call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+                for _ in range(6):
+                    time.sleep(0.25)
+                    popup = evaluate(
+                        "[...document.querySelectorAll('.maplibregl-popup-content')]"
+                        ".map(e => e.innerText).join(' | ') || null"
+                    )
+                    if popup is not None:
+                        break
         if screenshot_path is not None:
             shot = call("Page.captureScreenshot", format="png")
             Path(screenshot_path).write_bytes(base64.b64decode(shot["data"]))
