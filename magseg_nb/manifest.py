@@ -27,6 +27,7 @@ import numpy as np
 import requests
 import yaml
 
+from magseg_nb import files
 from magseg_nb.labels import CLASSES
 
 UNKNOWN = "unknown"
@@ -319,9 +320,7 @@ def _maybe_report(path: Path, sha: str, trusted: bool, record: bool, log: Callab
         return
     digest = sha256_file(path)
     if record:
-        tmp = path.with_name(path.name + ".sha256.tmp")
-        tmp.write_text(f"{digest}  {path.name}\n")
-        os.replace(tmp, path.with_name(path.name + ".sha256"))
+        files.write_text(path.with_name(path.name + ".sha256"), f"{digest}  {path.name}\n")
         log(f"sha256 of {path.name}: {digest}  (put this into the manifest as its sha256)")
     else:
         log(f"WARNING: {path.name} is NOT verified (no checksum in the manifest); its sha256 is {digest}")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from .. import files
 from ..labels import CLASS_COLORS, CLASSES, NODATA
 
 BACKGROUND_STYLE = {
@@ -190,11 +190,7 @@ def save_offline_html(m, path: Path, title: str = "MAgSeg predictions") -> Path:
     problems = network_loads(html)
     if problems:
         raise ValueError(f"the map for {path} would load resources from the network: {problems[:3]}")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return files.write_text(path, html)
 
 
 CHROMIUM = "/usr/bin/chromium"
