@@ -581,10 +581,16 @@ def scores_from_counts(sums, n_classes: int = 4) -> dict:
             out[f"{m}_{name}"] = sem[m][..., k]
     for prefix, label in (("b", "boundary_px"), ("bm", "boundary_m")):
         c = {"b" + k[len(prefix) :]: sums[k] for k in sums if k.startswith(prefix + "_")}
-        out.update(boundary_scores_from_counts(c, label))
-    out.update(instance_scores_from_counts(sums))
+        if c:  # cell-level scores (validation answers) have no boundary or instance counts
+            out.update(boundary_scores_from_counts(c, label))
+    if "n_gt" in sums:
+        out.update(instance_scores_from_counts(sums))
     return out
 
+
+ALL_FIELD = "all-field"  # evaluate_method's semantic= for the trivial "field everywhere" baseline
+WIRING = "wiring check, random weights"  # the label of every row computed with a random-weight model
+PER_CLASS = ("dice_others", "dice_field", "dice_tree", "dice_water", "mdice", "pixel_accuracy")
 
 HEADLINE = (
     "miou",
@@ -610,23 +616,53 @@ def bootstrap_ci(values, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, st
     return (float(statistic(values)), float(lo), float(hi))
 
 
-def bootstrap_scores(counts, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, metrics=None):
-    """Pooled scores with percentile bootstrap intervals over tiles (one row per metric).
+def _count_columns(counts) -> list[str]:
+    return [c for c in counts.columns if c.startswith(("cm_", "b_", "bm_")) or c in _INSTANCE_KEYS]
 
-    ``counts`` has one row per tile (the dicts of :func:`tile_counts`). Each replicate resamples the
-    tiles with replacement (multinomial weights), sums their counts and recomputes the scores, so
-    ratios such as F1 are pooled the same way as the estimate. Returns columns
-    ``metric, value, lo, hi, n_tiles``.
+
+def resampling_units(counts, cols, cluster: str | None = None):
+    """(units x cols) counts to resample: one row per tile, or summed per ``cluster`` (e.g. block_id).
+
+    Tiles that share a spatial block (overlapping tiles, the same fields and haze) are not
+    independent; resampling whole blocks keeps that dependence inside each replicate, so the interval
+    is not made too narrow by counting one place several times. Returns (array, unit labels).
+    """
+    x = counts[cols].to_numpy(float)
+    if cluster is None:
+        return x, np.asarray(counts["tile_id"] if "tile_id" in counts else counts.index).astype(str)
+    if cluster not in counts:
+        raise ValueError(f"no column {cluster!r} to resample by; have {sorted(counts.columns)}")
+    labels, inv = np.unique(counts[cluster].astype(str).to_numpy(), return_inverse=True)
+    out = np.zeros((labels.size, len(cols)))
+    np.add.at(out, inv, x)  # NaN (no semantic output) stays NaN, as in the point estimate
+    return out, labels
+
+
+def bootstrap_scores(
+    counts,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    metrics=None,
+    cluster: str | None = None,
+):
+    """Pooled scores with percentile bootstrap intervals (one row per metric).
+
+    ``counts`` has one row per tile (the dicts of :func:`tile_counts`) or per validation answer.
+    Each replicate resamples units with replacement (multinomial weights): tiles, or whole spatial
+    blocks with ``cluster="block_id"``; it sums their counts and recomputes the scores, so ratios
+    such as F1 are pooled the same way as the estimate. Returns columns
+    ``metric, value, lo, hi, n_tiles, n_units, resampled``.
     """
     import pandas as pd
 
-    cols = [c for c in counts.columns if c.startswith(("cm_", "b_", "bm_")) or c in _INSTANCE_KEYS]
-    x = counts[cols].to_numpy(float)
+    cols = _count_columns(counts)
+    x, _ = resampling_units(counts, cols, cluster)
     n = x.shape[0]
     point = scores_from_counts(dict(zip(cols, x.sum(0), strict=True)))
     if n:
         rng = np.random.default_rng(seed)
-        weights = rng.multinomial(n, np.full(n, 1 / n), size=n_boot)  # (n_boot, n_tiles)
+        weights = rng.multinomial(n, np.full(n, 1 / n), size=n_boot)  # (n_boot, n_units)
         # NaN counts (no semantic output) become zeros here, which score NaN again (empty classes).
         reps = scores_from_counts(dict(zip(cols, (weights @ np.nan_to_num(x, nan=0.0)).T, strict=True)))
     rows = []
@@ -636,7 +672,17 @@ def bootstrap_scores(counts, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
             lo, hi = np.nanpercentile(reps[name], [100 * (1 - ci) / 2, 100 * (1 + ci) / 2])
         else:
             lo = hi = np.nan
-        rows.append({"metric": name, "value": val, "lo": float(lo), "hi": float(hi), "n_tiles": n})
+        rows.append(
+            {
+                "metric": name,
+                "value": val,
+                "lo": float(lo),
+                "hi": float(hi),
+                "n_tiles": len(counts),
+                "n_units": n,
+                "resampled": cluster or "tile",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -655,21 +701,32 @@ _INSTANCE_KEYS = (
 
 
 def compare_methods(
-    counts_a, counts_b, metrics=HEADLINE, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+    counts_a,
+    counts_b,
+    metrics=HEADLINE,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    cluster: str | None = None,
+    key: str = "tile_id",
 ):
-    """Paired bootstrap of B - A over the same tiles (one row per metric: a, b, diff, lo, hi).
+    """Paired bootstrap of B - A over the same units (one row per metric: a, b, diff, lo, hi).
 
-    Both frames must hold the same tiles (column ``tile_id``); each replicate resamples tiles once
-    and scores both methods on that sample, so tile difficulty cancels out of the interval.
+    Both frames must hold the same rows (column ``key``: tiles, or validation answers); each replicate
+    resamples units once (tiles, or whole blocks with ``cluster``) and scores both methods on that
+    sample, so the difficulty of a place cancels out of the interval.
     """
     import pandas as pd
 
-    a = counts_a.set_index("tile_id").sort_index()
-    b = counts_b.set_index("tile_id").sort_index()
+    a = counts_a.set_index(key).sort_index()
+    b = counts_b.set_index(key).sort_index()
     if not a.index.equals(b.index):
-        raise ValueError("compare_methods needs the same tiles on both sides (see the tile_id columns)")
-    cols = [c for c in a.columns if c.startswith(("cm_", "b_", "bm_")) or c in _INSTANCE_KEYS]
-    xa, xb = a[cols].to_numpy(float), b[cols].to_numpy(float)
+        raise ValueError(f"compare_methods needs the same rows on both sides (see the {key} columns)")
+    if cluster is not None and not a[cluster].astype(str).equals(b[cluster].astype(str)):
+        raise ValueError(f"the two methods put the same {key} in different {cluster} groups")
+    cols = [c for c in _count_columns(a) if c in b.columns]
+    a, b = a.reset_index(), b.reset_index()
+    (xa, _), (xb, _) = resampling_units(a, cols, cluster), resampling_units(b, cols, cluster)
     n = xa.shape[0]
     rng = np.random.default_rng(seed)
     w = rng.multinomial(n, np.full(n, 1 / n), size=n_boot) if n else np.zeros((n_boot, 0))
@@ -688,10 +745,20 @@ def compare_methods(
                 "diff": float(pb[m] - pa[m]),
                 "lo": float(lo),
                 "hi": float(hi),
-                "n_tiles": n,
+                "n_tiles": len(a),
+                "n_units": n,
+                "resampled": cluster or key,
             }
         )
     return pd.DataFrame(rows)
+
+
+def _units_text(row) -> str:
+    """ "65 tiles" or "65 tiles in 14 blocks" for a table row."""
+    text = f"{int(row['n_tiles'])} tiles"
+    if str(row.get("resampled", "tile")) not in ("tile", "tile_id", "id"):
+        text += f" in {int(row['n_units'])} blocks"
+    return text
 
 
 def describe_difference(row, name_a: str, name_b: str) -> str:
@@ -700,7 +767,7 @@ def describe_difference(row, name_a: str, name_b: str) -> str:
     if np.isnan(d):
         return f"{m}: not available for both {name_a} and {name_b}."
     head = f"{m}: {name_b} {row['b']:.3f} vs {name_a} {row['a']:.3f} (difference {d:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f}"
-    head += f", {int(row['n_tiles'])} tiles)"
+    head += f", {_units_text(row)})"
     lower_better = m in ("over_seg_rate", "under_seg_rate", "os_error", "us_error")
     if np.isnan(lo) or (lo <= 0 <= hi):
         return head + ": the interval includes zero, so this data cannot tell them apart."
@@ -747,14 +814,14 @@ def evaluate_method(
     """Score one method on the given tiles; returns (counts, fields) DataFrames, one row per tile / field.
 
     ``semantic`` / ``instances`` map scene_id -> predicted GeoTIFF on the scene grid (semantic uint8
-    with 255 outside inferred tiles; instances int32). ``instances=None`` takes connected components
+    with 255 outside inferred tiles; instances int32); ``semantic=ALL_FIELD`` scores "field" everywhere. ``instances=None`` takes connected components
     of the predicted field class as instances; ``semantic=None`` scores instances only. Instances are
     scored per tile: a field cut by a tile edge counts as its part inside each tile, on both sides.
     """
     import pandas as pd
     from skimage.measure import label as connected
 
-    from .labels import CLASS_IDS
+    from .labels import CLASS_IDS, NODATA
 
     run01 = Path(run01)
     counts, fields = [], []
@@ -764,7 +831,9 @@ def evaluate_method(
         gt_inst, _ = read_raster(folder / "instances.tif", "ground-truth instance mask")
         pixel = abs(prof["transform"].a)
         pred_sem = pred_inst = None
-        if semantic is not None:
+        if semantic == ALL_FIELD:  # the trivial baseline: "field" on every labelled pixel
+            pred_sem = np.where(gt_sem != NODATA, CLASS_IDS["field"], NODATA).astype(np.uint8)
+        elif semantic is not None:
             pred_sem, p = read_raster(semantic[scene_id], "predicted semantic mask")
             _same_grid(prof, p, semantic[scene_id])
         if instances is not None:
@@ -785,18 +854,27 @@ def evaluate_method(
                 iou_threshold,
                 return_tables=True,
             )
-            meta = {"tile_id": t.tile_id, "scene_id": scene_id, "country": getattr(t, "country", "")}
+            meta = {
+                "tile_id": t.tile_id,
+                "scene_id": scene_id,
+                "country": getattr(t, "country", ""),
+                "block_id": getattr(t, "block_id", t.tile_id),
+            }
             counts.append({**meta, **c})
             fields.append(f.assign(**meta))
     fields = pd.concat(fields, ignore_index=True) if fields else pd.DataFrame()
     return pd.DataFrame(counts), fields
 
 
-def discover_methods(run01, run05) -> list[dict]:
-    """The methods to score: each 05_inference variant coarse and refined, and the watershed baseline.
+def discover_methods(run01, run05, random_weight_refinement: bool = False) -> list[dict]:
+    """The methods to score: each 05_inference variant coarse and refined, and the baselines
+    (all-field, the per-pixel classifier of notebook 01 when present, the watershed).
 
     Coarse masks get connected-component instances; refined masks come with 05's instances/ rasters.
-    Each entry: name, variant, format, training, refinement, semantic, instances, tile_ids (or None).
+    With ``random_weight_refinement`` (05 refined with a random-weight SAM) the refined rows are
+    named and flagged as wiring checks (``wiring``), never results.
+    Each entry: name, variant, format, training, refinement, semantic, instances, tile_ids (or None),
+    wiring, baseline.
     """
     import pandas as pd
 
@@ -815,9 +893,10 @@ def discover_methods(run01, run05) -> list[dict]:
                 if refinement == "refined"
                 else None
             )
+            wiring = random_weight_refinement and refinement == "refined"
             methods.append(
                 {
-                    "name": f"{vdir.name} {refinement}",
+                    "name": f"{vdir.name} {refinement}" + (f" ({WIRING})" if wiring else ""),
                     "variant": vdir.name,
                     "format": fmt or vdir.name,
                     "training": training,
@@ -825,25 +904,42 @@ def discover_methods(run01, run05) -> list[dict]:
                     "semantic": sem,
                     "instances": inst or None,
                     "tile_ids": ids,
+                    "wiring": wiring,
+                    "baseline": False,
                 }
             )
+    pixel = {p.stem: p for p in sorted((run01 / "pixel_baseline" / "semantic").glob("*.tif"))}
+    if pixel:
+        methods.append(_baseline_method(PIXEL_BASELINE, "pixel classifier", pixel, None))
+    scenes = {p.name: p for p in sorted((run01 / "scenes").glob("*")) if p.is_dir()}
+    if scenes:
+        methods.append(_baseline_method(ALL_FIELD_BASELINE, "all-field", ALL_FIELD, None, scenes))
     base = {
         p.name.removesuffix("_instances.tif"): p for p in sorted((run01 / "baseline").glob("*_instances.tif"))
     }
     if base:
-        methods.append(
-            {
-                "name": "watershed baseline",
-                "variant": "baseline",
-                "format": "watershed",
-                "training": "none",
-                "refinement": "watershed",
-                "semantic": None,
-                "instances": base,
-                "tile_ids": None,
-            }
-        )
+        methods.append(_baseline_method("watershed baseline", "watershed", None, base))
     return methods
+
+
+PIXEL_BASELINE = "pixel classifier baseline"
+ALL_FIELD_BASELINE = "all-field baseline"
+
+
+def _baseline_method(name: str, kind: str, semantic, instances, scenes=None) -> dict:
+    return {
+        "name": name,
+        "variant": "baseline",
+        "format": kind,
+        "training": "none",
+        "refinement": kind,
+        "semantic": semantic,
+        "instances": instances,
+        "scenes": set(scenes or semantic or instances),
+        "tile_ids": None,
+        "wiring": False,
+        "baseline": True,
+    }
 
 
 def common_tiles(tiles, methods: list[dict], split: str = "test"):
@@ -851,7 +947,7 @@ def common_tiles(tiles, methods: list[dict], split: str = "test"):
     keep = tiles[tiles["split"] == split] if "split" in tiles else tiles
     keep = keep.assign(tile_id=keep["tile_id"].astype(str))
     for m in methods:
-        scenes = set((m["semantic"] or m["instances"]).keys())
+        scenes = m.get("scenes") or set((m["semantic"] or m["instances"]).keys())
         keep = keep[keep["scene_id"].astype(str).isin(scenes)]
         if m["tile_ids"] is not None:
             keep = keep[keep["tile_id"].isin(m["tile_ids"])]
@@ -867,13 +963,28 @@ def scene_tables(
 
 
 def per_tile_scores(counts, metrics=HEADLINE):
-    """The scores of each tile on its own (for finding the worst tiles), indexed by tile_id."""
+    """The scores of each tile on its own, indexed by tile_id, plus ``error_share``: the share of
+    labelled pixels given the wrong class (defined on every tile with a semantic output, unlike IoU,
+    which is undefined on a tile with no field in truth or prediction)."""
     import pandas as pd
 
-    cols = [c for c in counts.columns if c.startswith(("cm_", "b_", "bm_")) or c in _INSTANCE_KEYS]
+    cols = _count_columns(counts)
     scores = scores_from_counts({c: counts[c].to_numpy(float) for c in cols})
     index = counts["tile_id"] if "tile_id" in counts else counts.index
-    return pd.DataFrame({m: np.asarray(scores[m], float) for m in metrics}, index=index)
+    out = pd.DataFrame({m: np.asarray(scores[m], float) for m in metrics}, index=index)
+    out["error_share"] = 1.0 - np.asarray(scores["pixel_accuracy"], float)
+    return out
+
+
+def worst_tiles(scores, n: int = 4, by: str = "error_share", undefined: str = "iou_field"):
+    """(the ``n`` tiles with the largest ``by`` error, the tiles where ``undefined`` is NaN).
+
+    Ranking by an error defined on every tile: a tile with no field in truth or prediction has no
+    field IoU, and must not be called "worst" for that; it is listed apart instead.
+    """
+    ranked = scores[by].dropna().sort_values(ascending=False, kind="stable")
+    missing = scores.index[scores[undefined].isna()] if undefined in scores else scores.index[:0]
+    return list(ranked.index[:n]), list(missing)
 
 
 def recall_by_size(fields, bins=None, n_boot: int = 500, seed: int = 0, matched: str = "matched"):
@@ -918,16 +1029,26 @@ def comparison_masks(choice: str, sam_backend: str | None) -> str:
 
 
 def main_method(methods: list[dict], masks: str = "refined") -> dict:
-    """The method the figures focus on: MAgSeg after GRPO if present, else after SFT, else any of ``masks``."""
-    by_name = {m["name"]: m for m in methods}
+    """The method the figures focus on: MAgSeg after GRPO if present, else after SFT, else any model
+    on ``masks``; never a wiring check."""
+    by_name = {m["name"]: m for m in methods if not m.get("wiring")}
     for name in (f"magseg-grpo {masks}", f"magseg-sft {masks}"):
         if name in by_name:
             return by_name[name]
-    return next((m for m in methods if m["refinement"] == masks), methods[0])
+    usable = [m for m in by_name.values() if not m.get("baseline")] or list(by_name.values())
+    return next((m for m in usable if m["refinement"] == masks), usable[0])
 
 
-def score_table(results: dict, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, by: str | None = None):
-    """Long table (method, group, metric, value, lo, hi, n_tiles) for every method, overall or per ``by``.
+def score_table(
+    results: dict,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    by: str | None = None,
+    cluster: str | None = "block_id",
+):
+    """Long table (method, group, metric, value, lo, hi, n_tiles, n_units, resampled) for every method,
+    overall or per ``by``; intervals resample whole spatial blocks unless ``cluster=None`` (tiles).
 
     ``results`` maps a method name to its per-tile counts (from :func:`evaluate_method`); ``by`` is a
     column of the counts such as "country" or "scene_id" (None = all tiles, group "all").
@@ -938,8 +1059,9 @@ def score_table(results: dict, n_boot: int = 1000, ci: float = 0.95, seed: int =
     for name, counts in results.items():
         groups = [("all", counts)] if by is None else list(counts.groupby(by, sort=True))
         for group, sub in groups:
-            parts.append(bootstrap_scores(sub, n_boot, ci, seed).assign(method=name, group=str(group)))
-    cols = ["method", "group", "metric", "value", "lo", "hi", "n_tiles"]
+            table = bootstrap_scores(sub, n_boot, ci, seed, cluster=cluster)
+            parts.append(table.assign(method=name, group=str(group)))
+    cols = ["method", "group", "metric", "value", "lo", "hi", "n_tiles", "n_units", "resampled"]
     return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
 
@@ -962,11 +1084,14 @@ def ablation_pairs(methods: list[dict], masks: str = "refined") -> list[tuple[st
     vs the watershed baseline.
     """
     names = {m["name"] for m in methods}
+    wiring = {m["name"] for m in methods if m.get("wiring")}
     variants = sorted({m["variant"] for m in methods if m["variant"] != "baseline"})
     pairs = []
     for v in variants:
-        if {f"{v} coarse", f"{v} refined"} <= names:
-            pairs.append(("SAM refinement", f"{v} coarse", f"{v} refined"))
+        refined = next((n for n in names if n.startswith(f"{v} refined")), None)
+        if f"{v} coarse" in names and refined:
+            question = "SAM refinement" + (f" ({WIRING})" if refined in wiring else "")
+            pairs.append((question, f"{v} coarse", refined))
     for fmt in sorted({v.rpartition("-")[0] for v in variants}):
         if {f"{fmt}-sft {masks}", f"{fmt}-grpo {masks}"} <= names:
             pairs.append(("GRPO after SFT", f"{fmt}-sft {masks}", f"{fmt}-grpo {masks}"))
@@ -975,25 +1100,51 @@ def ablation_pairs(methods: list[dict], masks: str = "refined") -> list[tuple[st
             pairs.append(
                 ("MAgSeg vs Text4Seg format", f"text4seg-{training} {masks}", f"magseg-{training} {masks}")
             )
-    if "watershed baseline" in names:
-        for v in variants:
-            if f"{v} {masks}" in names:
-                pairs.append(("vs classical watershed", "watershed baseline", f"{v} {masks}"))
+    for baseline, question in (
+        (ALL_FIELD_BASELINE, "vs all-field"),
+        (PIXEL_BASELINE, "vs pixel classifier"),
+        ("watershed baseline", "vs classical watershed"),
+    ):
+        if baseline in names:
+            for v in variants:
+                if f"{v} {masks}" in names:
+                    pairs.append((question, baseline, f"{v} {masks}"))
     return pairs
 
 
 def ablation_table(
-    results: dict, pairs, metrics=HEADLINE, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+    results: dict,
+    pairs,
+    metrics=HEADLINE,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    cluster: str | None = "block_id",
 ):
-    """Paired differences (B - A) with intervals for every ablation pair, plus a one-line reading each."""
+    """Paired differences (B - A) with intervals (whole blocks resampled unless ``cluster=None``)
+    for every ablation pair, plus a one-line reading each."""
     import pandas as pd
 
     parts = []
     for question, a, b in pairs:
-        diff = compare_methods(results[a], results[b], metrics, n_boot, ci, seed)
+        diff = compare_methods(results[a], results[b], metrics, n_boot, ci, seed, cluster=cluster)
         diff["reading"] = [describe_difference(r, a, b) for _, r in diff.iterrows()]
         parts.append(diff.assign(question=question, method_a=a, method_b=b))
-    cols = ["question", "method_a", "method_b", "metric", "a", "b", "diff", "lo", "hi", "n_tiles", "reading"]
+    cols = [
+        "question",
+        "method_a",
+        "method_b",
+        "metric",
+        "a",
+        "b",
+        "diff",
+        "lo",
+        "hi",
+        "n_tiles",
+        "n_units",
+        "resampled",
+        "reading",
+    ]
     return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
 
@@ -1008,6 +1159,9 @@ def ablation_reading(ablation, metrics=("iou_field", "inst_f1", "boundary_m_f1")
         sub = grp.set_index("metric").reindex(list(metrics)).dropna(subset=["diff"])
         if sub.empty:
             continue
+        if WIRING in question or WIRING in a or WIRING in b:
+            lines.append(f"**{question}** ({a} → {b}): not a result (a {WIRING}); no conclusion is drawn.")
+            continue
         clear = sub[(sub["lo"] > 0) | (sub["hi"] < 0)]
         verdict = (
             "no difference that this data can resolve"
@@ -1017,8 +1171,7 @@ def ablation_reading(ablation, metrics=("iou_field", "inst_f1", "boundary_m_f1")
                 for m, r in clear.iterrows()
             )
         )
-        n = int(sub["n_tiles"].iloc[0])
-        lines.append(f"**{question}** ({a} → {b}, {n} tiles): {verdict}.")
+        lines.append(f"**{question}** ({a} → {b}, {_units_text(sub.iloc[0])}): {verdict}.")
     return lines
 
 

@@ -510,6 +510,7 @@ def test_evaluate_methods_on_a_synthetic_run(synthetic_run):
         "magseg-sft refined",
         "text4seg-sft coarse",
         "text4seg-sft refined",
+        "all-field baseline",
         "watershed baseline",
     ]
     tiles = metrics.common_tiles(pd.read_csv(run01 / "tiles.csv"), methods)
@@ -529,6 +530,95 @@ def test_evaluate_methods_on_a_synthetic_run(synthetic_run):
     text = metrics.describe_difference(diff[diff["metric"] == "inst_f1"].iloc[0], "baseline", "sft")
     assert text.startswith("inst_f1: sft")
     assert gpd.read_file(run05 / "magseg-sft" / "fields.gpkg", layer="fields").crs.to_epsg() == 32648
+    # The all-field baseline labels every scored pixel "field": its field recall is 1, its accuracy
+    # the share of field pixels.
+    allf, _ = metrics.evaluate_method(run01, tiles, metrics.ALL_FIELD, None)
+    t = metrics.bootstrap_scores(allf, n_boot=20).set_index("metric")["value"]
+    cm = allf.filter(like="cm_").sum()
+    assert t["recall_field"] == 1.0 and t["dice_tree"] == 0.0
+    assert t["pixel_accuracy"] == pytest.approx(cm["cm_1_1"] / cm.sum())
+
+
+def test_random_weight_rows_are_wiring_checks_never_results(synthetic_run):
+    import pandas as pd
+
+    run01, run05 = synthetic_run / "01_dataset_prep", synthetic_run / "05_inference"
+    methods = metrics.discover_methods(run01, run05, random_weight_refinement=True)
+    wiring = [m["name"] for m in methods if m["wiring"]]
+    assert wiring and all(n.endswith("(wiring check, random weights)") and " refined" in n for n in wiring)
+    assert metrics.main_method(methods, "refined")["name"] == "magseg-grpo coarse"
+    tiles = metrics.common_tiles(pd.read_csv(run01 / "tiles.csv"), methods)
+    results = {
+        m["name"]: metrics.evaluate_method(run01, tiles, m["semantic"], m["instances"])[0] for m in methods
+    }
+    pairs = metrics.ablation_pairs(methods, "coarse")
+    sam = [p for p in pairs if p[0].startswith("SAM refinement")]
+    assert sam and all("wiring check" in q for q, _, _ in sam)
+    reading = metrics.ablation_reading(metrics.ablation_table(results, pairs, n_boot=30, cluster=None))
+    for line in reading:
+        if line.startswith("**SAM refinement"):
+            assert "not a result" in line and "better" not in line
+
+
+def test_block_bootstrap_is_wider_than_tile_bootstrap_on_correlated_tiles():
+    """Tiles of one block share their error (like overlapping tiles sharing fields and haze): resampling
+    tiles treats 40 tiles as independent, resampling the 8 blocks does not, so its interval is wider."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in range(8):
+        p_correct = rng.uniform(0.3, 0.95)  # the block's own difficulty, shared by its tiles
+        for t in range(5):
+            n_field = 100
+            tp = rng.binomial(n_field, p_correct)
+            rows.append({"tile_id": f"b{b}_t{t}", "block_id": f"b{b}", **_cm_counts(n_field, tp)})
+    counts = pd.DataFrame(rows)
+    tile = metrics.bootstrap_scores(counts, 500, metrics=["recall_field"]).iloc[0]
+    block = metrics.bootstrap_scores(counts, 500, metrics=["recall_field"], cluster="block_id").iloc[0]
+    assert tile["value"] == block["value"]
+    assert (block["hi"] - block["lo"]) > 1.5 * (tile["hi"] - tile["lo"])
+    assert block["n_units"] == 8 and tile["n_units"] == 40 and block["resampled"] == "block_id"
+    # Paired differences resample the same blocks for both methods.
+    better = counts.assign(cm_1_1=np.minimum(counts["cm_1_1"] + 5, 100))
+    better["cm_1_0"] = 100 - better["cm_1_1"]
+    diff = metrics.compare_methods(counts, better, ["recall_field"], 300, cluster="block_id").iloc[0]
+    assert diff["n_units"] == 8 and 0 < diff["lo"] <= diff["diff"] <= diff["hi"]
+
+
+def test_block_bootstrap_covers_the_truth_near_nominal_on_independent_blocks():
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    truth, hits, trials = 0.7, 0, 120
+    for k in range(trials):
+        rows = []
+        for b in range(30):
+            tp = rng.binomial(50, truth)
+            rows.append({"tile_id": f"{b}", "block_id": f"{b // 2}", **_cm_counts(50, tp)})
+        t = metrics.bootstrap_scores(
+            pd.DataFrame(rows), 300, seed=k, metrics=["recall_field"], cluster="block_id"
+        ).iloc[0]
+        hits += t["lo"] <= truth <= t["hi"]
+    assert 0.85 <= hits / trials <= 0.99  # nominal 0.95, percentile bootstrap with 15 blocks
+
+
+def _cm_counts(n_field: int, tp: int) -> dict:
+    """Confusion-matrix columns of a tile whose n_field field pixels are tp right, the rest 'others'."""
+    cm = {f"cm_{i}_{j}": 0 for i in range(4) for j in range(4)}
+    cm["cm_1_1"], cm["cm_1_0"], cm["cm_0_0"] = tp, n_field - tp, 50
+    return cm
+
+
+def test_worst_tiles_rank_by_an_error_defined_on_every_tile():
+    import pandas as pd
+
+    scores = pd.DataFrame(
+        {"iou_field": [0.9, np.nan, 0.2, np.nan], "error_share": [0.05, 0.6, 0.3, 0.0]},
+        index=["a", "b", "c", "d"],
+    )
+    worst, undefined = metrics.worst_tiles(scores, n=2)
+    assert worst == ["b", "c"] and undefined == ["b", "d"]
 
 
 def test_evaluate_method_rejects_a_prediction_off_the_scene_grid(synthetic_run, tmp_path):
