@@ -64,6 +64,7 @@ class ModelInfo:
     image_tokens: int  # soft tokens per image in the prompt
     notes: str = ""
     tiny: TinySpec | None = field(default=None)
+    pretrained: str = ""  # repo-relative folder of a shipped, SHA-256-checked checkpoint (tiny kind)
 
 
 REGISTRY: dict[str, ModelInfo] = {
@@ -74,6 +75,16 @@ REGISTRY: dict[str, ModelInfo] = {
         TinySpec().mm_tokens,
         "random ~1 M-parameter Gemma 3 built offline; tokenizer trained on the prompts and label grids",
         TinySpec(),
+    ),
+    "tiny-gemma3-proxy": ModelInfo(
+        "tiny-gemma3-proxy",
+        "tiny",
+        TinySpec().image_size,
+        TinySpec().mm_tokens,
+        "tiny-gemma3 after label-free proxy pretraining on generated landscapes (seeds 1001+), shipped in "
+        "pretrained/tiny-gemma3-proxy/ with RECIPE.json and SHA256SUMS; rebuild: scripts/build_tiny_base.py",
+        TinySpec(),
+        pretrained="pretrained/tiny-gemma3-proxy",
     ),
     "google/gemma-3-4b-it": ModelInfo(
         "google/gemma-3-4b-it",
@@ -251,6 +262,11 @@ def resolve_model(model_id: str, cache_dir: Path) -> str:
     ``model_id``: a registry key, a local model folder, or any other hub id ("org/name").
     """
     info = REGISTRY.get(model_id)
+    if info is not None and info.pretrained:
+        from magseg_nb import tiny_base
+
+        # Shipped in the repository: every file must match SHA256SUMS (else one line saying how to rebuild).
+        return str(tiny_base.verify(tiny_base.ROOT / info.pretrained))
     if info is not None and info.kind == "tiny":
         folder = Path(cache_dir) / f"{model_id}-{info.tiny.config_hash()}"
         if _complete(folder):
@@ -282,9 +298,10 @@ def model_info(path_or_id: str) -> ModelInfo | None:
     spec_file = Path(path_or_id) / "tiny_spec.json"
     if spec_file.exists():
         spec = TinySpec(**json.loads(spec_file.read_text()))
-        return ModelInfo(
-            "tiny-gemma3", "tiny", spec.image_size, spec.mm_tokens, REGISTRY["tiny-gemma3"].notes, spec
-        )
+        recipe = Path(path_or_id) / "RECIPE.json"  # a shipped pretrained base names its registry id
+        key = json.loads(recipe.read_text()).get("model_id") if recipe.exists() else None
+        key = key if key in REGISTRY else "tiny-gemma3"
+        return ModelInfo(key, "tiny", spec.image_size, spec.mm_tokens, REGISTRY[key].notes, spec)
     return None
 
 

@@ -1,0 +1,340 @@
+"""A pretrained tiny Gemma 3 base, built once by ``scripts/build_tiny_base.py`` and shipped in the repository.
+
+The tiny model of the CPU demo is randomly initialised; LoRA on it learns the field class and little
+else. This module builds a stand-in for Gemma 3's own pretraining: a full fine-tune of the random tiny
+model on the repository's label-free proxy task (``training.proxy_dataset``: the colour codes of each
+grid cell, no class labels) over generated landscapes with *other seeds* than any profile uses, in the
+demo's conversation layout (both formats). The result is saved like a hub checkpoint in
+``pretrained/tiny-gemma3-proxy/`` with ``RECIPE.json`` (how it was made) and ``SHA256SUMS`` (every
+file's hash), and ``models.resolve_model("tiny-gemma3-proxy")`` verifies the hashes before handing the
+folder to ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from magseg_nb import files
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAINED_DIR = ROOT / "pretrained" / "tiny-gemma3-proxy"
+SUMS_FILE = "SHA256SUMS"
+RECIPE_FILE = "RECIPE.json"
+BUILD_COMMAND = "OMP_NUM_THREADS=1 .venv/bin/python scripts/build_tiny_base.py"
+# Files of the saved model that are shipped (the trainer's checkpoints and logs are not).
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tiny_spec.json",
+)
+
+# Landscape variety: one Difficulty per seed (never seed 0, which every profile uses).
+DIFFICULTY_MIX: dict[str, dict] = {
+    "demo": {"nodata_edge_frac": 0.04},  # notebook 01's demo settings
+    "hard": {
+        "bund_visibility": 0.2,
+        "within_field_variance": 0.8,
+        "haze": 0.5,
+        "cloud_shadows": 6,
+        "noise": 8.0,
+        "nodata_edge_frac": 0.04,
+    },
+    "clear": {"bund_visibility": 0.7, "bund_gap_frac": 0.2, "haze": 0.1, "cloud_shadows": 1, "noise": 3.0},
+    "wet_wooded": {"trees": 1.8, "water": 1.8, "villages": 1.3, "same_crop_prob": 0.5},
+}
+
+
+class TinyBaseError(RuntimeError):
+    """The shipped pretrained base is missing or does not match its recorded SHA-256."""
+
+
+@dataclass
+class Recipe:
+    """Everything that decides the pretrained base (the defaults are the shipped build's)."""
+
+    seeds: list[int] = field(default_factory=lambda: [1001, 1002, 1003, 1004])
+    difficulties: list[str] = field(default_factory=lambda: ["demo", "hard", "clear", "wet_wooded"])
+    countries: list[str] = field(default_factory=lambda: ["vietnam", "cambodia", "india"])
+    scenes_per_country: int = 1
+    scene_size: int = 1024
+    res_m: float = 0.8
+    # The demo's layout (profiles/demo.yaml, notebooks 01/02)
+    tile_size: int = 128
+    tile_overlap: int = 32
+    split_block_size: int = 256
+    patch_layout: int = 2
+    magseg_grid: int = 8
+    text4seg_grid: int = 16
+    encoding: str = "rle"
+    variant: str = "crop"
+    # Proxy pretraining (full fine-tune of the random tiny model)
+    steps: int = 2000
+    learning_rate: float = 1e-3
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 50
+    batch_size: int = 8
+    max_examples: int | None = None  # None: every proxy conversation
+    train_seed: int = 0
+    logging_steps: int = 50
+
+    def __post_init__(self):
+        if 0 in self.seeds:
+            raise ValueError("seed 0 is the profiles' seed: pretrain on other landscapes")
+        if len(self.difficulties) != len(self.seeds):
+            raise ValueError(f"one difficulty per seed: {len(self.seeds)} seeds, {self.difficulties}")
+        unknown = set(self.difficulties) - set(DIFFICULTY_MIX)
+        if unknown:
+            raise ValueError(f"unknown difficulties {sorted(unknown)}; known: {sorted(DIFFICULTY_MIX)}")
+
+
+# --- hashes -----------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_sums(folder: Path) -> Path:
+    """``SHA256SUMS`` (``sha256sum`` format) of every other file in ``folder``."""
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != SUMS_FILE)
+    text = "".join(f"{sha256_file(folder / n)}  {n}\n" for n in names)
+    return files.write_text(folder / SUMS_FILE, text)
+
+
+def verify(folder: Path = PRETRAINED_DIR) -> Path:
+    """Check every file listed in ``SHA256SUMS`` (and that no listed file is missing); returns the folder.
+
+    Raises ``TinyBaseError`` with one line naming the first bad file and the command that rebuilds it.
+    """
+    folder = Path(folder)
+    rebuild = f"rebuild it with `{BUILD_COMMAND} --out {folder}` (see {RECIPE_FILE} for the recipe)"
+    sums = folder / SUMS_FILE
+    if not sums.exists():
+        raise TinyBaseError(f"pretrained base {folder}: {SUMS_FILE} is missing; {rebuild}")
+    for line in sums.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, name = line.split(maxsplit=1)
+        path = folder / name.lstrip("*")
+        if not path.exists():
+            raise TinyBaseError(f"pretrained base {folder}: {path.name} is missing; {rebuild}")
+        if sha256_file(path) != digest:
+            raise TinyBaseError(
+                f"pretrained base {folder}: {path.name} does not match its SHA-256 in {SUMS_FILE}; {rebuild}"
+            )
+    return folder
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+def build_conversations(recipe: Recipe, work: Path, log=print) -> list[Path]:
+    """Generate, tile and format the landscapes (notebooks 01 and 02's code paths); returns JSONL files.
+
+    Every tile is used whatever its split (the proxy task reads no labels, and these landscapes are not
+    the profiles'); one file per (seed, format).
+    """
+    from magseg_nb import geo, landscape, prompts
+
+    jsonls = []
+    for seed, diff_name in zip(recipe.seeds, recipe.difficulties, strict=True):
+        run01 = work / f"seed{seed}" / "01_dataset_prep"
+        run02 = work / f"seed{seed}" / "02_instruction_format"
+        difficulty = landscape.Difficulty(**DIFFICULTY_MIX[diff_name])
+        t0 = time.time()
+        sources = landscape.generate_sources(
+            run01 / "scenes",
+            list(recipe.countries),
+            recipe.scenes_per_country,
+            recipe.scene_size,
+            recipe.res_m,
+            seed,
+            difficulty,
+            log=lambda *a: None,
+        )
+        scenes = geo.prepare_scenes(sources, run01 / "scenes", log=lambda *a: None)
+        # One split for all (no tile is dropped for straddling split blocks).
+        everything = {"train": 1.0, "val": 0.0, "test": 0.0}
+        geo.make_tiles(
+            run01, scenes, recipe.tile_size, recipe.tile_overlap, recipe.split_block_size, everything, seed
+        )
+        tiles = [dataclasses.replace(t, split="train") for t in prompts.tile_records(run01)]
+        for fmt, grid, layout in (
+            ("magseg", recipe.magseg_grid, recipe.patch_layout),
+            ("text4seg", recipe.text4seg_grid, 1),
+        ):
+            variant = recipe.variant if fmt == "magseg" else "index"
+            paths = prompts.write_conversations(tiles, run02, fmt, grid, recipe.encoding, layout, variant)
+            jsonls.append(paths["train"])
+        log(f"seed {seed} ({diff_name}): {len(scenes)} scenes, {len(tiles)} tiles, {time.time() - t0:.0f} s")
+    return jsonls
+
+
+def count_rows(path: Path) -> int:
+    with open(path) as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+# --- build ------------------------------------------------------------------------------------------
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in (
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "datasets",
+        "tokenizers",
+        "numpy",
+        "magseg-notebooks",
+    ):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def build(out_dir: Path, recipe: Recipe, work_dir: Path, command: str | None = None, log=print) -> Path:
+    """Build the pretrained tiny base into ``out_dir`` (replaced when it exists); returns ``out_dir``.
+
+    ``work_dir`` holds the generated landscapes, conversations and the trainer's checkpoints (not shipped).
+    """
+    from magseg_nb import models, training
+
+    t_start = time.time()
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    jsonls = build_conversations(recipe, work_dir, log)
+    t_data = time.time() - t_start
+    spec = models.REGISTRY["tiny-gemma3"].tiny
+    random_base = models.build_tiny(work_dir / "random-base", spec)
+    ds = training.proxy_dataset(jsonls, recipe.max_examples, recipe.train_seed)
+    log(f"{len(ds)} proxy conversations from {len(jsonls)} files; {recipe.steps} steps")
+    train_out = work_dir / "pretrain"
+    shutil.rmtree(train_out, ignore_errors=True)  # a fixed recipe: never resume another run's checkpoint
+    settings = training.SFTSettings(
+        base_model=str(random_base),
+        train_jsonl=str(jsonls[0]),
+        output_dir=str(train_out),
+        full_finetune=True,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler=recipe.lr_scheduler,
+        warmup_steps=recipe.warmup_steps,
+        max_steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        save_steps=max(recipe.steps // 4, 50),
+        save_total_limit=1,
+        logging_steps=recipe.logging_steps,
+        seed=recipe.train_seed,
+        eval_max_examples=0,
+    )
+    t_train0 = time.time()
+    result = training.run_sft(settings, train_ds=ds)
+    t_train = time.time() - t_train0
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trained = Path(result["trained"])
+    for name in MODEL_FILES:
+        if (trained / name).exists():
+            shutil.copy2(trained / name, tmp / name)
+    files.write_json(tmp / "tiny_spec.json", dataclasses.asdict(spec))
+    log_df = _final_loss(train_out / "log.csv")
+    recipe_record = {
+        "model_id": "tiny-gemma3-proxy",
+        "what": "tiny Gemma 3 (TinySpec defaults) after a full fine-tune on the label-free proxy task "
+        "(colour codes a-h of each grid cell; training.proxy_dataset), a stand-in for Gemma 3's pretraining",
+        "command": command or BUILD_COMMAND,
+        "recipe": dataclasses.asdict(recipe),
+        "difficulty_settings": {name: DIFFICULTY_MIX[name] for name in recipe.difficulties},
+        "tiny_spec": dataclasses.asdict(spec),
+        "tiny_spec_hash": spec.config_hash(),
+        "n_examples": len(ds),
+        "n_conversation_files": {str(p.relative_to(work_dir)): count_rows(p) for p in jsonls},
+        "steps_done": result.get("steps"),
+        "final_train_loss": log_df,
+        "packages": package_versions(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "wall_seconds": {
+            "data": round(t_data, 1),
+            "train": round(t_train, 1),
+            "total": round(time.time() - t_start, 1),
+        },
+        "machine": {
+            "cores": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+        },
+    }
+    files.write_json(tmp / RECIPE_FILE, recipe_record)
+    write_sums(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out_dir)
+    log(f"pretrained base written to {out_dir} ({t_train:.0f} s of training)")
+    return out_dir
+
+
+def _final_loss(log_csv: Path) -> float | None:
+    import pandas as pd
+
+    if not log_csv.exists():
+        return None
+    df = pd.read_csv(log_csv)
+    if "loss" not in df or df["loss"].dropna().empty:
+        return None
+    return round(float(df["loss"].dropna().iloc[-1]), 4)
+
+
+# --- reading a proxy answer ------------------------------------------------------------------------
+
+
+def decode_codes(text: str, grid: int):
+    """A run-length colour-code answer (``a *3| b *5`` rows) as a (grid, grid) int array of 0..7, or
+    None when it is not a well-formed grid of that shape."""
+    import numpy as np
+
+    from magseg_nb.training import PROXY_CODES
+
+    rows = [r for r in text.strip().split("\n") if r.strip()]
+    if len(rows) != grid:
+        return None
+    out = []
+    for row in rows:
+        cells = []
+        for run in row.split("|"):
+            letter, star, count = run.strip().partition(" *")
+            if letter not in PROXY_CODES or not star or not count.isdigit():
+                return None
+            cells += [PROXY_CODES.index(letter)] * int(count)
+        if len(cells) != grid:
+            return None
+        out.append(cells)
+    return np.array(out)

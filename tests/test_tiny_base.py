@@ -1,0 +1,146 @@
+"""The pretrained tiny base shipped in pretrained/tiny-gemma3-proxy/: hashes, refusal, the build script, what it learned."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from magseg_nb import models, prompts, tiny_base, training
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "pretrained" / "tiny-gemma3-proxy"
+
+
+@pytest.fixture(scope="module")
+def proxy_rows(tmp_path_factory):
+    """MAgSeg conversations of a small landscape with a seed the base never saw (2001)."""
+    work = tmp_path_factory.mktemp("landscape")
+    recipe = tiny_base.Recipe(seeds=[2001], difficulties=["demo"], countries=["cambodia"], scene_size=256)
+    magseg_jsonl, _ = tiny_base.build_conversations(recipe, work, log=lambda *a: None)
+    return magseg_jsonl
+
+
+def test_shipped_hashes_verify_and_cover_every_file(tmp_path):
+    assert models.resolve_model("tiny-gemma3-proxy", tmp_path) == str(SHIPPED)
+    listed = {line.split()[1] for line in (SHIPPED / "SHA256SUMS").read_text().splitlines()}
+    on_disk = {p.name for p in SHIPPED.iterdir()} - {"SHA256SUMS"}
+    assert listed == on_disk
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tiny_spec.json", "RECIPE.json"} <= listed
+    weights = (SHIPPED / "SHA256SUMS").read_text().split("  model.safetensors")[0].split("\n")[-1]
+    assert tiny_base.sha256_file(SHIPPED / "model.safetensors") == weights
+    assert not list(tmp_path.iterdir())  # nothing was built: the shipped folder is used as is
+    assert sum(p.stat().st_size for p in SHIPPED.iterdir()) < 5_000_000
+
+
+def test_shipped_recipe_and_registry_entry():
+    recipe = json.loads((SHIPPED / "RECIPE.json").read_text())
+    assert 0 not in recipe["recipe"]["seeds"] and len(recipe["recipe"]["seeds"]) >= 2
+    assert len(set(recipe["recipe"]["difficulties"])) >= 2 and len(recipe["recipe"]["countries"]) >= 2
+    assert recipe["recipe"]["lr_scheduler"] == "cosine"
+    assert recipe["steps_done"] == recipe["recipe"]["steps"] >= 1000
+    assert recipe["command"].startswith("OMP_NUM_THREADS=1 .venv/bin/python scripts/build_tiny_base.py")
+    for key in ("n_examples", "packages", "date", "wall_seconds", "machine"):
+        assert recipe[key], key
+    assert recipe["tiny_spec_hash"] == models.TinySpec().config_hash()
+    info = models.model_info(str(SHIPPED))
+    assert (info.model_id, info.kind, info.tiny) == ("tiny-gemma3-proxy", "tiny", models.TinySpec())
+    assert models.model_info("tiny-gemma3-proxy").tiny == models.REGISTRY["tiny-gemma3"].tiny
+
+
+def test_flipped_byte_is_refused_with_one_line(tmp_path, monkeypatch):
+    copy = tmp_path / "tiny-gemma3-proxy"
+    shutil.copytree(SHIPPED, copy)
+    assert tiny_base.verify(copy) == copy
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(tiny_base.TinyBaseError) as err:
+        tiny_base.verify(copy)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "model.safetensors does not match its SHA-256 in SHA256SUMS" in msg
+    assert "scripts/build_tiny_base.py" in msg and str(copy) in msg
+    # resolve_model refuses it the same way (registry entry pointed at the copy)
+    info = dataclasses.replace(models.REGISTRY["tiny-gemma3-proxy"], pretrained=str(copy))
+    monkeypatch.setitem(models.REGISTRY, "tiny-gemma3-proxy", info)
+    with pytest.raises(tiny_base.TinyBaseError, match="model.safetensors does not match"):
+        models.resolve_model("tiny-gemma3-proxy", tmp_path)
+    weights.unlink()
+    with pytest.raises(tiny_base.TinyBaseError, match="model.safetensors is missing; rebuild it with"):
+        tiny_base.verify(copy)
+
+
+def test_recipe_refuses_the_profiles_seed():
+    with pytest.raises(ValueError, match="seed 0"):
+        tiny_base.Recipe(seeds=[0], difficulties=["demo"])
+
+
+def test_build_script_end_to_end(tmp_path):
+    out = tmp_path / "base"
+    cmd = [sys.executable, str(ROOT / "scripts" / "build_tiny_base.py"), "--out", str(out),
+           "--work-dir", str(tmp_path / "work"), "--steps", "3", "--warmup-steps", "1", "--logging-steps", "1",
+           "--seeds", "1001", "--difficulties", "hard", "--countries", "vietnam", "--scene-size", "256"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert tiny_base.verify(out) == out
+    recipe = json.loads((out / "RECIPE.json").read_text())
+    assert recipe["command"].endswith("--scene-size 256")
+    assert recipe["recipe"]["seeds"] == [1001] and recipe["recipe"]["steps"] == 3 == recipe["steps_done"]
+    assert recipe["recipe"]["learning_rate"] == 1e-3 and recipe["recipe"]["batch_size"] == 8
+    assert recipe["recipe"]["lr_scheduler"] == "cosine"
+    assert recipe["n_examples"] == sum(recipe["n_conversation_files"].values()) > 0
+    assert set(recipe["packages"]) >= {"torch", "transformers", "trl", "peft"}
+    assert recipe["machine"]["cores"] == os.cpu_count() and recipe["machine"]["omp_num_threads"] == "1"
+    assert recipe["wall_seconds"]["total"] >= recipe["wall_seconds"]["train"] > 0 and recipe["date"]
+    assert not (out / "checkpoints").exists() and not list(out.glob("*.csv"))
+    model, processor = models.load_model_and_processor(str(out))
+    assert model.config.text_config.hidden_size == models.TinySpec().hidden
+    assert len(processor.tokenizer) == model.config.text_config.vocab_size
+
+
+def test_shipped_base_writes_colour_codes(proxy_rows):
+    """Pretrained: greedy answers to unseen proxy prompts are well-formed 8x8 code grids close to the truth."""
+    ds = prompts.load_conversations(proxy_rows, limit=8)
+    proxy = [training.proxy_example(row) for row in ds]
+    model, processor = models.load_model_and_processor(models.resolve_model("tiny-gemma3-proxy", ROOT))
+    answers = models.generate(model, processor, proxy, max_new_tokens=120, batch_size=8)
+    truth = [tiny_base.decode_codes(p["completion"][0]["content"][0]["text"], 8) for p in proxy]
+    got = [tiny_base.decode_codes(a, 8) for a in answers]
+    assert all(t is not None and t.shape == (8, 8) for t in truth)
+    assert sum(g is not None for g in got) >= 7, answers
+    acc = np.mean([(g == t).mean() for g, t in zip(got, truth, strict=True) if g is not None])
+    assert acc > 0.5, (acc, answers[:2])  # chance is 1/8; a random model writes no grid at all
+
+
+def test_lora_sft_runs_on_the_shipped_base(proxy_rows, tmp_path):
+    base = models.resolve_model("tiny-gemma3-proxy", tmp_path)
+    result = training.run_sft(
+        training.SFTSettings(
+            base_model=base,
+            train_jsonl=str(proxy_rows),
+            val_jsonl=str(proxy_rows),
+            output_dir=str(tmp_path / "sft"),
+            target_modules="all",
+            train_embeddings=True,
+            max_steps=2,
+            batch_size=2,
+            logging_steps=1,
+            eval_max_examples=2,
+            max_new_tokens=40,
+        )  # fmt: skip
+    )
+    assert result["steps"] == 2
+    cfg = json.loads((tmp_path / "sft" / "adapter" / "adapter_config.json").read_text())
+    assert Path(cfg["base_model_name_or_path"]).name == "tiny-gemma3-proxy"
+    model, _ = models.load_model_and_processor(base, adapter_dir=tmp_path / "sft" / "adapter")
+    assert result["eval"]["model"]["n"] == 2
