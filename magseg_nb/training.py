@@ -110,6 +110,22 @@ def _settings(cls, cfg):
     return s
 
 
+def sft_settings(params: dict, fmt: str, base_model, run02, output_dir) -> SFTSettings:
+    """SFTSettings for one format from notebook 03's parameters (the same names as the fields;
+    ``max_steps`` may map format -> steps). One call, so the notebook and the seed study agree."""
+    names = {f.name for f in dataclasses.fields(SFTSettings)}
+    kw = {k: v for k, v in params.items() if k in names}
+    if isinstance(kw.get("max_steps"), dict):
+        kw["max_steps"] = kw["max_steps"][fmt]
+    return SFTSettings(
+        **kw,
+        base_model=str(base_model),
+        train_jsonl=str(Path(run02) / f"{fmt}_train.jsonl"),
+        val_jsonl=str(Path(run02) / f"{fmt}_val.jsonl"),
+        output_dir=str(output_dir),
+    )
+
+
 def settings_hash(settings) -> str:
     return hashlib.sha256(
         json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str).encode()
@@ -193,10 +209,32 @@ def write_log_csv(log_history: list[dict], csv_path: Path) -> pd.DataFrame:
     return df
 
 
-def last_checkpoint(ckpt_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """None when a ``checkpoint-N`` folder is complete, else what is missing. The Trainer writes
+    ``trainer_state.json`` last, so a checkpoint cut off by a kill lacks it or has it half-written."""
+    state_path = Path(ckpt) / "trainer_state.json"
+    try:
+        step = json.loads(state_path.read_text()).get("global_step")
+    except (OSError, ValueError, AttributeError) as err:
+        return f"no readable trainer_state.json ({type(err).__name__})"
+    if str(step) != Path(ckpt).name.rsplit("-", 1)[-1]:
+        return f"trainer_state.json says step {step}"
+    return None
 
-    return get_last_checkpoint(str(ckpt_dir)) if Path(ckpt_dir).is_dir() else None
+
+def last_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint; incomplete ones (a killed save) are removed with a warning."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    for ckpt in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return str(ckpt)
+        print(f"warning: removing incomplete checkpoint {ckpt} ({problem})", flush=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
 
 
 def _save_atomic(model, processor, dest: Path) -> None:
@@ -328,12 +366,22 @@ def _save_trained(trainer, processor, dest: Path, s, t0: float, n_train: int) ->
     if not trainer.is_world_process_zero():
         return None
     _save_atomic(trainer.model, processor, dest)
+    steps = trainer.state.global_step
+    tokens = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
     done = {
         "settings_hash": settings_hash(s),
-        "steps": trainer.state.global_step,
+        "steps": steps,
+        "steps_planned": s.max_steps,
+        # A time budget that cut the run is part of its result, never silent.
+        "stopped_early": steps < s.max_steps,
+        "tokens_seen": int(tokens[-1]) if tokens else None,
         "train_seconds": round(time.time() - t0, 1),
         "n_train": n_train,
     }
+    if done["stopped_early"]:
+        print(
+            f"WARNING: stopped at step {steps} of {s.max_steps} (time_budget_s={s.time_budget_s})", flush=True
+        )
     files.write_json(Path(s.output_dir) / DONE_FILE, done)
     return done
 
@@ -592,17 +640,46 @@ def eval_table(evals: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+RUN_COLUMNS = ("steps_planned", "steps", "stopped_early", "tokens_seen", "train_seconds", "n_train")
+
+
+def runs_table(results: dict[str, dict]) -> pd.DataFrame:
+    """One row per trained run: steps planned and done, whether a time budget cut it, tokens, time."""
+    rows = [{"run": k, **{c: r.get(c) for c in RUN_COLUMNS}} for k, r in results.items()]
+    table = pd.DataFrame(rows, columns=["run", *RUN_COLUMNS])
+    table["steps_done"] = table.pop("steps")
+    return table[["run", "steps_planned", "steps_done", *RUN_COLUMNS[2:]]]
+
+
+def steps_warnings(table: pd.DataFrame) -> list[str]:
+    """Sentences flagging runs cut short and comparisons at unequal steps (empty when all is even)."""
+    out = [
+        f"{r.run} stopped early: {r.steps_done} of {r.steps_planned} steps (a time budget fired)."
+        for r in table.itertuples()
+        if r.stopped_early
+    ]
+    if table["steps_done"].nunique() > 1:
+        done = ", ".join(f"{r.run} {r.steps_done}" for r in table.itertuples())
+        out.append(
+            f"The runs did not train for the same number of steps ({done}): compare them with that in mind."
+        )
+    return out
+
+
 def stage_summary(results: dict[str, dict], base_model: str) -> dict:
     """The headline numbers of a stage (per format) for state.json: model vs baselines on validation."""
     out: dict[str, Any] = {"base_model": str(base_model)}
     for fmt, res in results.items():
         ev = res.get("eval")
         out[f"{fmt}_steps"] = res.get("steps")
+        out[f"{fmt}_steps_planned"] = res.get("steps_planned")
+        out[f"{fmt}_stopped_early"] = res.get("stopped_early")
         out[f"{fmt}_train_seconds"] = res.get("train_seconds")
         if not ev:
             continue
         m, b = ev["model"], ev["baselines"]
-        out[f"{fmt}_val_dice_field"] = m["dice_field"]
+        for cls in CLASSES:
+            out[f"{fmt}_val_dice_{cls}"] = m[f"dice_{cls}"]
         out[f"{fmt}_val_mean_dice"] = m["mean_dice"]
         out[f"{fmt}_val_cell_accuracy"] = m["cell_accuracy"]
         out[f"{fmt}_val_valid_fraction"] = m.get("valid_fraction")
@@ -611,6 +688,30 @@ def stage_summary(results: dict[str, dict], base_model: str) -> dict:
         out[f"{fmt}_majority_mean_dice"] = b["majority_class"]["mean_dice"]
         out[f"{fmt}_majority_cell_accuracy"] = b["majority_class"]["cell_accuracy"]
     return out
+
+
+GRPO_STEP_COLUMNS = {
+    "step": "step",
+    "reward": "reward mean",
+    "reward_std": "reward spread (std)",
+    "frac_reward_zero_std": "groups with all-equal rewards",
+    "kl": "KL to the SFT policy",
+    "rewards/dice_reward/mean": "Dice reward",
+    "rewards/format_reward/mean": "format reward (1 = well-formed)",
+    "completions/mean_length": "answer tokens",
+}
+
+
+def grpo_steps(log: pd.DataFrame, beta: float | None = None) -> pd.DataFrame:
+    """Per-step GRPO diagnostics from log.csv: reward mean and spread, the share of groups whose
+    rewards were all equal (no learning signal), KL to the reference, format reward, answer length.
+
+    TRL computes KL only with a reference model (``beta > 0``); with ``beta == 0`` the column says so.
+    """
+    table = pd.DataFrame({new: log[old] for old, new in GRPO_STEP_COLUMNS.items() if old in log})
+    if "KL to the SFT policy" not in table and beta is not None:
+        table["KL to the SFT policy"] = "not computed (beta = 0: no reference model)" if beta == 0 else np.nan
+    return table.dropna(subset=["reward mean"]) if "reward mean" in table else table
 
 
 def compare_evals(

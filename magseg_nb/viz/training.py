@@ -64,16 +64,30 @@ def plot_grpo_logs(logs: dict[str, pd.DataFrame | str | Path]):
 
 
 def plot_dice_bars(table: pd.DataFrame, title: str = "validation Dice per class"):
-    """Grouped bars: Dice of each class for every (run, scorer) row of training.eval_table()."""
-    labels = [f"{r}\n{s}" for r, s in zip(table["run"], table["scorer"], strict=True)]
-    x = np.arange(len(table))
+    """Grouped bars with interval whiskers: Dice of each class for every (run, scorer) of a long table
+    (columns run or format, scorer, metric, value, lo, hi; from ``validation.score_frames``)."""
+    run_col = "run" if "run" in table else "format"
+    groups = list(dict.fromkeys(zip(table[run_col], table["scorer"], strict=True)))
+    x = np.arange(len(groups))
     width = 0.8 / len(CLASSES)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(table)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(groups)), 3.8))
+    idx = table.set_index([run_col, "scorer", "metric"])
     for i, name in enumerate(CLASSES):
-        vals = pd.to_numeric(table.get(f"dice_{name}"), errors="coerce").fillna(0)
-        ax.bar(x + (i - 1.5) * width, vals, width, label=name, color=np.array(CLASS_COLORS[name]) / 255)
-    ax.plot(x, table["mean_dice"], "k_", markersize=22, mew=2, label="mean Dice")
-    ax.set_xticks(x, labels, fontsize=8)
+        rows = [idx.loc[(r, s, f"dice_{name}")] for r, s in groups]
+        vals = np.array([row["value"] for row in rows], float)
+        err = np.array([[v - row["lo"], row["hi"] - v] for v, row in zip(vals, rows, strict=True)]).T
+        ax.bar(
+            x + (i - 1.5) * width,
+            np.nan_to_num(vals),
+            width,
+            yerr=np.nan_to_num(err),
+            capsize=2,
+            label=name,
+            color=np.array(CLASS_COLORS[name]) / 255,
+        )
+    means = [idx.loc[(r, s, "mdice"), "value"] for r, s in groups]
+    ax.plot(x, means, "k_", markersize=22, mew=2, label="mean Dice")
+    ax.set_xticks(x, [f"{r}\n{s}" for r, s in groups], fontsize=8)
     ax.set(ylim=(0, 1.05), ylabel="Dice", title=title)
     ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.28))
     ax.grid(axis="y", alpha=0.3)

@@ -1,0 +1,210 @@
+"""Validation scores of notebooks 03 and 04, per class, with spatial-block bootstrap intervals.
+
+The trained model, the all-field baseline and the per-pixel classifier of notebook 01 are scored on
+the *same cells* of the same validation conversations: each conversation's ``gt_mask`` against the
+model's decoded answer, a grid of "field", and the classifier's tile prediction cut into the
+conversation's cells by the rule that built ``gt_mask``. Every row carries its tile's spatial block
+(``01_dataset_prep/tiles.csv``), so intervals resample whole blocks (see ``metrics.bootstrap_scores``):
+the patches of one tile, and the overlapping tiles of one block, are not independent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from magseg_nb import metrics, prompts, textgrid
+from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
+
+MODEL, ALL_FIELD, PIXEL = "model", "all-field baseline", "pixel classifier baseline"
+METRICS = tuple(f"dice_{c}" for c in CLASSES) + ("mdice", "pixel_accuracy")
+
+
+def cell_counts(gt, pred) -> dict:
+    """Confusion-matrix counts ``cm_i_j`` of one answer's cells (NODATA cells skipped)."""
+    cm = metrics.confusion_matrix(np.asarray(gt), np.asarray(pred), len(CLASSES), ignore=NODATA)
+    return {f"cm_{i}_{j}": int(cm[i, j]) for i in range(len(CLASSES)) for j in range(len(CLASSES))}
+
+
+def read_answers(path) -> dict[str, dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the training stage writes it after evaluating")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {str(r["id"]): r for r in rows}
+
+
+def tile_blocks(run01) -> dict[str, str]:
+    """tile_id -> block_id from notebook 01's tile table."""
+    tiles = pd.read_csv(Path(run01) / "tiles.csv", usecols=["tile_id", "block_id"])
+    return dict(zip(tiles["tile_id"].astype(str), tiles["block_id"].astype(str), strict=True))
+
+
+def answer_frames(val_jsonl, answers_jsonl, run01) -> dict[str, pd.DataFrame]:
+    """scorer -> one row per answered validation conversation: id, tile_id, block_id, valid, cm_*.
+
+    The scorers are the model (its answer decoded by the tolerant decoder: a repaired answer is
+    scored as what was recovered), the all-field baseline and, when notebook 01 wrote it, the pixel
+    classifier. ``valid`` is the model answer's well-formedness, on every scorer's rows, so that the
+    well-formed subset selects the same rows for all of them.
+    """
+    from magseg_nb import pixel_baseline
+
+    answers = read_answers(answers_jsonl)
+    blocks = tile_blocks(run01)
+    pixel_dir = Path(run01) / "pixel_baseline"
+    has_pixel = (pixel_dir / "tiles").is_dir()
+    tiles: dict[str, np.ndarray] = {}
+    frames: dict[str, list] = {MODEL: [], ALL_FIELD: []} | ({PIXEL: []} if has_pixel else {})
+    for row in prompts.read_jsonl(val_jsonl):
+        ans = answers.get(str(row["id"]))
+        if ans is None:  # a seeded subset was scored
+            continue
+        gt = np.asarray(row["gt_mask"])
+        meta = {
+            "id": str(row["id"]),
+            "tile_id": str(row["tile_id"]),
+            "block_id": blocks.get(str(row["tile_id"]), str(row["tile_id"])),
+            "valid": bool(ans["valid"]),
+        }
+        decoded = textgrid.decode(ans["answer"], shape=gt.shape)
+        frames[MODEL].append({**meta, **cell_counts(gt, decoded.mask)})
+        frames[ALL_FIELD].append({**meta, **cell_counts(gt, np.full_like(gt, CLASS_IDS["field"]))})
+        if has_pixel:
+            if row["tile_id"] not in tiles:
+                tiles[row["tile_id"]] = pixel_baseline.read_tile_prediction(pixel_dir, row["tile_id"])
+            cells = pixel_baseline.conversation_cells(tiles[row["tile_id"]], row)
+            frames[PIXEL].append({**meta, **cell_counts(gt, cells)})
+    return {k: pd.DataFrame(v) for k, v in frames.items()}
+
+
+def score_frames(
+    frames: dict[str, pd.DataFrame],
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    cluster: str | None = "block_id",
+    well_formed_only: bool = False,
+) -> pd.DataFrame:
+    """Long table (scorer, answers, metric, value, lo, hi, ...): pooled cell scores with intervals."""
+    parts = []
+    for name, df in frames.items():
+        sub = df[df["valid"]] if well_formed_only else df
+        table = metrics.bootstrap_scores(
+            sub, n_boot, ci, seed, metrics=METRICS, cluster=cluster, row_unit="answers"
+        )
+        parts.append(table.assign(scorer=name, answers="well-formed" if well_formed_only else "all"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def compare(
+    frames_a: pd.DataFrame,
+    frames_b: pd.DataFrame,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    cluster: str | None = "block_id",
+) -> pd.DataFrame:
+    """Paired B - A on the same answers (by ``id``), resampling whole blocks."""
+    return metrics.compare_methods(frames_a, frames_b, METRICS, n_boot, ci, seed, cluster=cluster, key="id")
+
+
+def wide(long: pd.DataFrame, index=("scorer",), digits: int = 3) -> pd.DataFrame:
+    """One row per scorer, one column per metric: "value [lo, hi]"."""
+    return metrics.wide_table(
+        long.rename(columns={"scorer": "method"}), METRICS, index=["method"], digits=digits
+    )
+
+
+def valid_share(frames: dict[str, pd.DataFrame]) -> float:
+    df = frames[MODEL]
+    return float(df["valid"].mean()) if len(df) else float("nan")
+
+
+def claims(diff: pd.DataFrame, name_a: str, name_b: str, metrics_=METRICS) -> list[str]:
+    """Sentences generated from a paired table: each says better only where the interval excludes zero."""
+    rows = diff.set_index("metric").reindex(list(metrics_)).dropna(subset=["diff"]).reset_index()
+    return [metrics.describe_difference(r, name_a, name_b) for _, r in rows.iterrows()]
+
+
+def verdict(diff: pd.DataFrame, metric: str) -> str:
+    """'higher', 'lower' or 'not resolved' for B - A on ``metric`` (interval excludes zero or not)."""
+    row = diff.set_index("metric").loc[metric]
+    if np.isnan(row["lo"]) or row["lo"] <= 0 <= row["hi"]:
+        return "not resolved"
+    return "higher" if row["lo"] > 0 else "lower"
+
+
+SHORT = {MODEL: "val", ALL_FIELD: "all_field", PIXEL: "pixel"}
+_CLASS_METRICS = tuple(f"dice_{c}" for c in CLASSES)
+
+
+def conclusions(versus: dict, notes: list[str] = ()) -> list[str]:
+    """Sentences stating what the paired tables show, generated from their intervals.
+
+    ``versus`` maps (run, baseline name) -> :func:`compare` table (baseline = A, model = B). For each
+    run and baseline: the classes where the model is ahead, behind, or not resolved; a claim that
+    the model "learned the landscape" is made only for classes where it beats the strongest simple
+    baseline (the pixel classifier) with an interval above zero, and never without that baseline. ``notes`` (cut or unequal runs)
+    come first, so no conclusion is read without them.
+    """
+    lines = list(notes)
+    for (run, baseline), diff in versus.items():
+        groups: dict[str, list[str]] = {"higher": [], "lower": [], "not resolved": []}
+        rows = diff.set_index("metric")
+        for metric in _CLASS_METRICS:
+            if metric in rows.index and not np.isnan(rows.loc[metric, "diff"]):
+                r = rows.loc[metric]
+                groups[verdict(diff, metric)].append(
+                    f"{metric.removeprefix('dice_')} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
+                )
+        n = rows.iloc[0]
+        where = f"{int(n['n_tiles'])} answers in {int(n['n_units'])} blocks"
+        parts = [
+            f"ahead on {', '.join(groups['higher'])}" if groups["higher"] else "ahead on no class",
+            f"behind on {', '.join(groups['lower'])}" if groups["lower"] else "",
+            f"not resolved on {', '.join(groups['not resolved'])}" if groups["not resolved"] else "",
+        ]
+        lines.append(
+            f"**{run} vs the {baseline}** (Dice B - A, 95% block intervals, {where}): "
+            + "; ".join(p for p in parts if p)
+            + "."
+        )
+    for run in dict.fromkeys(r for r, _ in versus):
+        if (run, PIXEL) not in versus:
+            lines.append(
+                f"{run}: the pixel classifier (the strongest simple baseline) was not run, so no claim "
+                "that the model learned the landscape is made."
+            )
+            continue
+        won = [m.removeprefix("dice_") for m in _CLASS_METRICS if verdict(versus[run, PIXEL], m) == "higher"]
+        if won:
+            lines.append(
+                f"{run} beats the strongest simple baseline ({PIXEL}) on {', '.join(won)}: for "
+                f"{'that class' if len(won) == 1 else 'those classes'} the model learned the landscape."
+            )
+        else:
+            lines.append(
+                f"{run} beats the strongest simple baseline ({PIXEL}) on no class: this run does not "
+                "show that the model learned more of the landscape than the baseline gets from the pixels."
+            )
+    return lines
+
+
+def change_sentences(diff: pd.DataFrame, name_b: str, name_a: str) -> list[str]:
+    """One sentence per metric of a paired B - A table: 'improved' / 'worsened' only where the block
+    interval excludes zero, otherwise 'no change this data can resolve'."""
+    out = []
+    for _, r in diff.dropna(subset=["diff"]).iterrows():  # a class absent on both sides says nothing
+        v = verdict(diff, r["metric"])
+        word = {"higher": "improved", "lower": "worsened", "not resolved": "no change this data can resolve"}[
+            v
+        ]
+        out.append(
+            f"{r['metric']}: {name_b} {r['b']:.3f} vs {name_a} {r['a']:.3f}, change {r['diff']:+.3f} "
+            f"[{r['lo']:+.3f}, {r['hi']:+.3f}] ({int(r['n_tiles'])} answers in {int(r['n_units'])} blocks): {word}."
+        )
+    return out

@@ -1,0 +1,134 @@
+"""Validation scoring of notebooks 03/04: the model and the baselines on the same cells, block intervals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+
+from magseg_nb import geo, textgrid, training, validation
+
+F, T = 1, 2  # field, tree
+
+
+def _fake_run(tmp_path, n_blocks: int = 6):
+    """Two tiles per block; each tile 8x8 px, one Text4Seg-style row per tile on a 4x4 grid.
+
+    Truth: left half field, right half tree. The model answers perfectly; the pixel classifier
+    (a GeoTIFF per tile, as notebook 01 writes it) calls everything field.
+    """
+    run01, run02 = tmp_path / "01_dataset_prep", tmp_path / "02_instruction_format"
+    run02.mkdir(parents=True)
+    tiles, rows, answers = [], [], []
+    gt = np.full((4, 4), F)
+    gt[:, 2:] = T
+    for b in range(n_blocks):
+        for k in range(2):
+            tid = f"t{b}_{k}"
+            tiles.append({"tile_id": tid, "block_id": f"b{b}"})
+            rows.append({"id": tid, "tile_id": tid, "grid": 4, "patch_row": None, "gt_mask": gt.tolist()})
+            answers.append({"id": tid, "answer": textgrid.encode(gt, "rle"), "valid": True})
+            geo.write_geotiff(
+                run01 / "pixel_baseline" / "tiles" / f"{tid}.tif",
+                np.full((8, 8), F, np.uint8),
+                CRS.from_epsg(32648),
+                from_origin(500000, 1000, 1, 1),
+                nodata=255,
+            )
+    pd.DataFrame(tiles).to_csv(run01 / "tiles.csv", index=False)
+    (run02 / "x_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    return run01, run02 / "x_val.jsonl", tmp_path / "answers.jsonl"
+
+
+def test_model_and_baselines_are_scored_on_the_same_cells(tmp_path):
+    run01, val, answers = _fake_run(tmp_path)
+    frames = validation.answer_frames(val, answers, run01)
+    assert set(frames) == {validation.MODEL, validation.ALL_FIELD, validation.PIXEL}
+    for df in frames.values():
+        assert list(df["id"]) == [f"t{b}_{k}" for b in range(6) for k in range(2)]
+        assert df["block_id"].nunique() == 6 and df.filter(like="cm_").to_numpy().sum(1).tolist() == [16] * 12
+    model = frames[validation.MODEL].iloc[0]
+    assert model["cm_1_1"] == 8 and model["cm_2_2"] == 8 and model["cm_2_1"] == 0
+    pixel = frames[validation.PIXEL].iloc[0]
+    assert pixel["cm_1_1"] == 8 and pixel["cm_2_1"] == 8  # tree cells called field
+    table = validation.score_frames(frames, n_boot=100).set_index(["scorer", "metric"])["value"]
+    assert table[validation.MODEL, "dice_tree"] == 1.0 and table[validation.PIXEL, "dice_tree"] == 0.0
+    assert table[validation.PIXEL, "dice_field"] == pytest.approx(2 * 8 / (8 + 16))
+    assert np.isnan(table[validation.MODEL, "dice_water"])  # absent on both sides
+
+
+def test_conclusions_claim_only_what_the_block_interval_shows(tmp_path):
+    run01, val, answers = _fake_run(tmp_path)
+    frames = validation.answer_frames(val, answers, run01)
+    versus = {
+        ("magseg", validation.PIXEL): validation.compare(
+            frames[validation.PIXEL], frames[validation.MODEL], 200
+        )
+    }
+    lines = validation.conclusions(versus, ["magseg stopped early: 3 of 8 steps (a time budget fired)."])
+    assert lines[0].startswith("magseg stopped early")
+    assert (
+        "ahead on field" in lines[1] and "tree +1.000 [+1.000, +1.000]" in lines[1] and "6 blocks" in lines[1]
+    )
+    assert lines[-1].startswith(
+        "magseg beats the strongest simple baseline (pixel classifier baseline) on field, tree"
+    )
+    # Without the pixel classifier no "learned the landscape" claim is made at all.
+    only_all_field = {("magseg", validation.ALL_FIELD): versus["magseg", validation.PIXEL]}
+    assert "no claim" in validation.conclusions(only_all_field)[-1]
+    same = validation.compare(frames[validation.MODEL], frames[validation.MODEL], 50)
+    assert set(validation.change_sentences(same, "b", "a")[0].split(": ")[-1:]) == {
+        "no change this data can resolve."
+    }
+
+
+def test_well_formed_subset_selects_the_same_rows_for_every_scorer(tmp_path):
+    run01, val, answers = _fake_run(tmp_path)
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    rows[0]["valid"] = False
+    rows[0]["answer"] = "tree *4\ntree *4\ntree *4\ntree *4"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    frames = validation.answer_frames(val, answers, run01)
+    assert validation.valid_share(frames) == pytest.approx(11 / 12)
+    wf = validation.score_frames(frames, n_boot=20, well_formed_only=True)
+    assert (wf["n_tiles"] == 11).all() and (wf["answers"] == "well-formed").all()
+    everything = validation.score_frames(frames, n_boot=20).set_index(["scorer", "metric"])["value"]
+    assert everything[validation.MODEL, "dice_tree"] < 1.0  # the repaired answer is scored as decoded
+
+
+def test_steps_planned_and_done_are_flagged():
+    results = {
+        "magseg": {"steps": 373, "steps_planned": 800, "stopped_early": True, "train_seconds": 300.0},
+        "text4seg": {"steps": 600, "steps_planned": 600, "stopped_early": False, "train_seconds": 380.0},
+    }
+    table = training.runs_table(results)
+    assert table.loc[0, ["steps_planned", "steps_done"]].tolist() == [800, 373]
+    notes = training.steps_warnings(table)
+    assert notes[0] == "magseg stopped early: 373 of 800 steps (a time budget fired)."
+    assert "did not train for the same number of steps (magseg 373, text4seg 600)" in notes[1]
+    even = {k: {**v, "steps": 600, "steps_planned": 600, "stopped_early": False} for k, v in results.items()}
+    assert training.steps_warnings(training.runs_table(even)) == []
+
+
+def test_grpo_steps_table_says_when_kl_was_not_computed():
+    log = pd.DataFrame(
+        {
+            "step": [1, 2],
+            "reward": [0.5, 0.6],
+            "reward_std": [0.1, 0.0],
+            "frac_reward_zero_std": [0.25, 1.0],
+            "rewards/format_reward/mean": [0.9, 1.0],
+        }
+    )
+    t = training.grpo_steps(log, beta=0.0)
+    assert t["groups with all-equal rewards"].tolist() == [0.25, 1.0]
+    assert t["KL to the SFT policy"].iloc[0].startswith("not computed (beta = 0")
+    assert list(training.grpo_steps(log.assign(kl=[0.01, 0.02]), beta=0.04)["KL to the SFT policy"]) == [
+        0.01,
+        0.02,
+    ]
