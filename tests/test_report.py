@@ -1,0 +1,115 @@
+"""The README's results section is generated from a run folder: round trip, idempotence, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from magseg_nb import report
+
+
+def _state(folder, summary, params=None, started=100.0, finished=160.0):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "state.json").write_text(
+        json.dumps(
+            {
+                "stage": folder.name,
+                "params": params or {"profile": "demo", "seed": 0},
+                "summary": summary,
+                "outputs": {},
+                "versions": {"torch": "2.14.1", "transformers": "5.23.0", "trl": "1.16.0"},
+                "started": started,
+                "finished": finished,
+                "fingerprint": "x",
+            }
+        )
+    )
+
+
+def _long(rows):
+    return pd.DataFrame(
+        [
+            {"metric": m, "value": v, "lo": v - 0.05, "hi": v + 0.04, "n_tiles": 40, "n_units": 9, **keys}
+            for keys, values in rows
+            for m, v in values.items()
+        ]
+    )
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    run = tmp_path / "runs" / "demo"
+    _state(run / "01_dataset_prep", {})
+    (run / "01_dataset_prep" / "results.json").write_text(
+        json.dumps({"commit": "abc1234", "dirty": False, "profile": "demo", "seed": 0, "cpu_count": 2})
+    )
+    _state(
+        run / "03_sft",
+        {
+            "magseg_steps": 373,
+            "magseg_steps_planned": 800,
+            "magseg_stopped_early": True,
+            "magseg_train_seconds": 300.0,
+            "magseg_val_valid_fraction": 0.975,
+            "conclusions": [
+                "magseg beats the strongest simple baseline (pixel classifier baseline) on tree."
+            ],
+        },
+        started=200.0,
+        finished=700.0,
+    )
+    dice = {
+        "dice_field": 0.912,
+        "dice_tree": 0.871,
+        "dice_water": 0.854,
+        "dice_others": 0.866,
+        "mdice": 0.876,
+    }
+    _long(
+        [
+            ({"format": "magseg", "scorer": "model", "answers": "all"}, dice),
+            (
+                {"format": "magseg", "scorer": "pixel classifier baseline", "answers": "all"},
+                {"dice_tree": 0.801},
+            ),
+        ]
+    ).to_csv(run / "03_sft" / "eval_table.csv", index=False)
+    _state(
+        run / "06_metrics", {"n_tiles": 40, "n_blocks": 9, "reading": ["**GRPO after SFT**: not resolved."]}
+    )
+    _long(
+        [({"method": "magseg-sft coarse", "group": "all"}, {"dice_field": 0.733, "inst_f1": 0.412})]
+    ).to_csv(run / "06_metrics" / "metrics.csv", index=False)
+    return run
+
+
+def test_the_section_round_trips_the_run_folders_numbers(run_dir, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nintro\n\n{report.BEGIN}\nold numbers 0.111\n{report.END}\n\n## after\n")
+    report.update_readme(readme, report.results_section(run_dir))
+    text = readme.read_text()
+    assert "old numbers" not in text and text.startswith("# x\n\nintro") and text.endswith("## after\n")
+    section = text[text.index(report.BEGIN) : text.index(report.END)]
+    assert "commit `abc1234`" in section and "2 CPU cores" in section and "torch 2.14.1" in section
+    assert "0.912 [0.862, 0.952]" in section and "0.871 [0.821, 0.911]" in section  # from eval_table.csv
+    assert "373 of 800 steps (**stopped early by a time budget**)" in section
+    assert "well-formed answers 97.5 %" in section
+    assert "- magseg beats the strongest simple baseline (pixel classifier baseline) on tree." in section
+    assert "40 test tiles in 9 blocks" in section and "0.412 [0.362, 0.452]" in section
+    assert "01 60 s, 03 500 s, 06 60 s (620 s in all)" in section
+    # Regenerating from the same folder changes nothing.
+    before = readme.read_text()
+    report.update_readme(readme, report.results_section(run_dir))
+    assert readme.read_text() == before
+
+
+def test_missing_markers_and_missing_runs_give_one_clear_line(run_dir, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="lacks the markers"):
+        report.update_readme(readme, "x")
+    assert readme.read_text() == "# no markers\n"
+    assert report.main(["--run-dir", str(tmp_path / "nowhere"), "--readme", str(readme)]) == 1
+    assert "holds no finished stage: run the chain first" in capsys.readouterr().out
