@@ -57,18 +57,19 @@ def _colour(mask):
     return lut[np.asarray(mask, np.uint8)]
 
 
-def error_gallery(run01, tiles, scores, method: dict, by: str = "iou_field", n: int = 4):
-    """Image, ground truth and prediction of the ``n`` tiles with the lowest ``by`` score.
+def error_gallery(run01, tiles, scores, method: dict, by: str = "error_share", n: int = 4):
+    """Image, ground truth and prediction of the ``n`` tiles with the largest ``by`` error.
 
     ``tiles`` is the tile table and ``scores`` :func:`metrics.per_tile_scores` (indexed by tile_id);
-    ``method`` is an entry of :func:`metrics.discover_methods` (its semantic rasters are shown).
+    ``method`` is an entry of :func:`metrics.discover_methods` (its semantic rasters are shown). The
+    ranking is :func:`metrics.worst_tiles`: by an error defined on every tile, never by an undefined IoU.
     """
     import rasterio
     from rasterio.windows import Window
 
-    from ..metrics import read_raster
+    from ..metrics import read_raster, worst_tiles
 
-    order = scores[by].fillna(-1).sort_values(kind="stable").index[:n]
+    order, _ = worst_tiles(scores, n=n, by=by)
     tiles = tiles.set_index(tiles["tile_id"].astype(str))
     fig, axes = plt.subplots(len(order), 3, figsize=(7.5, 2.5 * max(1, len(order))), squeeze=False)
     for row, idx in zip(axes, order, strict=False):
