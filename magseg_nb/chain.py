@@ -12,6 +12,10 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from magseg_nb import files
+from magseg_nb import files, profile_schema
 
 STAGES: tuple[str, ...] = (
     "01_dataset_prep",
@@ -30,7 +34,11 @@ STAGES: tuple[str, ...] = (
     "06_metrics",
 )
 STATE_FILE = "state.json"
+RESULTS_FILE = "results.json"
 PARTIAL_SUFFIX = ".partial"
+RUN_LOCK = ".run.lock"  # held by `magseg-nb run` for the whole chain (+ .holder.json beside it)
+RUNNER_ENV = "MAGSEG_RUNNER_PID"  # set for the kernels the runner starts: they die with it
+STAGE_LOCK_WAIT_S = 120.0  # how long a kernel waits for another kernel still writing its stage
 KERNEL_NAME = "python3"
 _VERSIONED = ("magseg-nb", "torch", "transformers", "trl", "peft", "rasterio", "segment-anything", "numpy")
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
@@ -102,17 +110,20 @@ def read_state(stage_dir: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise StageError(
-            f"{path} is not valid JSON ({err}); delete {stage_dir} and rerun that stage"
-        ) from err
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        state, err_text = None, str(err)
+    else:
+        err_text = "not a JSON object with 'outputs'"
+    if not isinstance(state, dict) or not isinstance(state.get("outputs"), dict):
+        raise StageError(f"{path} is damaged ({err_text}); delete {stage_dir} and rerun that stage")
+    return state
 
 
 def _list_outputs(folder: Path, with_hash: bool = True) -> dict[str, dict]:
     outputs = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != STATE_FILE:
+        if path.is_file() and path.relative_to(folder).as_posix() not in (STATE_FILE, RESULTS_FILE):
             rel = path.relative_to(folder).as_posix()
             # Checkpoints are resumable scratch, not outputs; hashing GBs of them would be slow.
             if "/checkpoints/" in f"/{rel}":
@@ -124,13 +135,165 @@ def _list_outputs(folder: Path, with_hash: bool = True) -> dict[str, dict]:
     return outputs
 
 
-def outputs_intact(stage_dir: Path, state: dict) -> bool:
-    """True when every file listed in the state exists with the recorded size."""
+def output_problem(stage_dir: Path, state: dict) -> str | None:
+    """None when every file listed in the state exists with its recorded size and SHA-256.
+
+    Otherwise the first problem in words, naming the file (so a rerun says why it reruns).
+    """
+    stage_dir = Path(stage_dir)
     for rel, entry in state.get("outputs", {}).items():
-        path = Path(stage_dir) / rel
-        if not path.is_file() or path.stat().st_size != entry["size"]:
-            return False
-    return True
+        path = stage_dir / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != entry.get("size"):
+            return f"{path} changed size ({path.stat().st_size} bytes, state.json says {entry.get('size')})"
+        if "sha256" in entry and sha256_file(path) != entry["sha256"]:
+            return f"{path} changed (its SHA-256 differs from the one in state.json)"
+    return None
+
+
+def outputs_intact(stage_dir: Path, state: dict) -> bool:
+    """True when every file listed in the state exists with the recorded size and SHA-256."""
+    return output_problem(stage_dir, state) is None
+
+
+# --- locks and the kernel's life ------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, killed but not yet reaped, counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _describe_holder(holder: dict) -> str:
+    started = holder.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "an unknown time"
+    return f"PID {holder.get('pid')} (started {when}: {holder.get('command', '?')})"
+
+
+class HeldLock:
+    """An exclusive lock (``filelock``, released by the OS when its process dies) plus a record of
+    who holds it, ``<lock>.holder.json``, so that the next one can say who holds it and notice a
+    holder that died without releasing it."""
+
+    def __init__(self, path: Path, what: str):
+        from filelock import FileLock
+
+        self.path, self.what = Path(path), what
+        self.holder_path = self.path.with_name(self.path.name + ".holder.json")
+        self._lock = FileLock(str(self.path), thread_local=False)
+
+    def holder(self) -> dict:
+        try:
+            return json.loads(self.holder_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self, timeout: float = 0.0, log=print) -> HeldLock:
+        from filelock import Timeout
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire(timeout=timeout)
+        except Timeout:
+            raise StageError(
+                f"{self.what} is locked by {_describe_holder(self.holder())}; wait for it to finish or "
+                f"stop that process (lock file {self.path})"
+            ) from None
+        old = self.holder()
+        if old.get("pid") and old.get("pid") != os.getpid():
+            state = "which is no longer running" if not _pid_alive(int(old["pid"])) else "which let go of it"
+            log(f"warning: taking over the lock on {self.what} from {_describe_holder(old)}, {state}")
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200] if sys.argv else "?"
+        files.write_json(self.holder_path, {"pid": os.getpid(), "started": time.time(), "command": command})
+        return self
+
+    def release(self) -> None:
+        if self.holder().get("pid") == os.getpid():
+            self.holder_path.unlink(missing_ok=True)
+        self._lock.release()
+
+    def __enter__(self) -> HeldLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_STAGE_LOCKS: dict[str, HeldLock] = {}  # held by this process (a kernel) until it exits
+_WATCHED: set[int] = set()
+
+
+def _lock_stage(run_dir: Path, name: str) -> None:
+    """A kernel holds its stage's lock until it exits: a rerun's kernel waits for an old one that is
+    still dying, and a notebook opened in JupyterLab cannot write into a stage the runner writes."""
+    key = str(run_dir / name)
+    if key in _STAGE_LOCKS:
+        return
+    lock = HeldLock(run_dir / f".{name}.lock", f"stage {name} in {run_dir}")
+    _STAGE_LOCKS[key] = lock.acquire(timeout=STAGE_LOCK_WAIT_S)
+
+
+def _die_with_runner() -> None:
+    """In a kernel started by the runner, stop this kernel (and its process group) when the runner
+    is gone, even after a SIGKILL that gave it no chance to shut the kernel down."""
+    pid = os.environ.get(RUNNER_ENV, "")
+    if not pid.isdigit() or int(pid) == os.getpid() or int(pid) in _WATCHED:
+        return
+    runner = int(pid)
+    _WATCHED.add(runner)
+    child = os.getppid() == runner
+
+    def watch() -> None:
+        while (os.getppid() == runner) if child else _pid_alive(runner):
+            time.sleep(0.2)
+        print(f"the runner (PID {runner}) is gone: stopping this kernel", file=sys.stderr, flush=True)
+        if os.getpgrp() == os.getpid():  # a session leader (how jupyter_client starts kernels)
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="magseg-runner-watch", daemon=True).start()
+
+
+# --- results.json ---------------------------------------------------------------------------------
+
+
+def git_commit(root: Path | None = None) -> dict | None:
+    """``{"commit": short hash, "dirty": tracked files changed}``, or None outside git."""
+    root = root or repo_root()
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def cpu_info() -> dict:
+    """CPU cores of the machine and torch's intra-op threads (None when torch is not imported)."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None and hasattr(torch, "get_num_threads") else None
+    return {"os_cpu_count": os.cpu_count(), "torch_threads": threads}
 
 
 @dataclass
@@ -150,6 +313,8 @@ class Stage:
         if "run_dir" not in params:
             raise StageError("the parameters cell must define run_dir (for example 'runs/demo')")
         run_dir = resolve_run_dir(params["run_dir"])
+        _die_with_runner()
+        _lock_stage(run_dir, name)
         inputs = {}
         for need in needs:
             need = stage_name(need)
@@ -159,10 +324,11 @@ class Stage:
                     f"stage {need} has no finished output in {run_dir / need}: run notebook {need}.ipynb "
                     f"first (magseg-nb run --profile {params.get('profile', '<profile>')} --to {need[:2]})"
                 )
-            if not outputs_intact(run_dir / need, state):
+            problem = output_problem(run_dir / need, state)
+            if problem:
                 raise StageError(
-                    f"stage {need} in {run_dir / need} is incomplete or was changed after it finished: "
-                    f"rerun it (magseg-nb run --profile {params.get('profile', '<profile>')} "
+                    f"stage {need} in {run_dir / need} is incomplete or was changed after it finished "
+                    f"({problem}): rerun it (magseg-nb run --profile {params.get('profile', '<profile>')} "
                     f"--from {need[:2]} --to {need[:2]} --force)"
                 )
             inputs[need] = state["fingerprint"]
@@ -171,7 +337,10 @@ class Stage:
         marker = partial / ".params.json"
         key = _hash_json({"params": stage.params, "inputs": inputs})
         if partial.exists():
-            old = json.loads(marker.read_text()) if marker.exists() else {}
+            try:
+                old = json.loads(marker.read_text()) if marker.exists() else {}
+            except ValueError:
+                old = {}
             if old.get("key") != key:  # different settings: the scratch cannot be reused
                 shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
@@ -192,13 +361,29 @@ class Stage:
             raise StageError(f"{self.name} did not declare {need} in needs=[...] of Stage.start")
         return self.run_dir / need
 
+    def results(self, summary: dict[str, Any], finished: float) -> dict[str, Any]:
+        """The machine-readable record of this stage's run (``results.json``)."""
+        return {
+            "stage": self.name,
+            "git": git_commit(),
+            "profile": self.params.get("profile"),
+            "seed": self.params.get("seed"),
+            "versions": package_versions(),
+            "cpu": cpu_info(),
+            "started": self.started,
+            "finished": finished,
+            "wall_s": round(finished - self.started, 3),
+            "summary": summary,
+        }
+
     def finish(self, summary: dict[str, Any] | None = None) -> Path:
-        """Write state.json and move the partial folder into place; returns the final folder."""
+        """Write state.json and results.json, move the partial folder into place; returns the final folder."""
         partial = self.dir
         (partial / ".params.json").unlink(missing_ok=True)
         outputs = _list_outputs(partial)
         if not outputs:
             raise StageError(f"stage {self.name} wrote no files into {partial}; nothing to finish")
+        finished = time.time()
         state = {
             "stage": self.name,
             "params": self.params,
@@ -207,19 +392,18 @@ class Stage:
             "summary": summary or {},
             "versions": package_versions(),
             "started": self.started,
-            "finished": time.time(),
+            "finished": finished,
         }
         state["fingerprint"] = _hash_json({k: state[k] for k in ("stage", "params", "inputs", "outputs")})
+        files.write_json(partial / RESULTS_FILE, self.results(summary or {}, finished), sort_keys=True)
         files.write_json(partial / STATE_FILE, state, sort_keys=True)
         final = self.final_dir
+        trash = final.with_name(final.name + ".old")
+        shutil.rmtree(trash, ignore_errors=True)
         if final.exists():
-            trash = final.with_name(final.name + ".old")
-            shutil.rmtree(trash, ignore_errors=True)
             os.replace(final, trash)
-            os.replace(partial, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(partial, final)
+        os.replace(partial, final)
+        shutil.rmtree(trash, ignore_errors=True)
         return final
 
 
@@ -230,7 +414,7 @@ def profile_path(profile: str) -> Path:
     """A profile name ('smoke') from ``profiles/`` in the repo, or a path to a YAML file."""
     path = Path(profile)
     if path.suffix in {".yaml", ".yml"}:
-        if not path.exists():
+        if not path.is_file():
             raise StageError(f"profile file {path} does not exist")
         return path
     candidate = repo_root() / "profiles" / f"{profile}.yaml"
@@ -240,16 +424,45 @@ def profile_path(profile: str) -> Path:
     return candidate
 
 
-def load_profile(profile: str) -> dict[str, Any]:
-    """Read a profile: ``common`` parameters for every notebook, ``stages`` per notebook."""
+def notebook_parameters() -> dict[str, set[str]]:
+    """The parameters each existing notebook declares (its tagged parameters cell)."""
+    import papermill
+
+    return {
+        stage: set(papermill.inspect_notebook(str(notebook_path(stage))).keys())
+        for stage in STAGES
+        if notebook_path(stage).exists()
+    }
+
+
+def load_profile(profile: str, declared: dict[str, set[str]] | None = None) -> dict[str, Any]:
+    """Read and check a profile: ``common`` parameters for every notebook, ``stages`` per notebook.
+
+    Every problem (YAML syntax, unknown keys, wrong types, values out of range) is reported at once,
+    one line each, naming the file and the key (``magseg_nb.profile_schema``). ``declared`` (from
+    :func:`notebook_parameters`) also accepts parameters that notebooks declare but the schema lacks.
+    """
     path = profile_path(profile)
-    data = yaml.safe_load(path.read_text()) or {}
-    unknown = set(data) - {"description", "common", "stages"}
-    if unknown:
-        raise StageError(f"{path}: unknown top-level keys {sorted(unknown)}; use description/common/stages")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise StageError(f"{path}: not valid YAML{where}: {problem}; fix the file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise StageError(f"{path}: cannot be read ({err})") from None
+    problems = profile_schema.check_profile(data, path, stage_name, declared)
+    if problems:
+        raise StageError("\n".join(problems))
+    data = data or {}
     stages = {stage_name(k): v or {} for k, v in (data.get("stages") or {}).items()}
     common = dict(data.get("common") or {})
     common.setdefault("profile", path.stem)
+    try:
+        files.safe_id(common["profile"], "profile name")
+    except files.UnsafeNameError as err:
+        raise StageError(f"{path}: {err}; set common.profile") from None
     common.setdefault("run_dir", f"runs/{common['profile']}")
     return {"path": path, "description": data.get("description", ""), "common": common, "stages": stages}
 
@@ -294,19 +507,26 @@ def run_key(stage: str, params: dict, nb_path: Path) -> str:
 
 
 def is_up_to_date(run_dir: Path, stage: str, key: str) -> tuple[bool, str]:
-    """Whether a stage can be skipped, and why not."""
+    """Whether a stage can be skipped, and why not (naming a changed file)."""
     state = read_state(run_dir / stage)
     if state is None:
         return False, "no finished output"
     if state.get("run_key") != key:
         return False, "parameters, notebook or package code changed"
-    if not outputs_intact(run_dir / stage, state):
-        return False, "outputs missing or changed"
+    problem = output_problem(run_dir / stage, state)
+    if problem:
+        return False, f"output changed: {problem}"
     for need, fingerprint in state.get("inputs", {}).items():
         current = read_state(run_dir / need)
         if current is None or current.get("fingerprint") != fingerprint:
             return False, f"input stage {need} changed"
     return True, "up to date"
+
+
+def executed_notebook(run_dir: Path, stage: str, kind: str = "") -> Path:
+    """Where the runner keeps a stage's executed notebook: ``notebooks/<stage>.ipynb`` for the last
+    good run, ``<stage>.running.ipynb`` while it runs, ``<stage>.failed.ipynb`` for the last failure."""
+    return Path(run_dir) / "notebooks" / f"{stage}{'.' + kind if kind else ''}.ipynb"
 
 
 def run_chain(
@@ -316,51 +536,84 @@ def run_chain(
     force: bool = False,
     log=print,
 ) -> list[dict]:
-    """Execute the notebooks of a profile in order with papermill; returns one record per stage."""
-    import papermill
+    """Execute the notebooks of a profile in order with papermill; returns one record per stage.
 
-    prof = load_profile(profile)
+    The profile and every stage's parameters are checked before any stage starts. The run folder is
+    locked for the whole run (a second run of it fails at once, naming the holder).
+    """
+    declared = notebook_parameters()
+    prof = load_profile(profile, declared)
     names = list(STAGES)
     first = names.index(stage_name(start)) if start else 0
     last = names.index(stage_name(stop)) if stop else len(names) - 1
     run_dir = resolve_run_dir(prof["common"]["run_dir"])
-    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    records = []
+    plan = []
     for stage in names[first : last + 1]:
         nb_path = notebook_path(stage)
         if not nb_path.exists():
+            plan.append((stage, nb_path, None))
+            break
+        plan.append((stage, nb_path, stage_parameters(prof, stage, declared[stage])))
+    lock = HeldLock(run_dir / RUN_LOCK, f"run folder {run_dir}").acquire(log=log)
+    previous = os.environ.get(RUNNER_ENV)
+    os.environ[RUNNER_ENV] = str(os.getpid())
+    try:
+        (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+        return _run_plan(plan, run_dir, force, log)
+    finally:
+        if previous is None:
+            os.environ.pop(RUNNER_ENV, None)
+        else:
+            os.environ[RUNNER_ENV] = previous
+        lock.release()
+
+
+def _run_plan(plan: list, run_dir: Path, force: bool, log) -> list[dict]:
+    import papermill
+
+    records = []
+    for stage, nb_path, params in plan:
+        if params is None:
             log(f"[{stage}] notebook {nb_path.name} does not exist yet; the chain stops here")
             break
-        declared = set(papermill.inspect_notebook(str(nb_path)).keys())
-        params = stage_parameters(prof, stage, declared)
         key = run_key(stage, params, nb_path)
         fresh, why = is_up_to_date(run_dir, stage, key)
         if fresh and not force:
             log(f"[{stage}] skipped: {why}")
             records.append({"stage": stage, "status": "skipped", "seconds": 0.0})
             continue
+        if force:  # start clean: no scratch (nor a broken checkpoint) from an earlier attempt
+            shutil.rmtree(run_dir / f"{stage}{PARTIAL_SUFFIX}", ignore_errors=True)
         log(f"[{stage}] running ({why if not force else 'forced'})")
         t0 = time.time()
-        out_nb = run_dir / "notebooks" / nb_path.name
+        running = executed_notebook(run_dir, stage, "running")
+        failed = executed_notebook(run_dir, stage, "failed")
         try:
             papermill.execute_notebook(
                 str(nb_path),
-                str(out_nb),
+                str(running),
                 parameters=params,
                 kernel_name=KERNEL_NAME,
                 cwd=str(nb_path.parent),
                 progress_bar=False,
             )
-        except papermill.PapermillExecutionError as err:
-            raise StageError(
-                f"[{stage}] failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-                f"executed notebook with the traceback: {out_nb}"
-            ) from None
+        except BaseException as err:
+            if running.exists():
+                os.replace(running, failed)  # the last good executed notebook stays in place
+            if isinstance(err, papermill.PapermillExecutionError):
+                raise StageError(
+                    f"[{stage}] failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+                    f"executed notebook with the traceback: {failed}"
+                ) from None
+            raise
         state = read_state(run_dir / stage)
-        if state is None:
+        if state is None or state.get("finished", 0) < t0:
+            os.replace(running, failed)
             raise StageError(
-                f"[{stage}] ran but wrote no {STATE_FILE}: the notebook must call stage.finish()"
+                f"[{stage}] ran but wrote no new {STATE_FILE}: the notebook must call stage.finish() "
+                f"(executed notebook: {failed})"
             )
+        os.replace(running, executed_notebook(run_dir, stage))
         state["run_key"] = key
         files.write_json(run_dir / stage / STATE_FILE, state, sort_keys=True)
         seconds = time.time() - t0

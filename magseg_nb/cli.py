@@ -1,4 +1,4 @@
-"""Command line: ``magseg-nb run --profile demo [--from 03] [--to 05] [--force]``."""
+"""Command line: ``magseg-nb run --profile demo [--from 03] [--to 05] [--force] [--debug]``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,34 @@ import sys
 
 from magseg_nb import chain
 
+INTERRUPTED = 130  # the shell's code for a run stopped with Ctrl-C
+
+
+def report_error(prog: str, err: BaseException, debug: bool) -> int:
+    """Print one clear line per problem (no traceback unless ``debug``); returns the exit code."""
+    if isinstance(err, KeyboardInterrupt):
+        print(
+            f"{prog}: interrupted; finished stages are kept, rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
+    if debug:
+        import traceback
+
+        traceback.print_exception(err)
+    if isinstance(err, chain.StageError):  # expected: the message says what to do
+        lines = str(err).splitlines() or [type(err).__name__]
+    else:
+        text = " ".join(str(err).split()) or "(no message)"
+        lines = [f"{type(err).__name__}: {text}" + ("" if debug else " (run with --debug for the traceback)")]
+    for line in lines:
+        print(f"{prog}: {line}", file=sys.stderr)
+    return 1
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="magseg-nb", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the numbered notebooks with papermill")
     run.add_argument(
@@ -17,19 +42,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--from", dest="start", help="first stage, e.g. 03")
     run.add_argument("--to", dest="stop", help="last stage, e.g. 05")
-    run.add_argument("--force", action="store_true", help="rerun stages even when they are up to date")
+    run.add_argument(
+        "--force", action="store_true", help="rerun stages even when they are up to date, from scratch"
+    )
+    run.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
     sub.add_parser("profiles", help="list the profiles")
     args = parser.parse_args(argv)
 
-    if args.command == "profiles":
-        for path in sorted((chain.repo_root() / "profiles").glob("*.yaml")):
-            print(f"{path.stem:8s} {chain.load_profile(str(path))['description']}")
-        return 0
     try:
+        if args.command == "profiles":
+            for path in sorted((chain.repo_root() / "profiles").glob("*.yaml")):
+                print(f"{path.stem:8s} {chain.load_profile(str(path))['description']}")
+            return 0
         records = chain.run_chain(args.profile, args.start, args.stop, force=args.force)
-    except chain.StageError as err:
-        print(f"magseg-nb: {err}", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the top of the program
+        return report_error("magseg-nb", err, args.debug)
     ran = sum(r["status"] == "ran" for r in records)
     print(f"magseg-nb: {len(records)} stage(s), {ran} ran, {len(records) - ran} skipped")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -40,3 +41,38 @@ def write_json(path: str | Path, obj: Any, sort_keys: bool = False) -> Path:
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     """One JSON object per line (numpy values allowed), written atomically."""
     return write_text(path, "".join(json.dumps(r, default=json_default) + "\n" for r in rows))
+
+
+# --- names from outside that become paths ---------------------------------------------------------
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}")
+
+
+class UnsafeNameError(ValueError):
+    """An identifier from a manifest, a dataset or a profile cannot be used as a file or folder name."""
+
+
+def safe_id(value: Any, what: str = "identifier") -> str:
+    """``value`` when it is a plain file-name component, else :class:`UnsafeNameError`.
+
+    Allowed: letters, digits and ``. _ + = -``, starting with a letter or digit, at most 200
+    characters. So ``..``, ``a/b``, absolute paths, backslashes, spaces, control characters and
+    markup never become a path (or reach a page unescaped through a path).
+    """
+    text = str(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
+    if not isinstance(text, str) or not _SAFE_ID.fullmatch(text) or ".." in text:
+        raise UnsafeNameError(
+            f"{what} {value!r} cannot be used as a file name: use letters, digits and . _ + = - only "
+            "(starting with a letter or digit, no '..')"
+        )
+    return text
+
+
+def safe_path(root: str | Path, *parts: Any, what: str = "identifier") -> Path:
+    """``root / part / ...`` with every part checked by :func:`safe_id`; the result is inside ``root``."""
+    root = Path(root)
+    path = root.joinpath(*(safe_id(p, what) for p in parts))
+    resolved, base = path.resolve(), root.resolve()
+    if resolved != base and base not in resolved.parents:  # a symlinked folder pointing elsewhere
+        raise UnsafeNameError(f"{what} path {path} resolves to {resolved}, outside {base}")
+    return path

@@ -120,7 +120,7 @@ def test_changed_output_of_previous_stage_is_detected(repo):
 
 
 def test_profile_key_unknown_to_the_notebook_is_an_error(repo):
-    _set_profile(repo, **{"01": {"tile_size": 3}})
+    _set_profile(repo, **{"01": {"tile_size": 64}})  # valid for the schema, unknown to this notebook
     with pytest.raises(chain.StageError, match=r"stages.01_dataset_prep sets \['tile_size'\]"):
         chain.run_chain("t", log=lambda *_: None)
 
@@ -145,3 +145,76 @@ def test_partial_folder_is_kept_only_for_the_same_parameters(tmp_path):
     (first.dir / "checkpoint.bin").write_text("x")
     assert (chain.Stage.start("03_sft", params).dir / "checkpoint.bin").exists()
     assert not (chain.Stage.start("03_sft", {**params, "lr": 2}).dir / "checkpoint.bin").exists()
+
+
+def test_finish_writes_results_json(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import torch  # noqa: F401 - results.json reports torch's threads when torch is imported
+
+    repo = tmp_path / "repo"
+    (repo / "notebooks").mkdir(parents=True)
+    (repo / "pyproject.toml").write_text("[project]\nname='x'\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "-C", str(repo), "add", "pyproject.toml"], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-qm", "x"], check=True)
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    monkeypatch.chdir(repo)
+    params = {"run_dir": str(repo / "runs" / "r"), "profile": "r", "seed": 7}
+    stage = chain.Stage.start("01", params)
+    (stage.dir / "a.txt").write_text("a")
+    clock = iter([stage.started + 2.5])
+    monkeypatch.setattr(chain.time, "time", lambda: next(clock))
+    final = stage.finish(summary={"dice": 0.5})
+    res = json.loads((final / "results.json").read_text())
+    assert res["stage"] == "01_dataset_prep" and res["profile"] == "r" and res["seed"] == 7
+    assert res["git"] == {"commit": head, "dirty": False}
+    assert res["versions"] == chain.package_versions()
+    assert res["cpu"] == {
+        "os_cpu_count": os.cpu_count(),
+        "torch_threads": sys.modules["torch"].get_num_threads(),
+    }
+    assert res["wall_s"] == 2.5 and res["summary"] == {"dice": 0.5}
+    state = chain.read_state(final)
+    assert set(state["outputs"]) == {"a.txt"}  # results.json is a record, not an output
+    assert res["finished"] == state["finished"]
+
+    # A tracked file changed: dirty. Outside git: None.
+    (repo / "pyproject.toml").write_text("[project]\nname='y'\n")
+    assert chain.git_commit(repo) == {"commit": head, "dirty": True}
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    assert chain.git_commit(outside) is None
+
+
+def test_cached_output_is_verified_by_hash_and_named(repo):
+    chain.run_chain("t", log=lambda *_: None)
+    run = repo / "runs" / "t"
+    data = run / "01_dataset_prep" / "data.txt"
+    data.write_text("9")  # same size as "6", other bytes
+    logs = []
+    records = chain.run_chain("t", log=logs.append)
+    assert [r["status"] for r in records] == ["ran", "skipped"]  # 02's input fingerprint is unchanged
+    assert f"[01_dataset_prep] running (output changed: {data} changed (its SHA-256 differs" in logs[0]
+    assert data.read_text() == "6"
+
+
+def test_executed_notebook_of_a_failed_run_does_not_replace_the_good_one(repo):
+    chain.run_chain("t", log=lambda *_: None)
+    nbs = repo / "runs" / "t" / "notebooks"
+    good = (nbs / "02_instruction_format.ipynb").read_text()
+    _set_profile(repo, **{"02": {"fail": True}})
+    with pytest.raises(chain.StageError, match=r"02_instruction_format\.failed\.ipynb"):
+        chain.run_chain("t", start="02", log=lambda *_: None)
+    assert (nbs / "02_instruction_format.ipynb").read_text() == good
+    failed = (nbs / "02_instruction_format.failed.ipynb").read_text()
+    assert "asked to fail" in failed and "fail = True" in failed
+    assert sorted(p.name for p in nbs.iterdir()) == [
+        "01_dataset_prep.ipynb",
+        "02_instruction_format.failed.ipynb",
+        "02_instruction_format.ipynb",
+    ]
