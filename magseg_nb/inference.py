@@ -410,7 +410,8 @@ def refine_scene(
     predictor,
     **sam_kw,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """SAM refinement tile by tile on the scene's coarse mask; overlaps vote by SAM's probability.
+    """Refinement (SAM, or image superpixels) tile by tile on the scene's coarse mask; overlaps vote by
+    the refinement's probability.
 
     Returns (refined uint8, probability float32, seconds per tile id). ``predictor=None`` copies the
     coarse mask and its confidence.
@@ -431,7 +432,10 @@ def refine_scene(
             continue
         t0 = time.perf_counter()
         image = geo.read_tile(run01, t.tile_id).image
-        refined, prob = refine.sam_refine(image, tile_coarse, predictor, return_prob=True, **sam_kw)
+        if isinstance(predictor, refine.SuperpixelRefiner):
+            refined, prob = predictor.refine(image, tile_coarse, confidence[win])
+        else:
+            refined, prob = refine.sam_refine(image, tile_coarse, predictor, return_prob=True, **sam_kw)
         seconds[t.tile_id] = time.perf_counter() - t0
         votes.add(int(t.row_off), int(t.col_off), refined, prob)
     labels, prob = votes.result()

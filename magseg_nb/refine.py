@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +30,9 @@ from skimage import filters, measure, morphology, segmentation
 
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
-SAM_BACKENDS = ("none", "tiny", "vit_b", "vit_h")
+# Refinement backends of notebook 05: none, image superpixels (CPU, no weights), or SAM (tiny random
+# weights for wiring checks; vit_b / vit_h real checkpoints).
+SAM_BACKENDS = ("none", "superpixels", "tiny", "vit_b", "vit_h")
 SAM_MANIFEST = Path(__file__).resolve().parents[1] / "data_manifests" / "sam_checkpoints.yaml"
 FIELD = CLASS_IDS["field"]
 LOGIT = 10.0  # magnitude of the logits a binary coarse mask is turned into (SAM's own outputs are ~±10)
@@ -112,7 +115,8 @@ def load_sam(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
 ):
-    """A ``SamPredictor`` for ``backend``, or None for ``"none"``.
+    """A ``SamPredictor`` for ``backend``, a :class:`SuperpixelRefiner` for ``"superpixels"``, or None
+    for ``"none"``.
 
     ``tiny`` is random (seeded); ``vit_b``/``vit_h`` load ``checkpoint`` or, when it is None, fetch the
     manifest's checkpoint into ``cache_dir`` (default ``~/.cache/magseg_nb/sam``).
@@ -121,6 +125,8 @@ def load_sam(
         raise ValueError(f"unknown SAM backend {backend!r}; use one of {', '.join(SAM_BACKENDS)}")
     if backend == "none":
         return None
+    if backend == "superpixels":
+        return SuperpixelRefiner()
     import torch
     from segment_anything import SamPredictor, sam_model_registry
 
@@ -139,6 +145,41 @@ def load_sam(
             )
         sam = sam_model_registry[backend](checkpoint=str(checkpoint))
     return SamPredictor(sam.to(_device(device)).eval())
+
+
+@dataclass(frozen=True)
+class SuperpixelRefiner:
+    """Refinement from the image alone: SLIC superpixels, each taking the majority class of the coarse
+    mask inside it, so class borders snap to the image's colour edges instead of the cell grid.
+
+    It needs no weights (the CPU profiles' real refinement; SAM checkpoints are for GPU runs). Defaults
+    were chosen on generated training scenes from an ideal coarse mask (the truth at 16x16 cells per
+    128 px tile): mIoU 0.811 -> 0.829 with ~300 segments per tile, compactness 10.
+    """
+
+    n_segments: int = 300  # per 128 x 128 px tile; scaled with the tile's area
+    compactness: float = 10.0  # SLIC: higher = squarer segments, lower = closer to colour edges
+
+    def refine(self, image: np.ndarray, coarse: np.ndarray, confidence: np.ndarray | None = None):
+        """(refined uint8 class ids, probability float32): the coarse labels voted per superpixel,
+        weighted by the coarse confidence when given; NODATA stays NODATA."""
+        from skimage.segmentation import slic
+
+        coarse = np.asarray(coarse)
+        valid = coarse != NODATA
+        if not valid.any():
+            return coarse.astype(np.uint8), np.zeros(coarse.shape, np.float32)
+        n = max(1, int(round(self.n_segments * coarse.size / 128**2)))
+        segments = slic(image[..., :3], n_segments=n, compactness=self.compactness, start_label=1, mask=valid)
+        weight = (
+            np.ones(coarse.shape) if confidence is None else np.clip(np.asarray(confidence, float), 1e-3, 1)
+        )
+        votes = np.zeros((segments.max() + 1, len(CLASSES)))
+        np.add.at(votes, (segments[valid], coarse[valid].astype(int)), weight[valid])
+        share = votes / np.maximum(votes.sum(1, keepdims=True), 1e-9)
+        refined = np.where(valid, votes.argmax(1)[segments], NODATA).astype(np.uint8)
+        prob = np.where(valid, share.max(1)[segments], 0).astype(np.float32)
+        return refined, prob
 
 
 def mask_prompt(binary: np.ndarray, predictor) -> np.ndarray:

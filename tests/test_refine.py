@@ -265,3 +265,29 @@ def test_scene_fields_from_a_saved_mask(tmp_path):
     colours = np.array([[120, 120, 120], [230, 200, 60], [30, 120, 40], [40, 110, 220]], np.uint8)
     inst, gdf = refine.scene_fields(mask, transform, crs, "s0", image=colours[sem])  # edges by default
     assert inst.max() == len(gdf) >= 1 and (mask[inst > 0] == CLASS_IDS["field"]).all()
+
+
+def test_superpixel_refinement_snaps_class_borders_to_the_image():
+    """A field/tree border off the 8 px cell grid: the coarse mask is blocky, the superpixel vote
+    follows the colour edge, so field IoU rises; nodata stays nodata."""
+    from magseg_nb import metrics, prompts
+    from magseg_nb.labels import CLASS_IDS, NODATA
+
+    rng = np.random.default_rng(0)
+    truth = np.full((128, 128), CLASS_IDS["field"], np.uint8)
+    rr, cc = np.mgrid[:128, :128]
+    truth[(rr - 60) ** 2 + (cc - 70) ** 2 < 30**2] = CLASS_IDS["tree"]  # a round orchard
+    image = np.where(truth[..., None] == CLASS_IDS["tree"], [40, 110, 40], [200, 180, 90]).astype(float)
+    image = np.clip(image + rng.normal(0, 8, image.shape), 1, 255).astype(np.uint8)
+    coarse = np.kron(prompts.downsample_mask(truth, 16), np.ones((8, 8), int)).astype(np.uint8)
+    coarse[:, :8] = NODATA
+    refined, prob = refine.load_sam("superpixels").refine(image, coarse)
+    assert refined.shape == truth.shape and prob.dtype == np.float32
+    assert (refined[:, :8] == NODATA).all() and (prob[:, :8] == 0).all()
+
+    def iou(pred):
+        keep = pred != NODATA
+        return metrics.semantic_from_cm(metrics.confusion_matrix(truth[keep], pred[keep]))["iou"][CLASS_IDS["tree"]]
+
+    assert iou(refined) > iou(coarse) + 0.02 and iou(refined) > 0.9
+    assert 0.5 <= prob[coarse != NODATA].min() and prob.max() <= 1.0
