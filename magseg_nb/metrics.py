@@ -645,6 +645,7 @@ def bootstrap_scores(
     seed: int = 0,
     metrics=None,
     cluster: str | None = None,
+    row_unit: str = "tiles",
 ):
     """Pooled scores with percentile bootstrap intervals (one row per metric).
 
@@ -652,7 +653,8 @@ def bootstrap_scores(
     Each replicate resamples units with replacement (multinomial weights): tiles, or whole spatial
     blocks with ``cluster="block_id"``; it sums their counts and recomputes the scores, so ratios
     such as F1 are pooled the same way as the estimate. Returns columns
-    ``metric, value, lo, hi, n_tiles, n_units, resampled``.
+    ``metric, value, lo, hi, n_tiles, n_units, resampled, row_unit`` (``n_tiles`` counts the rows,
+    which are ``row_unit``: tiles, or validation answers).
     """
     import pandas as pd
 
@@ -681,6 +683,7 @@ def bootstrap_scores(
                 "n_tiles": len(counts),
                 "n_units": n,
                 "resampled": cluster or "tile",
+                "row_unit": row_unit,
             }
         )
     return pd.DataFrame(rows)
@@ -748,6 +751,7 @@ def compare_methods(
                 "n_tiles": len(a),
                 "n_units": n,
                 "resampled": cluster or key,
+                "row_unit": "tiles" if key == "tile_id" else "answers",
             }
         )
     return pd.DataFrame(rows)
@@ -755,7 +759,7 @@ def compare_methods(
 
 def _units_text(row) -> str:
     """ "65 tiles" or "65 tiles in 14 blocks" for a table row."""
-    text = f"{int(row['n_tiles'])} tiles"
+    text = f"{int(row['n_tiles'])} {row.get('row_unit', 'tiles')}"
     if str(row.get("resampled", "tile")) not in ("tile", "tile_id", "id"):
         text += f" in {int(row['n_units'])} blocks"
     return text
@@ -1249,3 +1253,26 @@ def write_report(path, title: str, sections: list[tuple[str, object]]) -> Path:
             parts.append(str(content))
         parts.append("")
     return files.write_text(path, "\n".join(parts))
+
+
+def interval_comparison(by_tile, by_block, metric_names) -> pd.DataFrame:  # noqa: F821
+    """Side by side, per method and metric: the tile-resampled and the block-resampled interval and
+    their widths (``score_table`` with ``cluster=None`` and with ``cluster="block_id"``)."""
+    import pandas as pd
+
+    keys = ["method", "group", "metric"]
+    a = by_tile[by_tile["metric"].isin(metric_names)].set_index(keys)
+    b = by_block.set_index(keys).reindex(a.index)
+    out = pd.DataFrame(
+        {
+            "value": a["value"],
+            "tile_lo": a["lo"],
+            "tile_hi": a["hi"],
+            "block_lo": b["lo"],
+            "block_hi": b["hi"],
+            "n_tiles": a["n_tiles"],
+            "n_blocks": b["n_units"],
+        }
+    )
+    out["width_ratio"] = (out["block_hi"] - out["block_lo"]) / (out["tile_hi"] - out["tile_lo"])
+    return out.reset_index()
