@@ -208,3 +208,17 @@ def change_sentences(diff: pd.DataFrame, name_b: str, name_a: str) -> list[str]:
             f"[{r['lo']:+.3f}, {r['hi']:+.3f}] ({int(r['n_tiles'])} answers in {int(r['n_units'])} blocks): {word}."
         )
     return out
+
+
+def repair_kinds(answers_jsonl) -> pd.Series:
+    """Share of answers with each kind of repair the decoder made (numbers and labels replaced by N,
+    e.g. "row N: N cells, expected N"), most frequent first: why answers are not well-formed."""
+    import re
+
+    answers = list(read_answers(answers_jsonl).values())
+    kinds: dict[str, int] = {}
+    for a in answers:
+        for kind in {re.sub(r"\[.*?\]|'[^']*'|\d+", "N", r) for r in a.get("repairs", [])}:
+            kinds[kind] = kinds.get(kind, 0) + 1
+    share = pd.Series(kinds, dtype=float) / max(len(answers), 1)
+    return share.sort_values(ascending=False).rename("share of answers")

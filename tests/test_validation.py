@@ -132,3 +132,25 @@ def test_grpo_steps_table_says_when_kl_was_not_computed():
         0.01,
         0.02,
     ]
+
+
+def test_repair_kinds_say_why_answers_were_not_well_formed(tmp_path):
+    rows = [
+        {
+            "id": "a",
+            "answer": "",
+            "valid": False,
+            "repairs": ["found 15 rows, expected 16", "row 3: 7 cells, expected 8"],
+        },
+        {"id": "b", "answer": "", "valid": False, "repairs": ["found 17 rows, expected 16"]},
+        {"id": "c", "answer": "", "valid": True, "repairs": []},
+        {"id": "d", "answer": "", "valid": False, "repairs": ["unknown labels ['cow'] set to 'others'"]},
+    ]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kinds = validation.repair_kinds(path)
+    assert kinds.to_dict() == {
+        "found N rows, expected N": 0.5,
+        "row N: N cells, expected N": 0.25,
+        "unknown labels N set to N": 0.25,
+    }
