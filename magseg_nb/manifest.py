@@ -13,9 +13,11 @@ refuses a file whose checksum nobody has recorded unless told to record it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
+import sys
 import tarfile
 import zipfile
 from collections.abc import Callable
@@ -28,6 +30,7 @@ import requests
 import yaml
 
 from magseg_nb import files
+from magseg_nb.files import UnsafeNameError, safe_id, safe_path
 from magseg_nb.labels import CLASSES
 
 UNKNOWN = "unknown"
@@ -101,6 +104,10 @@ def load_manifest(path: str | Path) -> dict:
             where = f"{section}.{name}"
             if not isinstance(item, dict):
                 raise ManifestError(f"{path}: {where}: must be a mapping")
+            try:
+                safe_id(name, f"{section[:-1]} name")
+            except UnsafeNameError as exc:
+                raise ManifestError(f"{path}: {where}: {exc}") from None
             if section == "datasets":
                 _validate_dataset(path, where, item)
             else:
@@ -137,6 +144,11 @@ def _validate_dataset(path: Path, where: str, item: dict) -> None:
     countries = _require(path, where, item, "countries", list)
     if not countries or not all(isinstance(c, str) for c in countries):
         raise ManifestError(f"{path}: {where}.countries: expected a non-empty list of names")
+    for country in countries:
+        try:
+            safe_id(country, "country")
+        except UnsafeNameError as exc:
+            raise ManifestError(f"{path}: {where}.countries: {exc}") from None
     imagery = _require(path, where, item, "imagery", dict)
     _require(path, f"{where}.imagery", imagery, "source", str)
     _require(path, f"{where}.imagery", imagery, "resolution_m", (int, float))
@@ -188,12 +200,12 @@ def _validate_dataset(path: Path, where: str, item: dict) -> None:
 
 
 def _validate_file(path: Path, where: str, entry: dict, need_name: bool) -> None:
-    if need_name:
-        name = _require(path, where, entry, "name", str)
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
-            raise ManifestError(f"{path}: {where}.name: must be a plain file name, got {name!r}")
-    else:
-        _require(path, where, entry, "filename", str)
+    key = "name" if need_name else "filename"
+    name = _require(path, where, entry, key, str)
+    try:
+        safe_id(name, "file name")
+    except UnsafeNameError as exc:
+        raise ManifestError(f"{path}: {where}.{key}: must be a plain file name ({exc})") from None
     urls = _require(path, where, entry, "urls", list)
     if not urls or not all(isinstance(u, str) and u for u in urls):
         raise ManifestError(f"{path}: {where}.urls: expected a non-empty list of URLs (primary first)")
@@ -219,10 +231,23 @@ def _validate_file(path: Path, where: str, entry: dict, need_name: bool) -> None
     target = entry.get("unpack_to")
     if target is not None:
         parts = PurePosixPath(str(target)).parts
-        if not isinstance(target, str) or not parts or PurePosixPath(target).is_absolute() or ".." in parts:
+        if (
+            not isinstance(target, str)
+            or not parts
+            or PurePosixPath(target).is_absolute()
+            or not all(_is_safe(p) for p in parts)
+        ):
             raise ManifestError(
-                f"{path}: {where}.unpack_to: expected a relative folder without '..', got {target!r}"
+                f"{path}: {where}.unpack_to: expected a relative folder of plain names (letters, digits, . _ + = -; no '..'), got {target!r}"
             )
+
+
+def _is_safe(name: str) -> bool:
+    try:
+        safe_id(name)
+    except UnsafeNameError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- download
@@ -267,6 +292,10 @@ def fetch(
     name = _entry_name(entry)
     if not name or not entry.get("urls"):
         raise FetchError(f"manifest entry {entry!r} needs a 'name' (or 'filename') and 'urls'")
+    try:
+        safe_id(name, "file name")
+    except UnsafeNameError as exc:
+        raise FetchError(f"manifest entry {name!r}: {exc}") from None
     sha, md5, size = entry.get("sha256", UNKNOWN), entry.get("md5"), entry.get("size_bytes", UNKNOWN)
     trusted = _known(sha) or _known(md5)
     if not trusted and not (allow_unknown_checksum or record_checksum):
@@ -469,21 +498,55 @@ def _reported_total(resp: requests.Response, offset: int) -> int | None:
 # --------------------------------------------------------------------------- unpack
 
 
-def unpack(archive: str | Path, target: str | Path, kind: str | None = None) -> Path:
-    """Extract a zip or tar archive into ``target`` (a new folder) and return it.
+UNPACK_RECORD = ".magseg-unpacked.json"  # written last into an unpacked folder: what it holds
+
+
+def _unpacked_problem(archive: Path, target: Path) -> str | None:
+    """None when ``target`` is a complete unpack of this ``archive``; otherwise what is wrong."""
+    try:
+        record = json.loads((target / UNPACK_RECORD).read_text())
+        listing = record["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "it has no record of a finished unpack (interrupted, or unpacked by something else)"
+    stat = archive.stat()
+    if record.get("archive") != archive.name or record.get("archive_size") != stat.st_size:
+        return f"it was unpacked from another archive ({record.get('archive')}, {record.get('archive_size')} bytes)"
+    if record.get("archive_mtime_ns") != stat.st_mtime_ns:
+        return f"{archive.name} was downloaded again after it was unpacked"
+    for rel, size in listing.items():
+        path = target / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != size:
+            return f"{rel} has {path.stat().st_size} bytes, the archive has {size}"
+    return None
+
+
+def unpack(
+    archive: str | Path, target: str | Path, kind: str | None = None, log: Callable[[str], None] = print
+) -> Path:
+    """Extract a zip or tar archive into ``target`` and return it.
 
     Members with absolute paths, ``..`` parts or links are refused before anything is written.
-    Extraction goes to ``<target>.partial`` first, so an interrupted unpack never looks finished.
-    An existing ``target`` is taken as already unpacked.
+    Extraction goes to ``<target>.partial`` first, then a record of the archive and of every
+    unpacked file (with its size) is written there, and only then is it renamed to ``target``. An
+    existing ``target`` is reused only when its record matches the archive and every listed file is
+    there with its size; otherwise (interrupted, damaged, or from an older download) it is unpacked
+    again, and the old folder is replaced only once the new one is complete.
     """
     archive, target = Path(archive), Path(target)
     if target.exists():
-        return target
+        problem = _unpacked_problem(archive, target)
+        if problem is None:
+            log(f"{target} is already unpacked from {archive.name}")
+            return target
+        log(f"{target}: {problem}; unpacking {archive.name} again")
+    else:
+        log(f"unpacking {archive.name} -> {target}")
+    advice = f"delete {archive} and fetch again (the same command downloads and unpacks it anew)"
     kind = kind or ("zip" if zipfile.is_zipfile(archive) else "tar" if tarfile.is_tarfile(archive) else None)
     if kind not in ("zip", "tar"):
-        raise UnpackError(
-            f"{archive}: not a zip or tar archive (corrupt or incomplete download? delete it and fetch again)"
-        )
+        raise UnpackError(f"{archive}: not a zip or tar archive (corrupt or incomplete download?); {advice}")
     tmp = target.with_name(target.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -493,13 +556,29 @@ def unpack(archive: str | Path, target: str | Path, kind: str | None = None) -> 
             _unzip(archive, tmp)
         else:
             _untar(archive, tmp)
+        listing = {
+            p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        stat = archive.stat()
+        record = {
+            "archive": archive.name,
+            "archive_size": stat.st_size,
+            "archive_mtime_ns": stat.st_mtime_ns,
+            "files": listing,
+        }
+        files.write_json(tmp / UNPACK_RECORD, record)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UnpackError(f"{archive}: cannot be unpacked ({exc}); delete it and fetch again") from exc
-    except UnpackError:
+        raise UnpackError(f"{archive}: cannot be unpacked ({exc}); {advice}") from exc
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
     os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -551,7 +630,7 @@ def prepare_dataset(
     Layout: ``<data_root>/<dataset>/downloads/<file>`` and ``<data_root>/<dataset>/<unpack_to>/``.
     """
     spec = manifest_entry(manifest_path, "datasets", dataset)
-    ds_dir = Path(data_root) / dataset
+    ds_dir = safe_path(data_root, dataset, what="dataset name")
     entries = spec["files"]
     if files is not None:
         known = {e["name"] for e in entries}
@@ -567,8 +646,7 @@ def prepare_dataset(
         path = fetch(entry, ds_dir / "downloads", allow_unknown_checksum, record_checksum, log=log)
         if entry.get("unpack", "none") != "none":
             target = ds_dir / entry.get("unpack_to", Path(entry["name"]).stem)
-            log(f"unpacking {path.name} -> {target}")
-            unpack(path, target, entry["unpack"])
+            unpack(path, target, entry["unpack"], log=log)
     return ds_dir
 
 
@@ -583,7 +661,7 @@ def dataset_sources(
     ``<dataset dir>/derived/``; raster labels are polygonized there into a GeoPackage.
     """
     spec = manifest_entry(manifest_path, "datasets", dataset)
-    root = Path(data_root) / dataset
+    root = safe_path(data_root, dataset, what="dataset name")
     if not root.is_dir():
         root = Path(data_root)
     if not root.is_dir():
@@ -632,9 +710,10 @@ def _sources_ai4smallfarms(spec: dict, root: Path) -> list[SceneSource]:
                 f"{image}: no labels file {labels_path} (is the reference/ folder unpacked?)"
             )
         country = m.group("country")
+        scene_id = safe_id(f"{country}_{m.group('tile')}", f"scene id of {image}")
         out.append(
             SceneSource(
-                scene_id=f"{country}_{m.group('tile')}",
+                scene_id=scene_id,
                 country=country,
                 image_path=_rgb_image(image, layout["rgb_bands"], _derived_dir(root) / image.stem),
                 labels_path=labels_path,
@@ -666,11 +745,12 @@ def _sources_ftw(spec: dict, root: Path, log: Callable[[str], None]) -> list[Sce
                 f"{chips}: cannot read columns aoi_id and split ({exc}); is the file complete?"
             ) from exc
         for aoi, split in zip(table["aoi_id"].astype(str), table["split"].astype(str), strict=True):
+            safe_id(aoi, f"aoi_id in {chips}")  # it becomes a folder (derived/<country>/<aoi>) and a scene id
             image = cdir / layout["image"].format(aoi=aoi)
             mask = cdir / layout["instance_mask"].format(aoi=aoi)
             if not (image.is_file() and mask.is_file()):
                 continue  # upstream: some AOIs have no imagery (torchgeo's FTW loader skips them too)
-            derived = _derived_dir(root) / country / aoi
+            derived = safe_path(_derived_dir(root), country, aoi, what=f"aoi_id in {chips}")
             labels_path, n_fields = _polygonize_instances(mask, derived / "labels.gpkg")
             if n_fields == 0:
                 empty += 1  # geo.prepare_scene needs at least one polygon per scene
@@ -785,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if cmd == "dataset":
             p.add_argument("--files", nargs="+", help="only these file names (e.g. india.zip)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "check":
@@ -807,8 +888,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             entry = manifest_entry(args.manifest, "models", args.name)
             print(fetch(entry, args.dest, args.allow_unknown_checksum, args.record_checksum))
-    except (ManifestError, FetchError, UnpackError, FileNotFoundError) as exc:
-        print(f"error: {exc}")
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume the download", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the top of the program: one clear message
+        if args.debug:
+            import traceback
+
+            traceback.print_exception(exc)
+        expected = (ManifestError, FetchError, UnpackError, UnsafeNameError, FileNotFoundError)
+        text = str(exc) if isinstance(exc, expected) else f"{type(exc).__name__}: {exc}"
+        hint = "" if args.debug or isinstance(exc, expected) else " (run with --debug for the traceback)"
+        print(f"error: {text}{hint}", file=sys.stderr)
         return 1
     return 0
 

@@ -41,3 +41,26 @@ def test_write_text_replaces_and_cleans_up_when_the_rename_fails(tmp_path, monke
         files.write_text(path, "second")
     assert path.read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.md"]
+
+
+@pytest.mark.parametrize("good", ["s0_r0_c1__p2_3", "IN_123", "vietnam", "a.b-c+d=e", 5])
+def test_safe_id_accepts_plain_names(good):
+    assert files.safe_id(good) == str(good)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["..", "../x", "a/../b", "/etc", "a/b", "a\\b", "", ".hidden", "a..b", "x y", "<script>", None, True],
+)
+def test_safe_id_refuses_what_could_leave_a_folder_or_inject_markup(bad):
+    with pytest.raises(files.UnsafeNameError, match=r"aoi_id .* cannot be used as a file name"):
+        files.safe_id(bad, "aoi_id")
+
+
+def test_safe_path_stays_inside_its_root(tmp_path):
+    assert files.safe_path(tmp_path, "a", "b") == tmp_path / "a" / "b"
+    (tmp_path / "link").symlink_to(tmp_path.parent)
+    with pytest.raises(files.UnsafeNameError, match="outside"):
+        files.safe_path(tmp_path, "link", "x")
+    with pytest.raises(files.UnsafeNameError, match="cannot be used"):
+        files.safe_path(tmp_path, "..")

@@ -666,8 +666,33 @@ def test_command_line(server, tmp_path, capsys, monkeypatch):
     man = tmp_path / "sam.yaml"
     man.write_text(yaml.safe_dump(data))
     assert mf.main(["model", str(man), "vit_b", "--dest", str(tmp_path / "models")]) == 1
-    out = capsys.readouterr().out
-    assert out.startswith("error: could not fetch sam_vit_b_01ec64.pth") and "404" in out
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not fetch sam_vit_b_01ec64.pth") and "404" in err
+    # any other error: one line naming the file, no traceback; --debug shows it
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets: [\n")
+    assert mf.main(["dataset", str(bad), "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: not valid YAML") and "Traceback" not in err
+    monkeypatch.setattr(mf, "load_manifest", lambda path: 1 / 0)
+    assert mf.main(["check", str(bad)]) == 1
+    assert capsys.readouterr().err == (
+        "error: ZeroDivisionError: division by zero (run with --debug for the traceback)\n"
+    )
+    assert mf.main(["--debug", "check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.endswith(
+        "error: ZeroDivisionError: division by zero\n"
+    )
+
+
+def test_command_line_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mf, "load_manifest", interrupted)
+    assert mf.main(["check", str(tmp_path / "m.yaml")]) == 130
+    assert capsys.readouterr().err == "error: interrupted; rerun the same command to resume the download\n"
 
 
 def test_prepare_dataset_skips_optional_files(tmp_path, ai4sf_archive):

@@ -8,6 +8,7 @@ EPSG:4326), vectors are inline GeoJSON, and the MapLibre script is the one leafm
 from __future__ import annotations
 
 import base64
+import html as html_lib
 import io
 import re
 from pathlib import Path
@@ -102,6 +103,8 @@ def _popup_gdf(gdf, keep):
     for col in out.columns:
         if col != "geometry" and out[col].dtype.kind == "f":
             out[col] = out[col].round(3)
+        elif col != "geometry" and out[col].dtype.kind not in "iub":  # text from the data: escaped
+            out[col] = out[col].map(lambda v: v if v is None else html_lib.escape(str(v)))
     return out
 
 
@@ -140,8 +143,9 @@ def scene_map(
     layer_ids = ["imagery"]
     for name, path in (masks or {}).items():
         arr, mbounds, _ = to_wgs84(Path(path), max_size=max_size)
-        add_image_layer(m, name, class_rgba(arr[0]), mbounds, visible=name == list(masks)[-1])
-        layer_ids.append(name)
+        layer = html_lib.escape(name)
+        add_image_layer(m, layer, class_rgba(arr[0]), mbounds, visible=name == list(masks)[-1])
+        layer_ids.append(layer)
     keep = ["class", "area_m2", "iou", "match_id", "gt_id", "instance_id"]
     for name, gdf, colour in (("ground truth", gt_fields, "#ffffff"), ("predicted", pred_fields, "#ff3df5")):
         if gdf is None or len(gdf) == 0:
@@ -164,7 +168,7 @@ def scene_map(
         layer_ids += [name]
     m.add_layer_control(layer_ids=layer_ids, position="top-left")
     m.add_legend(
-        title=title or "classes",
+        title=html_lib.escape(title or "classes"),  # scene ids come from the data: never raw markup
         legend_dict={
             **{n: "#{:02x}{:02x}{:02x}".format(*CLASS_COLORS[n]) for n in CLASSES},
             "ground-truth field": "#ffffff",
@@ -184,7 +188,7 @@ def network_loads(html: str) -> list[str]:
 
 def save_offline_html(m, path: Path, title: str = "MAgSeg predictions") -> Path:
     """Write the map as one self-contained HTML file (atomic) and check it loads nothing remote."""
-    html = m.to_html(title=title, height="100vh")
+    html = m.to_html(title=html_lib.escape(title), height="100vh")  # the template does not escape
     # leafmap leaves the CDN MapLibre tags commented out (the bundle already holds MapLibre): drop them.
     html = re.sub(r"<!--.*?-->", "", html, flags=re.S)
     problems = network_loads(html)
