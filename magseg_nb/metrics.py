@@ -757,7 +757,7 @@ def compare_methods(
     return pd.DataFrame(rows)
 
 
-def _units_text(row) -> str:
+def units_text(row) -> str:
     """ "65 tiles" or "65 tiles in 14 blocks" for a table row."""
     text = f"{int(row['n_tiles'])} {row.get('row_unit', 'tiles')}"
     if str(row.get("resampled", "tile")) not in ("tile", "tile_id", "id"):
@@ -771,7 +771,7 @@ def describe_difference(row, name_a: str, name_b: str) -> str:
     if np.isnan(d):
         return f"{m}: not available for both {name_a} and {name_b}."
     head = f"{m}: {name_b} {row['b']:.3f} vs {name_a} {row['a']:.3f} (difference {d:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f}"
-    head += f", {_units_text(row)})"
+    head += f", {units_text(row)})"
     lower_better = m in ("over_seg_rate", "under_seg_rate", "os_error", "us_error")
     if np.isnan(lo) or (lo <= 0 <= hi):
         return head + ": the interval includes zero, so this data cannot tell them apart."
@@ -1175,7 +1175,7 @@ def ablation_reading(ablation, metrics=("iou_field", "inst_f1", "boundary_m_f1")
                 for m, r in clear.iterrows()
             )
         )
-        lines.append(f"**{question}** ({a} → {b}, {_units_text(sub.iloc[0])}): {verdict}.")
+        lines.append(f"**{question}** ({a} → {b}, {units_text(sub.iloc[0])}): {verdict}.")
     return lines
 
 

@@ -205,7 +205,7 @@ def change_sentences(diff: pd.DataFrame, name_b: str, name_a: str) -> list[str]:
         ]
         out.append(
             f"{r['metric']}: {name_b} {r['b']:.3f} vs {name_a} {r['a']:.3f}, change {r['diff']:+.3f} "
-            f"[{r['lo']:+.3f}, {r['hi']:+.3f}] ({int(r['n_tiles'])} answers in {int(r['n_units'])} blocks): {word}."
+            f"[{r['lo']:+.3f}, {r['hi']:+.3f}] ({metrics.units_text(r)}): {word}."
         )
     return out
 
@@ -222,3 +222,20 @@ def repair_kinds(answers_jsonl) -> pd.Series:
             kinds[kind] = kinds.get(kind, 0) + 1
     share = pd.Series(kinds, dtype=float) / max(len(answers), 1)
     return share.sort_values(ascending=False).rename("share of answers")
+
+
+def by_tile(frame: pd.DataFrame) -> pd.DataFrame:
+    """An answer frame summed per tile (so formats with different conversations per tile pair up)."""
+    cm = [c for c in frame.columns if c.startswith("cm_")]
+    return frame.groupby(["tile_id", "block_id"], as_index=False)[cm].sum()
+
+
+def compare_formats(
+    frame_a: pd.DataFrame, frame_b: pd.DataFrame, n_boot=1000, ci=0.95, seed=0
+) -> pd.DataFrame:
+    """Paired B - A of two formats' models on the validation tiles both answered (cells summed per
+    tile; whole blocks resampled). Meaningful when both label the same cells (same resolution)."""
+    a, b = by_tile(frame_a), by_tile(frame_b)
+    common = sorted(set(a["tile_id"]) & set(b["tile_id"]))
+    a, b = (x[x["tile_id"].isin(common)] for x in (a, b))
+    return metrics.compare_methods(a, b, METRICS, n_boot, ci, seed, cluster="block_id")
