@@ -59,6 +59,7 @@ class CommonSettings:
     logging_steps: int = 10
     seed: int = 0
     max_train_examples: int | None = None  # a seeded random subset of the training rows
+    class_balance: float = 0.0  # 0: rows as they come; 1: drawn by their rarest class (balanced_rows)
     time_budget_s: float | None = None  # stop (and save) after this many seconds of training
     eval_max_examples: int | None = 64  # validation rows scored after training (None: all; 0: skip)
     eval_batch_size: int = 16
@@ -163,6 +164,30 @@ def load_split(jsonl: str | Path, max_examples: int | None = None, seed: int = 0
     if max_examples is not None and len(ds) > max_examples:
         ds = ds.shuffle(seed=seed).select(range(max_examples))
     return ds
+
+
+def row_weights(gt_masks, power: float = 1.0) -> np.ndarray:
+    """A sampling weight per training row: (1 / frequency of the rarest class in its target) ** power.
+
+    Rows holding a rare class (water, trees) are drawn more often, so the model sees them more than
+    their share of cells; ``power`` 0 gives equal weights.
+    """
+    masks = [np.asarray(m) for m in gt_masks]
+    counts = np.zeros(len(CLASSES))
+    for m in masks:
+        counts += np.bincount(m[m != NODATA].ravel(), minlength=len(CLASSES))[: len(CLASSES)]
+    inv = 1.0 / np.maximum(counts / max(counts.sum(), 1), 1e-6)
+    w = np.array([inv[np.unique(m[m != NODATA])].max() if (m != NODATA).any() else 1.0 for m in masks])
+    return (w / w.max()) ** power
+
+
+def balanced_rows(ds, power: float, seed: int = 0):
+    """The dataset redrawn (same size, with replacement, seeded) by :func:`row_weights`; unchanged at 0."""
+    if not power or len(ds) == 0:
+        return ds
+    w = row_weights(ds["gt_mask"], power)
+    idx = np.random.default_rng(seed).choice(len(ds), size=len(ds), replace=True, p=w / w.sum())
+    return ds.select(np.sort(idx))
 
 
 def _quiet(trainer):
@@ -336,6 +361,7 @@ def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None) -> dict:
         train_ds = (
             train_ds if train_ds is not None else load_split(s.train_jsonl, s.max_train_examples, s.seed)
         )
+        train_ds = balanced_rows(train_ds, s.class_balance, s.seed)
         # A full fine-tune resumes from the checkpoint's weights: the Trainer's own resume does not map
         # the checkpoint's saved key names back onto the model (it warns and keeps the base weights).
         resume = last_checkpoint(out / "checkpoints") if s.full_finetune else None
@@ -460,6 +486,7 @@ def run_grpo(cfg: dict | GRPOSettings, train_ds=None, val_ds=None) -> dict:
         train_ds = (
             train_ds if train_ds is not None else load_split(s.train_jsonl, s.max_train_examples, s.seed)
         )
+        train_ds = balanced_rows(train_ds, s.class_balance, s.seed)
         model, processor = models.load_model_and_processor(
             s.base_model, adapter_dir=s.adapter_dir, dtype=_train_dtype(s), device="cpu", trainable=True
         )

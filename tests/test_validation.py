@@ -154,3 +154,18 @@ def test_repair_kinds_say_why_answers_were_not_well_formed(tmp_path):
         "row N: N cells, expected N": 0.25,
         "unknown labels N set to N": 0.25,
     }
+
+
+def test_class_balanced_rows_draw_rare_classes_more_often():
+    from datasets import Dataset
+
+    field, water = np.full((4, 4), F), np.full((4, 4), F)
+    water[0, 0] = 3
+    ds = Dataset.from_dict({"gt_mask": [field.tolist()] * 9 + [water.tolist()], "i": list(range(10))})
+    w = training.row_weights(ds["gt_mask"])
+    # 159 field cells and 1 water cell: weights 1/freq of each row's rarest class, scaled to max 1.
+    assert w[-1] == 1.0 and w[0] == pytest.approx((160 / 159) / 160)
+    assert training.balanced_rows(ds, 0.0) is ds
+    drawn = training.balanced_rows(ds, 1.0, seed=0)
+    assert len(drawn) == 10 and drawn["i"].count(9) >= 8  # the one water row dominates the redraw
+    assert training.balanced_rows(ds, 1.0, seed=0)["i"] == drawn["i"]  # seeded
