@@ -250,7 +250,8 @@ def cell_scores(pairs) -> pd.DataFrame:
     """Per-class IoU/Dice/precision/recall/support over all cells of (truth, prediction) pairs."""
     from magseg_nb import metrics
 
-    cm = sum(metrics.confusion_matrix(g, p, n_classes=len(CLASSES)) for g, p in pairs)
+    n = len(CLASSES)
+    cm = sum((metrics.confusion_matrix(g, p, n_classes=n) for g, p in pairs), np.zeros((n, n), np.int64))
     return metrics.semantic_scores(cm)
 
 
@@ -267,6 +268,20 @@ def dice_summary(scores: pd.DataFrame) -> dict:
     """{dice_<class>: ..., mean_dice: ...} rounded, from ``cell_scores``; None for a class absent on both sides."""
     out = {f"dice_{c}": None if np.isnan(v) else round(float(v), 4) for c, v in scores["dice"].items()}
     return {**out, "mean_dice": round(float(scores.attrs["mdice"]), 4)}
+
+
+def validation_table(run01, pred_dir, grid: int = SCORE_GRID) -> pd.DataFrame:
+    """Validation cell Dice per class (and the mean) of the saved predictions and of all-field."""
+    preds = {t: read_tile_prediction(pred_dir, t) for t in split_tiles(run01, "val")["tile_id"]}
+    pairs = tile_cell_pairs(run01, preds, grid)
+    table = {}
+    for name, pp in (("pixel classifier", pairs), ("all-field", [(g, np.ones_like(g)) for g, _ in pairs])):
+        scores = cell_scores(pp)
+        table[name] = {**scores["dice"].to_dict(), "mean": scores.attrs["mdice"]}
+    out = pd.DataFrame(table)
+    out["cells"] = [*cell_scores(pairs)["support"], int(sum(g.size for g, _ in pairs))]
+    out.index.name = "validation Dice"
+    return out
 
 
 def predict_split(run01, model: PixelModel, split: str) -> dict[str, np.ndarray]:

@@ -195,6 +195,11 @@ def test_write_predictions_and_score_conversations(tmp_path):
     for (gt, cells), row in zip(pairs, rows, strict=True):
         assert np.array_equal(gt, row["gt_mask"])
         assert (gt == cells).mean() > 0.9
+    table = pixel_baseline.validation_table(run01, out, grid=8)
+    assert list(table.columns) == ["pixel classifier", "all-field", "cells"]
+    assert np.isclose(table.loc["water", "pixel classifier"], rec["val_cells"]["dice_water"], atol=1e-4)
+    assert table.loc["water", "all-field"] == 0 and table.loc["mean", "cells"] == 64
+    assert table.loc["field", "all-field"] < table.loc["field", "pixel classifier"]
     with pytest.raises(FileNotFoundError, match="predicted no such tile"):
         pixel_baseline.read_tile_prediction(out, "t0_0")
 
