@@ -220,3 +220,14 @@ def test_overlapping_tiles_nearest_centre_wins():
     pixel_baseline.paste_nearest_centre(mosaic2, best2, 0, 0, a)
     assert np.array_equal(mosaic2, expected)
     assert np.isclose(best[0, 3], np.hypot(1.5, 0.5)) and np.isinf(best[0, 6])
+
+
+def test_tuning_uses_validation_and_settings_defaults(tmp_path):
+    run01, _, _ = fake_run(tmp_path, water_in_train=True)
+    candidates = ({}, {"max_iter": 1, "learning_rate": 0.01})  # the second barely learns
+    best, table = pixel_baseline.tune_pixel_classifier(run01, candidates, settings=FAST, grid=8)
+    assert best == FAST and len(table) == 2 and table.mean_dice.is_monotonic_decreasing
+    assert table.mean_dice.iloc[0] > table.mean_dice.iloc[1]
+    assert pixel_baseline.make_settings(samples_per_tile=None, max_iter=7) == pixel_baseline.PixelSettings(
+        max_iter=7
+    )
