@@ -529,6 +529,20 @@ def executed_notebook(run_dir: Path, stage: str, kind: str = "") -> Path:
     return Path(run_dir) / "notebooks" / f"{stage}{'.' + kind if kind else ''}.ipynb"
 
 
+def _logged_kernel_manager(log_path: Path):
+    """A kernel manager whose kernel writes its own stdout/stderr (ipykernel's log, tracebacks of an
+    interrupted cell, the runner watch) to ``log_path`` instead of the runner's terminal."""
+    from jupyter_client import AsyncKernelManager
+
+    class LoggedKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            with open(log_path, "ab") as log:  # the kernel keeps its own copy of the descriptor
+                kw["stdout"] = kw["stderr"] = log
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return LoggedKernelManager
+
+
 def run_chain(
     profile: str,
     start: str | None = None,
@@ -588,6 +602,8 @@ def _run_plan(plan: list, run_dir: Path, force: bool, log) -> list[dict]:
         t0 = time.time()
         running = executed_notebook(run_dir, stage, "running")
         failed = executed_notebook(run_dir, stage, "failed")
+        kernel_log = run_dir / "notebooks" / f"{stage}.kernel.log"
+        kernel_log.unlink(missing_ok=True)
         try:
             papermill.execute_notebook(
                 str(nb_path),
@@ -596,6 +612,7 @@ def _run_plan(plan: list, run_dir: Path, force: bool, log) -> list[dict]:
                 kernel_name=KERNEL_NAME,
                 cwd=str(nb_path.parent),
                 progress_bar=False,
+                kernel_manager_class=_logged_kernel_manager(kernel_log),
             )
         except BaseException as err:
             if running.exists():

@@ -629,8 +629,8 @@ def prepare_dataset(
     Returns the dataset's folder.
     Layout: ``<data_root>/<dataset>/downloads/<file>`` and ``<data_root>/<dataset>/<unpack_to>/``.
     """
-    spec = manifest_entry(manifest_path, "datasets", dataset)
     ds_dir = safe_path(data_root, dataset, what="dataset name")
+    spec = manifest_entry(manifest_path, "datasets", dataset)
     entries = spec["files"]
     if files is not None:
         known = {e["name"] for e in entries}
@@ -660,8 +660,8 @@ def dataset_sources(
     RGB uint8 copy (bands from ``layout.rgb_bands``, 2-98 percentile stretch) under
     ``<dataset dir>/derived/``; raster labels are polygonized there into a GeoPackage.
     """
-    spec = manifest_entry(manifest_path, "datasets", dataset)
     root = safe_path(data_root, dataset, what="dataset name")
+    spec = manifest_entry(manifest_path, "datasets", dataset)
     if not root.is_dir():
         root = Path(data_root)
     if not root.is_dir():

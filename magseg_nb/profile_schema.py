@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from magseg_nb.files import UnsafeNameError, safe_id
+from magseg_nb.textgrid import ENCODINGS
 
 _TYPE_NAMES = {
     int: "an integer",
@@ -120,6 +121,13 @@ BOOL = Rule(bool)
 FRACTION = _num(0, 1)
 POSITIVE = _num(1e-12)
 FORMATS = ("magseg", "text4seg")
+SAM_BACKENDS = (
+    "none",
+    "superpixels",
+    "tiny",
+    "vit_b",
+    "vit_h",
+)  # refine.SAM_BACKENDS (a test keeps them equal)
 SCHEDULERS = (
     "linear",
     "cosine",
@@ -143,6 +151,8 @@ _TRAIN = {
     "time_budget_s": _num(1e-9, none=True),
     "eval_max_examples": _int(0, none=True),
     "eval_batch_size": _int(1),
+    "n_boot": _int(1),  # bootstrap replicates of the validation intervals
+    "ci": _num(1e-9, 0.999999),
 }
 
 COMMON: dict[str, Rule] = {
@@ -177,12 +187,15 @@ STAGES: dict[str, dict[str, Rule]] = {
         "label_misalignment_m": _num(),
         "nodata_edge_frac": _num(0, 0.9),
         "baseline_tune": BOOL,
+        "pixel_tune": BOOL,
+        "pixel_samples_per_tile": _int(1, none=True),
+        "pixel_max_iter": _int(1, none=True),
     },
     "02_instruction_format": {
         "patch_layout": _int(1),
         "magseg_grid": _int(1),
         "text4seg_grid": _int(1),
-        "encoding": Rule(str, choices=("plain", "rle")),
+        "encoding": Rule(str, choices=ENCODINGS),
         "variant": Rule(str, choices=("index", "mark", "crop")),
         "max_tiles_per_split": _int(0),
         "budget_resolutions": Rule(list, items=_int(1), nonempty=True),
@@ -203,6 +216,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "target_modules": Rule((str, list), nonempty=True, items=Rule(str)),
         "train_projector": BOOL,
         "train_embeddings": BOOL,
+        "class_balance": FRACTION,
         "lr_scheduler": Rule(str, choices=SCHEDULERS),
         "warmup_steps": _int(0),
         "max_steps": Rule((int, dict), lo=1, keys=FORMATS, items=_int(1), nonempty=True),
@@ -224,7 +238,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "max_new_tokens": _int(0),
         "max_tiles": _int(0),
         "max_nodata_frac": _num(1e-9, 1),
-        "sam_backend": Rule(str, choices=("none", "tiny", "vit_b", "vit_h")),
+        "sam_backend": Rule(str, choices=SAM_BACKENDS),
         "sam_checkpoint": TEXT,
         "sam_iterations": _int(0),
         "sam_points": _int(0),

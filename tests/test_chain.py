@@ -215,6 +215,8 @@ def test_executed_notebook_of_a_failed_run_does_not_replace_the_good_one(repo):
     assert "asked to fail" in failed and "fail = True" in failed
     assert sorted(p.name for p in nbs.iterdir()) == [
         "01_dataset_prep.ipynb",
+        "01_dataset_prep.kernel.log",
         "02_instruction_format.failed.ipynb",
         "02_instruction_format.ipynb",
+        "02_instruction_format.kernel.log",
     ]
