@@ -309,6 +309,9 @@ class Stage:
     @classmethod
     def start(cls, name: str, params: dict[str, Any], needs: list[str] | tuple[str, ...] = ()) -> Stage:
         """Open a stage: check the stages it needs, prepare ``<run_dir>/<name>.partial``."""
+        from magseg_nb import progress
+
+        progress.quiet_known_noise()
         name = stage_name(name)
         if "run_dir" not in params:
             raise StageError("the parameters cell must define run_dir (for example 'runs/demo')")
@@ -531,10 +534,27 @@ def executed_notebook(run_dir: Path, stage: str, kind: str = "") -> Path:
 
 def _logged_kernel_manager(log_path: Path):
     """A kernel manager whose kernel writes its own stdout/stderr (ipykernel's log, tracebacks of an
-    interrupted cell, the runner watch) to ``log_path`` instead of the runner's terminal."""
+    interrupted cell, the runner watch) to ``log_path`` instead of the runner's terminal.
+
+    The kernel talks to the runner over IPC (Unix sockets) rather than TCP on localhost: nothing
+    listens on a port, and ipykernel has no reason to warn that TCP traffic is not encrypted."""
+    import tempfile
+    import uuid
+
     from jupyter_client import AsyncKernelManager
+    from traitlets import default
 
     class LoggedKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self):
+            return "ipc"
+
+        @default("ip")
+        def _ip_default(self):
+            if self.transport != "ipc":
+                return super()._ip_default()
+            return os.path.join(tempfile.gettempdir(), f"magseg-kernel-{uuid.uuid4().hex[:12]}")
+
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             with open(log_path, "ab") as log:  # the kernel keeps its own copy of the descriptor
                 kw["stdout"] = kw["stderr"] = log
@@ -543,17 +563,44 @@ def _logged_kernel_manager(log_path: Path):
     return LoggedKernelManager
 
 
+ENGINE_NAME = "magseg"
+
+
+def _register_engine() -> str:
+    """papermill's nbclient engine, telling ``on_cell(cells, index)`` when each cell starts."""
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class SectionEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, on_cell=None, **kwargs):
+            if on_cell is not None:
+                start = nb_man.cell_start
+
+                def cell_start(cell, cell_index=None, **kw):
+                    if cell_index is not None:
+                        on_cell(nb_man.nb.cells, cell_index)
+                    return start(cell, cell_index, **kw)
+
+                nb_man.cell_start = cell_start
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    papermill_engines.register(ENGINE_NAME, SectionEngine)
+    return ENGINE_NAME
+
+
 def run_chain(
     profile: str,
     start: str | None = None,
     stop: str | None = None,
     force: bool = False,
     log=print,
+    stream=None,
 ) -> list[dict]:
     """Execute the notebooks of a profile in order with papermill; returns one record per stage.
 
     The profile and every stage's parameters are checked before any stage starts. The run folder is
-    locked for the whole run (a second run of it fails at once, naming the holder).
+    locked for the whole run (a second run of it fails at once, naming the holder). ``stream``
+    (default stdout) shows the section being executed and a live progress line.
     """
     declared = notebook_parameters()
     prof = load_profile(profile, declared)
@@ -573,7 +620,7 @@ def run_chain(
     os.environ[RUNNER_ENV] = str(os.getpid())
     try:
         (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-        return _run_plan(plan, run_dir, force, log)
+        return _run_plan(plan, run_dir, force, log, stream)
     finally:
         if previous is None:
             os.environ.pop(RUNNER_ENV, None)
@@ -582,9 +629,14 @@ def run_chain(
         lock.release()
 
 
-def _run_plan(plan: list, run_dir: Path, force: bool, log) -> list[dict]:
+def _run_plan(plan: list, run_dir: Path, force: bool, log, stream=None) -> list[dict]:
     import papermill
 
+    from magseg_nb import progress
+
+    stream = stream or sys.stdout
+    colour = progress.interactive(stream)
+    engine = _register_engine()
     records = []
     for stage, nb_path, params in plan:
         if params is None:
@@ -594,7 +646,10 @@ def _run_plan(plan: list, run_dir: Path, force: bool, log) -> list[dict]:
         fresh, why = is_up_to_date(run_dir, stage, key)
         if fresh and not force:
             log(f"[{stage}] skipped: {why}")
-            records.append({"stage": stage, "status": "skipped", "seconds": 0.0})
+            state = read_state(run_dir / stage) or {}
+            records.append(
+                {"stage": stage, "status": "skipped", "seconds": 0.0, "summary": state.get("summary")}
+            )
             continue
         if force:  # start clean: no scratch (nor a broken checkpoint) from an earlier attempt
             shutil.rmtree(run_dir / f"{stage}{PARTIAL_SUFFIX}", ignore_errors=True)
@@ -604,16 +659,26 @@ def _run_plan(plan: list, run_dir: Path, force: bool, log) -> list[dict]:
         failed = executed_notebook(run_dir, stage, "failed")
         kernel_log = run_dir / "notebooks" / f"{stage}.kernel.log"
         kernel_log.unlink(missing_ok=True)
+        status_file = run_dir / "notebooks" / f"{stage}.progress.json"
+        status_file.unlink(missing_ok=True)
+        previous = os.environ.get(progress.ENV)
+        os.environ[progress.ENV] = str(status_file)
+        reporter = progress.Reporter(stage, status_file, stream=stream, tty=colour)
         try:
-            papermill.execute_notebook(
-                str(nb_path),
-                str(running),
-                parameters=params,
-                kernel_name=KERNEL_NAME,
-                cwd=str(nb_path.parent),
-                progress_bar=False,
-                kernel_manager_class=_logged_kernel_manager(kernel_log),
-            )
+            with reporter:
+                papermill.execute_notebook(
+                    str(nb_path),
+                    str(running),
+                    parameters=params,
+                    kernel_name=KERNEL_NAME,
+                    cwd=str(nb_path.parent),
+                    progress_bar=False,
+                    engine_name=engine,
+                    on_cell=reporter.cell_started,
+                    stdout_file=progress.StreamSink(reporter.stdout),
+                    stderr_file=progress.StreamSink(reporter.warning),
+                    kernel_manager_class=_logged_kernel_manager(kernel_log),
+                )
         except BaseException as err:
             if running.exists():
                 os.replace(running, failed)  # the last good executed notebook stays in place
@@ -623,6 +688,12 @@ def _run_plan(plan: list, run_dir: Path, force: bool, log) -> list[dict]:
                     f"executed notebook with the traceback: {failed}"
                 ) from None
             raise
+        finally:
+            if previous is None:
+                os.environ.pop(progress.ENV, None)
+            else:
+                os.environ[progress.ENV] = previous
+            status_file.unlink(missing_ok=True)
         state = read_state(run_dir / stage)
         if state is None or state.get("finished", 0) < t0:
             os.replace(running, failed)
@@ -634,8 +705,19 @@ def _run_plan(plan: list, run_dir: Path, force: bool, log) -> list[dict]:
         state["run_key"] = key
         files.write_json(run_dir / stage / STATE_FILE, state, sort_keys=True)
         seconds = time.time() - t0
-        log(
-            f"[{stage}] done in {seconds:.0f} s; summary: {json.dumps(state.get('summary', {}), default=str)}"
-        )
-        records.append({"stage": stage, "status": "ran", "seconds": seconds, "summary": state.get("summary")})
+        summary = state.get("summary", {})
+        late = progress.stopped_early(summary)
+        done = f"[{stage}] done in {progress.format_seconds(seconds)}"
+        log(progress.red(f"{done}; stopped early: {', '.join(late)}", colour) if late else done)
+        for line in progress.stage_lines(stage, summary, colour):
+            log(f"  {line}")
+        records.append({"stage": stage, "status": "ran", "seconds": seconds, "summary": summary})
     return records
+
+
+def final_report(records: list[dict], profile: str, colour: bool = False) -> list[str]:
+    """The lines printed at the end of ``magseg-nb run`` (headline numbers, times, output paths)."""
+    from magseg_nb import progress
+
+    prof = load_profile(profile)
+    return progress.final_report(records, resolve_run_dir(prof["common"]["run_dir"]), repo_root(), colour)

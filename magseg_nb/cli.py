@@ -60,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the top of the program
         return report_error("magseg-nb", err, args.debug)
     ran = sum(r["status"] == "ran" for r in records)
+    try:
+        from magseg_nb import progress
+
+        for line in chain.final_report(records, args.profile, progress.interactive(sys.stdout)):
+            print(line)
+    except Exception as err:  # noqa: BLE001 - the run itself succeeded; the table is a courtesy
+        print(f"magseg-nb: could not draw the final table ({type(err).__name__}: {err})", file=sys.stderr)
     print(f"magseg-nb: {len(records)} stage(s), {ran} ran, {len(records) - ran} skipped")
     return 0
 

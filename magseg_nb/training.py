@@ -200,24 +200,39 @@ def _quiet(trainer):
 
 def log_callback(csv_path: Path, time_budget_s: float | None = None, verbose: bool = True):
     """A callback that writes the trainer's log history to CSV at every log (an interrupted run keeps
-    its log) and stops training, with a checkpoint, after an optional time budget."""
+    its log) and stops training, with a checkpoint, after an optional time budget. Under the runner it
+    also writes a small status file at every step (``magseg_nb.progress``) for the live progress line."""
     from transformers import TrainerCallback
+
+    from magseg_nb import progress
+
+    folder = Path(csv_path).parent
+    task = f"training {folder.parent.name.removesuffix('.partial')}/{folder.name}"
+    shown = ("loss", "reward", "rewards/dice_reward/mean", "eval_loss")
 
     class LogCallback(TrainerCallback):
         t0 = time.time()
+        last: dict = {}
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.time()
+            progress.write_status(task, state.global_step, state.max_steps, self.t0)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero:
                 return
             write_log_csv(state.log_history, csv_path)
+            self.last.update(
+                {k.split("/")[-2] if "/" in k else k: v for k, v in (logs or {}).items() if k in shown}
+            )
+            progress.write_status(task, state.global_step, state.max_steps, self.t0, **self.last)
             if verbose and logs:
                 show = {k: round(v, 4) if isinstance(v, float) else v for k, v in logs.items()}
                 print(f"step {state.global_step}/{state.max_steps}: {show}", flush=True)
 
         def on_step_end(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                progress.write_status(task, state.global_step, state.max_steps, self.t0, **self.last)
             if time_budget_s is not None and time.time() - self.t0 > time_budget_s:
                 print(f"time budget of {time_budget_s:.0f} s reached at step {state.global_step}", flush=True)
                 control.should_training_stop = True

@@ -220,3 +220,42 @@ def test_executed_notebook_of_a_failed_run_does_not_replace_the_good_one(repo):
         "02_instruction_format.ipynb",
         "02_instruction_format.kernel.log",
     ]
+
+
+def test_the_runner_shows_sections_progress_and_a_readable_summary(repo):
+    """A stage that writes the status file (as the training callback does) and prints inference-style
+    tile counts: the runner shows its sections and a plain progress line, then a short summary."""
+    import io
+
+    nb = nbformat.read(repo / "notebooks" / "01_dataset_prep.ipynb", as_version=4)
+    nb.cells.insert(2, nbformat.v4.new_markdown_cell("## Training the thing"))
+    nb.cells[3].source = nb.cells[3].source.replace(
+        "value = seed * scale",
+        "import time\nfrom magseg_nb import progress\n"
+        "progress.write_status('training 01/magseg', 3, 12, time.time() - 6, loss=1.25)\n"
+        "time.sleep(2.5)\nvalue = seed * scale",
+    )
+    nbformat.write(nb, repo / "notebooks" / "01_dataset_prep.ipynb")
+    out, logs = io.StringIO(), []
+    records = chain.run_chain("t", stop="01", log=logs.append, stream=out)
+    text = out.getvalue()
+    assert "[01_dataset_prep] Training the thing\n" in text
+    line = next(x for x in text.splitlines() if "step 3/12" in x)
+    assert line.startswith("[01_dataset_prep] training 01/magseg · step 3/12 · loss 1.250 · ")
+    assert "elapsed" in line and "~18 s left" in line  # 6 s for 3 steps, 9 steps to go
+    assert "\r" not in text and "\033[" not in text  # not a terminal: plain lines only
+    assert logs[-1] == "  value 6" and logs[-2].startswith("[01_dataset_prep] done in ")
+    assert records[0]["summary"] == {"value": 6}
+    assert not (repo / "runs" / "t" / "notebooks" / "01_dataset_prep.progress.json").exists()
+    kernel_log = (repo / "runs" / "t" / "notebooks" / "01_dataset_prep.kernel.log").read_text()
+    assert "without encryption" not in kernel_log  # the kernel talks over IPC, not TCP
+
+
+def test_final_report_lists_times_and_relative_paths(repo):
+    records = chain.run_chain("t", log=lambda *_: None, stream=open(os.devnull, "w"))
+    lines = chain.final_report(records, "t")
+    text = "\n".join(lines)
+    import re
+
+    assert re.search(r"01_dataset_prep +ran +\d+ s", text) and re.search(r"02_instruction_format +ran", text)
+    assert "executed notebooks " in text and "runs/t/notebooks" in text and str(repo) not in text
