@@ -402,8 +402,32 @@ def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None) -> dict:
     return _result(s, dest, done, model, processor, val_ds, s.full_finetune)
 
 
+def write_rank_record(trainer, out: Path) -> dict:
+    """Every process's own record of a finished run, ``out/ranks/rank<k>.json``: its rank, the world
+    size, the steps it ran and a checksum of its trainable weights (equal on all ranks under DDP), so
+    a multi-process run shows that each process took part. The only file a non-main process writes."""
+    acc = trainer.accelerator
+    local = [getattr(p, "to_local", lambda p=p: p)() for p in trainer.model.parameters() if p.requires_grad]
+    record = {
+        "rank": acc.process_index,
+        "world_size": acc.num_processes,
+        "is_main": acc.is_main_process,
+        "distributed_type": str(acc.distributed_type),
+        "backend": str(getattr(acc.state, "backend", None)),
+        "device": str(acc.device),
+        "pid": os.getpid(),
+        "global_step": trainer.state.global_step,
+        "trainable_params_local": int(sum(p.numel() for p in local)),
+        "trainable_sum": float(sum(float(p.detach().float().sum()) for p in local)),
+    }
+    (Path(out) / "ranks").mkdir(parents=True, exist_ok=True)
+    files.write_json(Path(out) / "ranks" / f"rank{acc.process_index}.json", record)
+    return record
+
+
 def _save_trained(trainer, processor, dest: Path, s, t0: float, n_train: int) -> dict | None:
     """Save the trained weights and the record that lets a rerun skip training (main process only)."""
+    write_rank_record(trainer, Path(s.output_dir))
     if not trainer.is_world_process_zero():
         return None
     _save_atomic(trainer.model, processor, dest)
@@ -737,7 +761,7 @@ GRPO_STEP_COLUMNS = {
     "reward": "reward mean",
     "reward_std": "reward spread (std)",
     "frac_reward_zero_std": "groups with all-equal rewards",
-    "kl": "KL to the SFT policy",
+    "kl": "KL to the reference",
     "rewards/dice_reward/mean": "Dice reward",
     "rewards/format_reward/mean": "format reward (1 = well-formed)",
     "completions/mean_length": "answer tokens",
@@ -751,8 +775,8 @@ def grpo_steps(log: pd.DataFrame, beta: float | None = None) -> pd.DataFrame:
     TRL computes KL only with a reference model (``beta > 0``); with ``beta == 0`` the column says so.
     """
     table = pd.DataFrame({new: log[old] for old, new in GRPO_STEP_COLUMNS.items() if old in log})
-    if "KL to the SFT policy" not in table and beta is not None:
-        table["KL to the SFT policy"] = "not computed (beta = 0: no reference model)" if beta == 0 else np.nan
+    if "KL to the reference" not in table and beta is not None:
+        table["KL to the reference"] = "not computed (beta = 0: no reference model)" if beta == 0 else np.nan
     return table.dropna(subset=["reward mean"]) if "reward mean" in table else table
 
 

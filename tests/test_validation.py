@@ -127,8 +127,8 @@ def test_grpo_steps_table_says_when_kl_was_not_computed():
     )
     t = training.grpo_steps(log, beta=0.0)
     assert t["groups with all-equal rewards"].tolist() == [0.25, 1.0]
-    assert t["KL to the SFT policy"].iloc[0].startswith("not computed (beta = 0")
-    assert list(training.grpo_steps(log.assign(kl=[0.01, 0.02]), beta=0.04)["KL to the SFT policy"]) == [
+    assert t["KL to the reference"].iloc[0].startswith("not computed (beta = 0")
+    assert list(training.grpo_steps(log.assign(kl=[0.01, 0.02]), beta=0.04)["KL to the reference"]) == [
         0.01,
         0.02,
     ]
