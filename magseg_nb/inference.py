@@ -662,3 +662,127 @@ def quick_scores(variant_dir: Path, run01: Path) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+# --- the whole map scene (shown on 06's map, never scored) ---------------------------------------------
+
+WHOLE_SCENE = "whole_scene"  # 05_inference/<variant>/whole_scene/: map-only, outside coarse/ refined/
+
+
+def map_scene_ids(all_tiles: pd.DataFrame, test_tiles: pd.DataFrame, map_scenes) -> list[str]:
+    """Scenes to predict whole for the map: "first" (the first scene of the inferred test tiles, the
+    one 06 maps by default), "" or "none" (none), "all" (every scene with test tiles), or a list of
+    scene ids (checked against tiles.csv)."""
+    known = set(all_tiles["scene_id"].astype(str))
+    tested = sorted(set(test_tiles["scene_id"].astype(str)))
+    if map_scenes in ("", "none", None, False) or not tested:
+        return []
+    if map_scenes == "first":
+        return tested[:1]
+    if map_scenes == "all":
+        return tested
+    wanted = [map_scenes] if isinstance(map_scenes, str) else [str(s) for s in map_scenes]
+    unknown = sorted(set(wanted) - known)
+    if unknown:
+        raise ValueError(f"map_scenes names unknown scenes {unknown}; scenes in tiles.csv: {sorted(known)}")
+    return wanted
+
+
+def map_variant(chosen: Sequence[Variant]) -> Variant | None:
+    """The variant 06's map shows by default: MAgSeg after GRPO, else after SFT, else the first."""
+    by_name = {v.name: v for v in chosen}
+    return by_name.get("magseg-grpo") or by_name.get("magseg-sft") or (chosen[0] if chosen else None)
+
+
+def map_only_tiles(all_tiles: pd.DataFrame, test_tiles: pd.DataFrame, scene_ids) -> pd.DataFrame:
+    """The tiles of ``scene_ids`` that were not inferred as test tiles (their predictions are for the
+    map only and never enter the scored coarse/ refined/ rasters)."""
+    tested = set(test_tiles["tile_id"].astype(str))
+    keep = all_tiles["scene_id"].astype(str).isin([str(s) for s in scene_ids])
+    keep &= ~all_tiles["tile_id"].astype(str).isin(tested)
+    return all_tiles[keep].sort_values("tile_id")
+
+
+def run_map_scenes(
+    model,
+    processor,
+    run01: Path,
+    all_tiles: pd.DataFrame,
+    test_tiles: pd.DataFrame,
+    scene_ids,
+    spec: FormatSpec,
+    variant_dir: Path,
+    predictor=None,
+    sam_kw: dict | None = None,
+    field_kw: dict | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    max_nodata_frac: float = 1.0,
+    generate: Callable | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Predict the non-test tiles of ``scene_ids`` for the map, into ``<variant_dir>/whole_scene/``.
+
+    Its coarse/, refined/, confidence/ hold the whole scene: the scored test-tile pixels exactly as in
+    ``<variant_dir>/coarse|refined/`` (read from there, so the map shows what was scored) and the
+    map-only prediction elsewhere; instances/ and fields.gpkg are drawn from that; tiles.csv lists the
+    map-only tiles. The scored rasters and tiles.csv of the variant are not touched."""
+    from magseg_nb import geo
+
+    variant_dir = Path(variant_dir)
+    out = variant_dir / WHOLE_SCENE
+    extra = map_only_tiles(all_tiles, test_tiles, scene_ids)
+    t0, rows = time.perf_counter(), []
+    for scene_id in [str(s) for s in scene_ids]:
+        scene_tiles = extra[extra["scene_id"].astype(str) == scene_id]
+        shape, crs, transform = scene_grid(run01, scene_id)
+        if len(scene_tiles):
+            res = infer_scene(
+                model, processor, run01, scene_tiles, spec, batch_size, max_new_tokens,
+                max_nodata_frac=max_nodata_frac, generate=generate, log=log,
+            )  # fmt: skip
+            inferred = res.tiles[res.tiles.status == "inferred"] if len(res.tiles) else res.tiles
+            refined, prob, _ = refine_scene(
+                run01, inferred, res.coarse, res.confidence, predictor, **(sam_kw or {})
+            )
+            coarse, conf = res.coarse, res.confidence
+            rows.append(res.tiles)
+        else:
+            coarse = refined = np.full(shape, NODATA, np.uint8)
+            conf = prob = np.zeros(shape, np.float32)
+        for name, arr in (("coarse", coarse), ("refined", refined)):
+            scored = variant_dir / name / f"{scene_id}.tif"
+            if scored.exists():  # the scored prediction wins where it exists
+                test_arr = refine.read_mask(scored)[0]
+                arr = np.where(test_arr != NODATA, test_arr, arr).astype(np.uint8)
+            geo.write_geotiff(out / name / f"{scene_id}.tif", arr, crs, transform, nodata=NODATA)
+        conf_arr = prob if predictor is not None else conf
+        scored_conf = variant_dir / "confidence" / f"{scene_id}.tif"
+        if scored_conf.exists() and (variant_dir / "coarse" / f"{scene_id}.tif").exists():
+            test_mask = refine.read_mask(variant_dir / "coarse" / f"{scene_id}.tif")[0] != NODATA
+            conf_arr = np.where(test_mask, refine.read_mask(scored_conf)[0], conf_arr)
+        geo.write_geotiff(out / "confidence" / f"{scene_id}.tif", conf_arr.astype(np.float32), crs, transform)
+    table = (
+        pd.concat(rows, ignore_index=True)
+        if rows
+        else pd.DataFrame(columns=["tile_id", "scene_id", "status"])
+    )
+    geo.write_csv(table, out / "tiles.csv")
+    fields = polygonize_saved(out, run01, None, **(field_kw or {})) if scene_ids else {"fields": 0}
+    return {
+        "map_scenes": [str(s) for s in scene_ids],
+        "map_tiles": int((table["status"] == "inferred").sum()) if len(table) else 0,
+        "map_fields": fields["fields"],
+        "map_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+def reuse_map_scenes(previous: Path, variant_dir: Path) -> bool:
+    """``polygonize_only``: keep the whole-scene map prediction of the last run (True when there was one)."""
+    import shutil
+
+    src = Path(previous) / WHOLE_SCENE
+    if not (src / "refined").is_dir():
+        return False
+    shutil.copytree(src, Path(variant_dir) / WHOLE_SCENE, dirs_exist_ok=True)
+    return True

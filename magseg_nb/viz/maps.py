@@ -18,6 +18,8 @@ import numpy as np
 from .. import files
 from ..labels import CLASS_COLORS, CLASSES, NODATA
 
+TEST_TILES = "test tiles (scored)"
+TEST_TILE_COLOUR = "#00e5ff"
 BACKGROUND_STYLE = {
     "version": 8,
     "sources": {},
@@ -74,6 +76,15 @@ def _png_data_uri(rgba: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _webp_data_uri(rgba: np.ndarray, quality: int = 80) -> str:
+    """Photographic imagery as lossy WebP with alpha: a tenth of the PNG's size (map.html stays small)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, format="WEBP", quality=quality, method=6)
+    return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def class_rgba(mask: np.ndarray, alpha: int = 170) -> np.ndarray:
     """Class ids -> RGBA with the project colours; NODATA (and ids outside the classes) transparent."""
     lut = np.zeros((256, 4), np.uint8)
@@ -88,18 +99,36 @@ def _corners(bounds):
     return [[west, north], [east, north], [east, south], [west, south]]
 
 
-def add_image_layer(m, layer_id: str, rgba: np.ndarray, bounds, visible: bool = True, opacity: float = 1.0):
-    """An RGBA array as a MapLibre image source at its lon/lat bounds, shown as a raster layer."""
-    m.add_source(layer_id, {"type": "image", "url": _png_data_uri(rgba), "coordinates": _corners(bounds)})
+def add_image_layer(
+    m,
+    layer_id: str,
+    rgba: np.ndarray,
+    bounds,
+    visible: bool = True,
+    opacity: float = 1.0,
+    photo: bool = False,
+):
+    """An RGBA array as a MapLibre image source at its lon/lat bounds, shown as a raster layer
+    (``photo``: lossy WebP for imagery; class masks stay lossless PNG)."""
+    url = _webp_data_uri(rgba) if photo else _png_data_uri(rgba)
+    m.add_source(layer_id, {"type": "image", "url": url, "coordinates": _corners(bounds)})
     m.add_layer(
         {"id": layer_id, "type": "raster", "source": layer_id, "paint": {"raster-opacity": opacity}},
         visible=visible,
     )
 
 
-def _popup_gdf(gdf, keep):
-    """WGS84 copy with only the popup columns, rounded so the popups stay readable."""
-    out = gdf[[c for c in keep if c in gdf.columns] + ["geometry"]].to_crs("EPSG:4326").copy()
+def _popup_gdf(gdf, keep, simplify_m: float = 0.4):
+    """WGS84 copy with only the popup columns, rounded so the popups stay readable; outlines simplified
+    by ``simplify_m`` (in the scene's metric CRS) and coordinates kept to 1e-6 degrees (~0.1 m)."""
+    import shapely
+
+    out = gdf[[c for c in keep if c in gdf.columns] + ["geometry"]].copy()
+    if simplify_m and out.crs is not None and out.crs.is_projected:
+        out["geometry"] = out.geometry.simplify(simplify_m)
+    out = out.to_crs("EPSG:4326")
+    out["geometry"] = shapely.set_precision(out.geometry.values, 1e-6)
+    out = out[~out.geometry.is_empty]
     for col in out.columns:
         if col != "geometry" and out[col].dtype.kind == "f":
             out[col] = out[col].round(3)
@@ -116,13 +145,15 @@ def scene_map(
     title: str = "",
     height: str = "600px",
     max_size: int = 2048,
+    test_tiles=None,
 ):
     """A leafmap MapLibre map of one scene: imagery, class masks (toggleable) and field polygons.
 
-    ``gt_fields`` / ``pred_fields`` are GeoDataFrames (any CRS); their columns ``class``,
-    ``area_m2``, ``iou`` and ``match_id`` (when present) appear in the click popups. ``masks`` maps
-    a layer name (e.g. "coarse", "refined") to a class-id GeoTIFF. Rasters larger than
-    ``max_size`` pixels are shrunk so that the single HTML file stays small.
+    ``gt_fields`` / ``pred_fields`` are GeoDataFrames (any CRS); their columns ``truth_class``,
+    ``predicted_class``, ``iou``, ``class``, ``area_m2`` and ``match_id`` (when present) appear in the
+    click popups. ``masks`` maps a layer name (e.g. "coarse", "refined") to a class-id GeoTIFF.
+    ``test_tiles`` (a GeoDataFrame from :func:`tile_outlines`) are outlined as the scored test tiles.
+    Rasters larger than ``max_size`` pixels are shrunk; imagery is WebP, so the file stays small.
     """
     import leafmap.maplibregl as leafmap
 
@@ -139,14 +170,14 @@ def scene_map(
     img, bounds, _ = to_wgs84(Path(image_path), max_size=max_size, resampling="bilinear")
     rgb = np.moveaxis(img[:3], 0, -1).astype(np.uint8)
     alpha = np.where(rgb.any(-1), 255, 0).astype(np.uint8)  # outside the rotated scene: transparent
-    add_image_layer(m, "imagery", np.dstack([rgb, alpha]), bounds)
+    add_image_layer(m, "imagery", np.dstack([rgb, alpha]), bounds, photo=True)
     layer_ids = ["imagery"]
     for name, path in (masks or {}).items():
         arr, mbounds, _ = to_wgs84(Path(path), max_size=max_size)
         layer = html_lib.escape(name)
         add_image_layer(m, layer, class_rgba(arr[0]), mbounds, visible=name == list(masks)[-1])
         layer_ids.append(layer)
-    keep = ["class", "area_m2", "iou", "match_id", "gt_id", "instance_id"]
+    keep = ["truth_class", "predicted_class", "iou", "class", "area_m2", "match_id", "gt_id", "instance_id"]
     for name, gdf, colour in (("ground truth", gt_fields, "#ffffff"), ("predicted", pred_fields, "#ff3df5")):
         if gdf is None or len(gdf) == 0:
             continue
@@ -166,6 +197,15 @@ def scene_map(
             fit_bounds=False,
         )
         layer_ids += [name]
+    if test_tiles is not None and len(test_tiles):
+        m.add_gdf(
+            _popup_gdf(test_tiles, ["tile_id", "scored"], simplify_m=0),
+            layer_type="line",
+            name=TEST_TILES,
+            paint={"line-color": TEST_TILE_COLOUR, "line-width": 3, "line-dasharray": [2, 1]},
+            fit_bounds=False,
+        )
+        layer_ids.append(TEST_TILES)
     m.add_layer_control(layer_ids=layer_ids, position="top-left")
     m.add_legend(
         title=html_lib.escape(title or "classes"),  # scene ids come from the data: never raw markup
@@ -173,6 +213,16 @@ def scene_map(
             **{n: "#{:02x}{:02x}{:02x}".format(*CLASS_COLORS[n]) for n in CLASSES},
             "ground-truth field": "#ffffff",
             "predicted field": "#ff3df5",
+            **(
+                {"scored test tile (outline)": TEST_TILE_COLOUR}
+                if test_tiles is not None and len(test_tiles)
+                else {}
+            ),
+            **(
+                {"elsewhere: map only, not scored": "#f2f2ee"}
+                if test_tiles is not None and len(test_tiles)
+                else {}
+            ),
         },
         position="bottom-right",
     )
@@ -346,3 +396,66 @@ def attach_matches(gt_fields, pred_fields, field_tab, pred_tab):
     pred["iou"] = pred["instance_id"].map(look["iou"]).fillna(0.0)
     pred["match_id"] = pred["instance_id"].map(look["gt_id"]).fillna(0).astype(int)
     return gt, pred
+
+
+def tile_outlines(tiles, transform, crs, label: str = "test tile: scored in 06"):
+    """Tile rectangles (rows of tiles.csv: row_off, col_off, height, width) in the scene's CRS."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    geoms = []
+    for t in tiles.itertuples(index=False):
+        c0, r0 = int(t.col_off), int(t.row_off)
+        c1, r1 = c0 + int(t.width), r0 + int(t.height)
+        x0, y0 = (
+            transform.c + transform.a * c0 + transform.b * r0,
+            transform.f + transform.d * c0 + transform.e * r0,
+        )
+        x1, y1 = (
+            transform.c + transform.a * c1 + transform.b * r1,
+            transform.f + transform.d * c1 + transform.e * r1,
+        )
+        geoms.append(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
+    return gpd.GeoDataFrame(
+        {"tile_id": list(tiles["tile_id"].astype(str)), "scored": label}, geometry=geoms, crs=crs
+    )
+
+
+def add_predicted_class(gdf, pred_semantic: np.ndarray, transform, class_column: str = "class"):
+    """Copy of ``gdf`` with ``truth_class`` (its ``class_column``) and ``predicted_class``: the class the
+    prediction gives most of the polygon's pixels ("not predicted" where it has no prediction)."""
+    from rasterio.features import rasterize
+
+    out = gdf.copy()
+    pred = np.asarray(pred_semantic)
+    index = rasterize(
+        ((geom, i + 1) for i, geom in enumerate(out.geometry) if geom is not None and not geom.is_empty),
+        out_shape=pred.shape,
+        transform=transform,
+        fill=0,
+        dtype="int32",
+    )
+    valid = (index > 0) & (pred != NODATA)
+    counts = np.zeros((len(out) + 1, len(CLASSES)), np.int64)
+    np.add.at(counts, (index[valid], np.minimum(pred[valid], len(CLASSES) - 1)), 1)
+    names = np.array(CLASSES)
+    predicted = np.where(counts[1:].sum(1) > 0, names[counts[1:].argmax(1)], "not predicted")
+    out["truth_class"] = out[class_column].astype(str) if class_column in out else "?"
+    out["predicted_class"] = predicted
+    return out
+
+
+WHOLE_SCENE = "whole_scene"  # 05_inference/<variant>/whole_scene/ (see inference.run_map_scenes)
+
+
+def default_scene(variant_dir: Path, test_tiles) -> str:
+    """The scene 05 predicted whole for the map, else the first scene with scored test tiles."""
+    whole = sorted((Path(variant_dir) / WHOLE_SCENE / "refined").glob("*.tif"))
+    return whole[0].stem if whole else str(test_tiles["scene_id"].iloc[0])
+
+
+def prediction_folder(variant_dir: Path, scene_id: str) -> Path:
+    """Where the map reads a scene's masks and fields: the whole-scene prediction when 05 made one
+    (test tiles as scored, the rest map-only), else the scored test-tile outputs."""
+    whole = Path(variant_dir) / WHOLE_SCENE
+    return whole if (whole / "refined" / f"{scene_id}.tif").exists() else Path(variant_dir)
