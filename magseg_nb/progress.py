@@ -326,9 +326,8 @@ def training_lines(summary: dict, colour: bool = False) -> list[str]:
         if rows:
             lines.append(f"  validation Dice ({' / '.join(CLASSES)}):")
             lines += [f"    {name:<17s}{row}" for name, row in rows]
-    for text in summary.get("conclusions") or []:
-        if not str(text).startswith("**"):  # the long interval lines stay in the notebook
-            lines.append(f"  {str(text)[:200]}")
+    short = [t for t in summary.get("conclusions") or [] if not str(t).startswith("**")]
+    lines += [f"  {str(text)[:200]}" for text in short[:3]]  # the rest stays in the notebook
     return lines
 
 
@@ -362,7 +361,7 @@ def metrics_lines(summary: dict) -> list[str]:
         lines.append(
             f"best field-instance F1: {summary['best_inst_f1_method']} {_num(summary.get('best_inst_f1'))}"
         )
-    for text in (summary.get("reading") or [])[:3]:
+    for text in [t for t in summary.get("reading") or [] if "wiring check" not in str(t)][:3]:
         lines.append(f"  {str(text)[:200]}")
     return lines
 
