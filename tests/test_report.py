@@ -113,3 +113,17 @@ def test_missing_markers_and_missing_runs_give_one_clear_line(run_dir, tmp_path,
     assert readme.read_text() == "# no markers\n"
     assert report.main(["--run-dir", str(tmp_path / "nowhere"), "--readme", str(readme)]) == 1
     assert "holds no finished stage: run the chain first" in capsys.readouterr().out
+
+
+def test_the_command_copies_the_pictures_and_links_them(run_dir, tmp_path):
+    figures = run_dir / "06_metrics" / "figures"
+    figures.mkdir(parents=True)
+    (figures / "headline.png").write_bytes(b"\x89PNG headline")
+    (figures / "map.png").write_bytes(b"\x89PNG map")
+    readme = tmp_path / "repo" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text(f"{report.BEGIN}\n{report.END}\n")
+    assert report.main(["--run-dir", str(run_dir), "--readme", str(readme)]) == 0
+    assert (tmp_path / "repo" / "docs" / "figures" / "map.png").read_bytes() == b"\x89PNG map"
+    text = readme.read_text()
+    assert "![headline](docs/figures/headline.png)" in text and "![map](docs/figures/map.png)" in text
