@@ -167,7 +167,15 @@ class StepTimer:
 
 
 def run_one(
-    model, processor, ds, steps: int, batch_size: int, grad_ckpt: bool, bf16: bool, workdir: Path
+    model,
+    processor,
+    ds,
+    steps: int,
+    batch_size: int,
+    grad_ckpt: bool,
+    bf16: bool,
+    workdir: Path,
+    grad_accum: int = 1,
 ) -> dict:
     from trl import SFTConfig, SFTTrainer
 
@@ -176,6 +184,7 @@ def run_one(
     args = SFTConfig(
         output_dir=str(workdir),
         per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
         max_steps=steps,
         learning_rate=1e-4,
         logging_steps=1,
@@ -216,6 +225,7 @@ def run_one(
         "step_s_first": times[0] if times else None,
         "train_s": total,
         "seq_len_first_batch": seq_len,
+        "tokens_per_step": seq_len * batch_size * grad_accum,  # padded sequence x examples per step
         "answer_tokens_mean": answer_tokens,
         "loss_last": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
     }

@@ -1,0 +1,81 @@
+"""benchmarks/gpu_check.py on the CPU with the tiny model: --prepare, then every part for a couple of
+steps (SFT both formats, GRPO with generation, batched inference, SFT under accelerate launch)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def _run(args, timeout=420):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+def _finite_numbers(obj, where=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _finite_numbers(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _finite_numbers(v, f"{where}[{i}]")
+    elif isinstance(obj, int | float) and not isinstance(obj, bool):
+        yield where, obj
+
+
+def test_gpu_check_cpu_tiny_path(tmp_path):
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    _run(["--prepare", str(inputs), "--prepare-tiles", "2"])
+    manifest = json.loads((inputs / "inputs.json").read_text())
+    assert manifest["n_tiles"] == 2 and (inputs / "tiny-gemma3" / "config.json").exists()
+    rows = (inputs / manifest["conversations"]["magseg"]).read_text().splitlines()
+    assert len(rows) == 2 * 16  # 4 x 4 patches per tile, as in the gpu profile
+    # a stated peak so the MFU path runs too (a CPU has no bf16 peak in the table)
+    _run(
+        [
+            *("--inputs", str(inputs), "--out", str(out), "--device", "cpu", "--model", "tiny"),
+            *("--sft-steps", "2", "--grpo-steps", "1", "--infer-tiles", "1", "--peak-tflops", "1"),
+            *("--max-new-tokens", "8", "--max-completion-length", "8"),
+        ]
+    )
+    result = json.loads((out / "gpu_check.json").read_text())
+    for key in ("environment", "sft", "grpo", "inference", "accelerate_sft", "mfu_formula", "peak_flops"):
+        assert key in result, key
+    assert "errors" not in result
+    bad = [(w, v) for w, v in _finite_numbers(result) if not math.isfinite(v)]
+    assert bad == []
+    sft = {r["format"]: r for r in result["sft"]}
+    assert set(sft) == {"magseg", "text4seg"}
+    for r in sft.values():
+        assert r["steps"] == 2 and r["step_s_median"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0
+        assert 0 < r["mfu"] < 1 and r["mfu"] == r["achieved_tflops"] * 1e12 / result["peak_flops"]
+        assert r["n_lm"] > 0 and r["n_vision"] > 0
+    # Text4Seg describes the whole tile at 64 x 64 cells: much longer sequences than one 16 x 16 patch
+    assert sft["text4seg"]["seq_len_first_batch"] > 2 * sft["magseg"]["seq_len_first_batch"]
+    g = result["grpo"]
+    assert g["steps"] == 1 and g["generate_calls"] >= 1 and g["generated_tokens"] > 0
+    assert 0 < g["generation_share"] <= 1 and g["generation_tokens_per_s"] > 0
+    inf = {r["format"]: r for r in result["inference"]}
+    assert inf["magseg"]["answers"] == 16 and inf["text4seg"]["answers"] == 1
+    assert all(
+        r["tiles"] == 1 and r["tiles_per_s"] > 0 and 0 < r["answer_tokens_mean"] <= 8 for r in inf.values()
+    )
+    acc = result["accelerate_sft"]
+    assert acc["returncode"] == 0 and acc["launcher"]["launched_by_accelerate"] and acc["steps"] == 2
+    assert acc["launcher"]["num_processes"] == 1 and acc["format"] == "magseg"
