@@ -556,7 +556,20 @@ def main(argv=None) -> int:
         "--only", default="", help="comma list of sft, sft-magseg, sft-text4seg, grpo, inference, accelerate"
     )
     ap.add_argument("--child-timeout", type=int, default=300)
+    ap.add_argument(
+        "--write-random-model",
+        metavar="DIR",
+        help="save the random-weight gemma-3-4b (bf16, tiny tokenizer) as a from_pretrained folder for a "
+        "profile's model_id (gpu-mini with random weights), then stop",
+    )
     args = ap.parse_args(argv)
+    if args.write_random_model:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, processor = gtb.gemma3_4b_random(str(Path(args.inputs) / "tiny-gemma3"), device)
+        model.save_pretrained(args.write_random_model)
+        processor.save_pretrained(args.write_random_model)
+        print(f"wrote {args.write_random_model}")
+        return 0
     defaults = CPU_DEFAULTS if args.device == "cpu" else {"sft_steps": 6, "grpo_steps": 3, "infer_tiles": 32}
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -291,6 +291,60 @@ def resolve_model(model_id: str, cache_dir: Path) -> str:
     )
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+
+
+def weights_problem(model_id: str) -> str | None:
+    """One line saying why ``model_id``'s weights cannot load on this machine, else None (no download).
+
+    A registry tiny id is built here. A local folder (an existing path, or an id that looks like a
+    path) must hold config.json and weights (``*.safetensors`` or ``pytorch_model*.bin``; every shard a
+    ``*.index.json`` names). A gated hub id needs a cached copy (under ``HF_HOME``) or a token.
+    """
+    model_id = str(model_id)
+    info = REGISTRY.get(model_id)
+    if info is not None and info.kind == "tiny":
+        return None
+    path = Path(model_id).expanduser()
+    looks_like_path = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
+    if path.exists() or looks_like_path:
+        if not path.is_dir():
+            return (
+                f"model_id {model_id}: no such folder"
+                if not path.exists()
+                else f"model_id {model_id}: not a folder"
+            )
+        missing = [] if (path / "config.json").exists() else ["config.json"]
+        weights = [p for pat in WEIGHT_PATTERNS for p in path.glob(pat)]
+        for index in path.glob("*.index.json"):
+            try:
+                shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            except (OSError, ValueError):
+                shards = {f"{index.name} (unreadable)"}
+            missing += sorted(s for s in shards if not (path / s).exists())
+        if not weights:
+            missing.append("weights (*.safetensors or pytorch_model*.bin)")
+        return f"model_id folder {path} lacks {', '.join(missing)}" if missing else None
+    if info is None or "gated" not in info.notes:
+        return None  # a public hub id: from_pretrained downloads it
+    from huggingface_hub import constants, get_token, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return None  # cached (weights are checked when they load)
+    if constants.HF_HUB_OFFLINE:
+        return (
+            f"model_id {model_id} is not in the hub cache ({constants.HF_HOME}) and HF_HUB_OFFLINE is set: "
+            "download it once online, or set model_id to a local folder of the weights"
+        )
+    if get_token() is None:
+        return (
+            f"model_id {model_id} is gated and this machine has no Hugging Face token nor a cached copy "
+            f"({constants.HF_HOME}): accept the licence on https://huggingface.co/{model_id}, then `hf auth "
+            "login` (or set HF_TOKEN), or set model_id to a local folder of the weights"
+        )
+    return None
+
+
 def model_info(path_or_id: str) -> ModelInfo | None:
     """The registry entry for a registry key or a folder built by resolve_model."""
     if path_or_id in REGISTRY:

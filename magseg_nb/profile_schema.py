@@ -313,9 +313,17 @@ def check_values(
     return problems
 
 
-def check_profile(data: Any, path: Any, stage_name=None, declared: dict[str, set] | None = None) -> list[str]:
+def check_profile(
+    data: Any,
+    path: Any,
+    stage_name=None,
+    declared: dict[str, set] | None = None,
+    check_weights: bool | None = None,
+) -> list[str]:
     """All problems of a parsed profile (empty list: fine). ``stage_name`` maps '03' to '03_sft';
-    ``declared`` maps a stage to its notebook's parameters (see :func:`check_values`)."""
+    ``declared`` maps a stage to its notebook's parameters (see :func:`check_values`).
+    ``check_weights`` also checks that ``model_id``'s weights can load here (models.weights_problem);
+    None: only when ``declared`` is given, i.e. when the chain is about to run the notebooks."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -331,6 +339,10 @@ def check_profile(data: Any, path: Any, stage_name=None, declared: dict[str, set
         problems.append(f"{path}: common must be a mapping of parameter: value, got {common!r}")
     else:
         problems += check_values(path, "common", None, common, declared)
+        if (declared is not None if check_weights is None else check_weights) and isinstance(
+            common.get("model_id"), str
+        ):
+            problems += _weights(path, common["model_id"])
     stages = data.get("stages") or {}
     if not isinstance(stages, dict):
         return [*problems, f"{path}: stages must be a mapping of stage name: {{parameter: value}}"]
@@ -350,3 +362,10 @@ def check_profile(data: Any, path: Any, stage_name=None, declared: dict[str, set
             continue
         problems += check_values(path, f"stages.{name}", name, section, declared)
     return problems
+
+
+def _weights(path: Any, model_id: str) -> list[str]:
+    from magseg_nb import models
+
+    problem = models.weights_problem(model_id)
+    return [f"{path}: common.model_id: {problem}"] if problem else []

@@ -79,3 +79,49 @@ def test_gpu_check_cpu_tiny_path(tmp_path):
     acc = result["accelerate_sft"]
     assert acc["returncode"] == 0 and acc["launcher"]["launched_by_accelerate"] and acc["steps"] == 2
     assert acc["launcher"]["num_processes"] == 1 and acc["format"] == "magseg"
+
+
+def test_weights_check_before_any_stage(tmp_path, monkeypatch):
+    """models.weights_problem, called by profile_schema.check_profile when the chain is about to run."""
+    import yaml
+
+    from magseg_nb import models, profile_schema
+
+    assert models.weights_problem("tiny-gemma3") is None
+    folder = tmp_path / "gemma"
+    folder.mkdir()
+    assert models.weights_problem(str(folder)) == (
+        f"model_id folder {folder} lacks config.json, weights (*.safetensors or pytorch_model*.bin)"
+    )
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}'
+    )
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    assert (
+        models.weights_problem(str(folder))
+        == f"model_id folder {folder} lacks model-00002-of-00002.safetensors"
+    )
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"x")
+    assert models.weights_problem(str(folder)) is None
+    assert "no such folder" in models.weights_problem(str(tmp_path / "nope"))
+    # a gated hub id with an empty cache and no token
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(c, "HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(c, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    line = models.weights_problem("google/gemma-3-4b-it")
+    assert "gated" in line and "hf auth login" in line and "\n" not in line
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    assert "HF_HUB_OFFLINE" in models.weights_problem("google/gemma-3-4b-it")
+    # the hook: only when the chain is about to run (declared given) or asked for
+    data = yaml.safe_load((ROOT / "profiles" / "gpu-mini.yaml").read_text())
+    data["common"]["model_id"] = str(tmp_path / "nope")
+    assert profile_schema.check_profile(data, "gpu-mini.yaml") == []
+    problems = profile_schema.check_profile(data, "gpu-mini.yaml", declared={})
+    assert len(problems) == 1 and "common.model_id" in problems[0] and "no such folder" in problems[0]
