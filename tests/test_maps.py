@@ -43,7 +43,12 @@ def test_map_is_one_offline_file_with_every_layer(saved_map):
         assert f'"id": "{layer}"' in html, layer
     assert html.count('"type": "image", "url": "data:image/png;base64,') == 2  # class masks: lossless
     assert html.count('"type": "image", "url": "data:image/webp;base64,') == 1  # imagery: WebP
-    assert '"iou"' in html and '"match_id"' in html and '"area_m2"' in html
+    # Each field set is one GeoJSON source shared by its outline and click layers, with only the
+    # popup's properties.
+    assert html.count('"type": "geojson"') == 2
+    assert html.count('"type": "Feature"') == len(saved_map["gt"]) + len(saved_map["pred"])
+    assert '"iou"' in html and '"truth_class"' in html and '"predicted_class"' in html
+    assert '"match_id"' not in html and '"area_m2"' not in html and '"instance_id"' not in html
 
 
 def test_popup_columns_hold_the_match(saved_map):
@@ -102,7 +107,8 @@ def test_headless_chromium_shows_the_layers_and_saves_a_screenshot(saved_map):
     from PIL import Image
 
     shot = saved_map["run"] / "map.png"
-    res = maps.browser_check(saved_map["path"], shot, wait_s=6.0, click=(0.55, 0.45))
+    # (0.575, 0.46): the middle of a field (a click on its edge may miss it by a pixel)
+    res = maps.browser_check(saved_map["path"], shot, wait_s=6.0, click=(0.575, 0.46))
     assert res["canvas"] and res["errors"] == []
     # The layer switcher asks the map itself: every layer exists, coarse starts hidden.
     assert res["layers"] == {
@@ -112,7 +118,7 @@ def test_headless_chromium_shows_the_layers_and_saves_a_screenshot(saved_map):
         "ground truth": True,
         "predicted": True,
     }
-    assert res["popup"] and "class" in res["popup"]
+    assert res["popup"] and "truth class: field" in res["popup"] and "IoU: " in res["popup"]
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     magenta = (np.abs(img - [255, 61, 245]).sum(-1) < 60).sum()  # predicted outlines were drawn
     assert img.shape[:2] == (800, 1200) and magenta > 200
@@ -275,3 +281,119 @@ def test_whole_scene_map_outlines_test_tiles_and_pops_up_truth_and_prediction(wh
     assert f'"id": "{maps.TEST_TILES}"' in html and "test tile: scored in 06" in html
     assert '"predicted_class"' in html and '"truth_class"' in html
     assert "data:image/webp;base64," in html and maps.network_loads(html) == []
+
+
+def test_popup_fields_carry_truth_prediction_and_iou_only():
+    from shapely.geometry import box
+
+    gt = gpd.GeoDataFrame(
+        {"class": ["field", "field"], "field_id": [1, 2], "truth_class": ["field", "field"]},
+        geometry=[box(0, 0, 1, 1), box(2, 0, 3, 1)],
+        crs="EPSG:32648",
+    )
+    gt["predicted_class"], gt["iou"], gt["area_m2"] = ["field", "water"], [0.8123, 0.0], [1.0, 1.0]
+    pred = gpd.GeoDataFrame(
+        {"class": ["field", "tree"], "instance_id": [7, 8], "match_id": [1, 0], "iou": [0.8123, 0.0]},
+        geometry=[box(0, 0, 1, 1), box(4, 0, 5, 1)],
+        crs="EPSG:32648",
+    )
+    g, p = maps.popup_fields(gt, pred)
+    assert list(g.columns) == list(p.columns) == ["truth_class", "predicted_class", "iou", "geometry"]
+    assert list(p["truth_class"]) == ["field", "no match"] and list(p["predicted_class"]) == ["field", "tree"]
+    assert list(g["predicted_class"]) == ["field", "water"]
+    assert list(maps._popup_gdf(p, maps.POPUP)["iou"]) == [0.81, 0.0]
+    assert maps.popup_fields(None, pred[:0]) == (None, None)
+    # Without the class columns, each side takes the class of its match.
+    bare_gt = gt.drop(columns=["predicted_class", "truth_class"]).assign(match_id=[7, 0])
+    g, p = maps.popup_fields(bare_gt, pred.drop(columns="class"))
+    assert list(g["truth_class"]) == ["field", "field"] and list(g["predicted_class"]) == ["?", "?"]
+    g, p = maps.popup_fields(bare_gt, pred)
+    assert list(g["predicted_class"]) == ["field", "no match"] and list(p["truth_class"]) == [
+        "field",
+        "no match",
+    ]
+
+
+# --- a demo-size scene: a 1024 px generated scene with hundreds of fields, under 3 MB -------------------
+
+MAP_LIMIT_BYTES = 3_000_000  # issue 18: at most 3 MB for a demo scene
+
+
+@pytest.fixture(scope="module")
+def demo_size_map(tmp_path_factory):
+    """The map 06 writes for a demo scene, built from a generated 1024 px scene (0.8 m, as the demo
+    profile): its label fields as truth, the same fields shifted by 2 px as the prediction (every
+    field matched, IoU < 1), the shifted classes as coarse and refined masks, two scored test tiles."""
+    import pandas as pd
+
+    from magseg_nb import geo, landscape, refine
+
+    tmp = tmp_path_factory.mktemp("demo_map")
+    s = landscape.generate_scene("vn0", "vietnam", 1024, 0.8, seed=0)
+    image = landscape.write_scene(s, tmp / "scene")["image"]
+    sem = np.where(s.kind < 4, s.kind, 0).astype(np.uint8)  # roads and buildings are 'others'
+    pred_sem, pred_inst = np.roll(sem, 2, axis=1), np.roll(s.fields, 2, axis=1)
+    masks = {k: geo.write_geotiff(tmp / k / "vn0.tif", pred_sem[None], s.crs, s.transform, nodata=255)
+             for k in ("coarse", "refined")}  # fmt: skip
+    pred = refine.polygonize(pred_inst, pred_sem, s.transform, s.crs, attrs={"scene_id": "vn0"})
+    tabs = metrics.scene_tables(s.fields, pred_inst, pred_sem, pixel_area_m2=0.8**2)
+    gt, pred = maps.attach_matches(s.labels, pred, *tabs)
+    gt = maps.add_predicted_class(gt, pred_sem, s.transform)
+    tiles = pd.DataFrame(
+        {
+            "tile_id": ["vn0_0_0", "vn0_512_512"],
+            "row_off": [0, 512],
+            "col_off": [0, 512],
+            "height": 256,
+            "width": 256,
+        }
+    )
+    test = maps.tile_outlines(tiles, s.transform, s.crs)
+    m = maps.scene_map(image, gt, pred, masks, title="vn0 · magseg-sft", test_tiles=test)
+    path = maps.save_offline_html(m, tmp / "map.html", title="MAgSeg · vn0 · magseg-sft")
+    return {"path": path, "gt": gt, "pred": pred, "tmp": tmp}
+
+
+def test_a_demo_size_map_is_under_3_mb(demo_size_map):
+    import re
+
+    html = demo_size_map["path"].read_text()
+    gt, pred = demo_size_map["gt"], demo_size_map["pred"]
+    assert len(gt) > 300 and len(pred) > 300  # hundreds of fields, as on a demo scene
+    assert (pred["iou"] > 0.5).mean() > 0.9 and (gt["truth_class"] == gt["predicted_class"]).mean() > 0.9
+    size = demo_size_map["path"].stat().st_size
+    print(f"demo-size map: {size / 1e6:.2f} MB, {len(gt)} truth and {len(pred)} predicted fields")
+    assert size < MAP_LIMIT_BYTES
+    # Every field once (one shared source per set), only the popup's properties.
+    assert html.count('"type": "Feature"') == len(gt) + len(pred) + 2
+    assert html.count('"type": "geojson"') == 3
+    assert '"match_id"' not in html and '"area_m2"' not in html and '"field_id"' not in html
+    images = sum(len(x) for x in re.findall(r"data:image/\w+;base64,[A-Za-z0-9+/=]+", html))
+    assert images < 600_000  # imagery (WebP) and two class masks (PNG)
+    assert maps.network_loads(html) == []
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(
+    not Path(maps.CHROMIUM).exists(), reason=f"{maps.CHROMIUM} missing: bash scripts/setup.sh --browser"
+)
+def test_a_demo_size_map_opens_with_popups_and_dashed_test_tiles(demo_size_map):
+    from PIL import Image
+
+    shot = demo_size_map["tmp"] / "map.png"
+    res = maps.browser_check(demo_size_map["path"], shot, wait_s=8.0, click=(0.5, 0.5))
+    assert res["canvas"] and res["errors"] == []
+    assert res["layers"] == {
+        "imagery": True,
+        "coarse": False,
+        "refined": True,
+        "ground truth": True,
+        "predicted": True,
+        maps.TEST_TILES: True,
+    }
+    popup = res["popup"] or ""
+    assert "truth class: " in popup and "predicted class: " in popup and "IoU: " in popup
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    cyan = (np.abs(img - [0, 229, 255]).sum(-1) < 60).sum()  # the scored test tiles' dashed outline
+    magenta = (np.abs(img - [255, 61, 245]).sum(-1) < 60).sum()
+    assert cyan > 500 and magenta > 5000

@@ -118,23 +118,90 @@ def add_image_layer(
     )
 
 
-def _popup_gdf(gdf, keep, simplify_m: float = 0.4):
-    """WGS84 copy with only the popup columns, rounded so the popups stay readable; outlines simplified
-    by ``simplify_m`` (in the scene's metric CRS) and coordinates kept to 1e-6 degrees (~0.1 m)."""
+POPUP = ("truth_class", "predicted_class", "iou")  # the only properties a field carries into the page
+POPUP_TEMPLATE = (  # triple braces: the values are escaped once, in _popup_gdf
+    "truth class: <b>{{{truth_class}}}</b><br>predicted class: <b>{{{predicted_class}}}</b><br>IoU: {{iou}}"
+)
+
+
+def _popup_gdf(gdf, keep, simplify_m: float = 0.0, precision_deg: float = 1e-6):
+    """WGS84 copy with only the ``keep`` columns, floats rounded to 2 decimals and text escaped; outlines
+    simplified by ``simplify_m`` (in the scene's metric CRS: one pixel turns the polygonised staircases
+    into straight edges, a third of the vertices) and coordinates kept to ``precision_deg`` (~0.1 m)."""
     import shapely
 
     out = gdf[[c for c in keep if c in gdf.columns] + ["geometry"]].copy()
     if simplify_m and out.crs is not None and out.crs.is_projected:
         out["geometry"] = out.geometry.simplify(simplify_m)
     out = out.to_crs("EPSG:4326")
-    out["geometry"] = shapely.set_precision(out.geometry.values, 1e-6)
-    out = out[~out.geometry.is_empty]
+    out["geometry"] = shapely.set_precision(out.geometry.values, precision_deg)
+    out = out[~(out.geometry.is_empty | out.geometry.isna())]
     for col in out.columns:
         if col != "geometry" and out[col].dtype.kind == "f":
-            out[col] = out[col].round(3)
+            out[col] = out[col].round(2)
         elif col != "geometry" and out[col].dtype.kind not in "iub":  # text from the data: escaped
             out[col] = out[col].map(lambda v: v if v is None else html_lib.escape(str(v)))
     return out
+
+
+def _matched(table, other, id_column: str, class_columns: tuple[str, ...], missing: str):
+    """The class of each row's match in ``other`` (``match_id`` -> ``id_column``), ``missing`` for
+    match_id 0, "?" when the tables cannot say."""
+    col = next((c for c in class_columns if other is not None and c in other), None)
+    if col is None or "match_id" not in table or id_column not in other:
+        return "?"
+    look = other.drop_duplicates(id_column).set_index(id_column)[col].astype(str)
+    return table["match_id"].map(look).fillna(missing)
+
+
+def popup_fields(gt_fields, pred_fields):
+    """The two field sets with exactly the popup columns truth_class, predicted_class and iou.
+
+    Ground truth: ``truth_class`` (else its ``class``); ``predicted_class`` (else the class of the
+    matched prediction, ``match_id`` -> ``instance_id``); ``iou``. Predictions: ``predicted_class``
+    (else its ``class``); ``truth_class`` (else the class of the matched field, ``match_id`` ->
+    ``field_id``); ``iou``. "no match" where match_id is 0, "?" where nothing says. Either may be None.
+    """
+    out = []
+    for gdf, other, own, theirs, id_column in (
+        (gt_fields, pred_fields, "truth_class", "predicted_class", "instance_id"),
+        (pred_fields, gt_fields, "predicted_class", "truth_class", "field_id"),
+    ):
+        if gdf is None or len(gdf) == 0:
+            out.append(None)
+            continue
+        g = gdf.copy()
+        if own not in g:
+            g[own] = g["class"].astype(str) if "class" in g else "?"
+        if theirs not in g:
+            g[theirs] = _matched(g, other, id_column, (theirs, "class"), "no match")
+        if "iou" not in g:
+            g["iou"] = "?"
+        out.append(g[[*POPUP, "geometry"]])
+    return tuple(out)
+
+
+def add_field_set(m, name: str, gdf, colour: str, simplify_m: float) -> None:
+    """One inline GeoJSON source drawn twice: an outline (``name``, in the layer switcher) and a nearly
+    transparent fill (``name (click)``) that makes the whole polygon clickable for its popup."""
+    source = f"{name} source"
+    m.add_source(source, {"type": "geojson", "data": _popup_gdf(gdf, POPUP, simplify_m).__geo_interface__})
+    click = f"{name} (click)"
+    m.add_layer(
+        {"id": click, "type": "fill", "source": source, "paint": {"fill-color": colour, "fill-opacity": 0.01}}
+    )
+    m.set_opacity(click, 0.01)
+    m.add_popup(click, template=POPUP_TEMPLATE)
+    m.add_layer(
+        {"id": name, "type": "line", "source": source, "paint": {"line-color": colour, "line-width": 2}}
+    )
+
+
+def _pixel_m(path: Path) -> float:
+    import rasterio
+
+    with rasterio.open(path) as src:
+        return float(abs(src.transform.a)) if src.crs is not None and src.crs.is_projected else 0.0
 
 
 def scene_map(
@@ -146,14 +213,16 @@ def scene_map(
     height: str = "600px",
     max_size: int = 2048,
     test_tiles=None,
+    simplify_px: float = 1.0,
 ):
     """A leafmap MapLibre map of one scene: imagery, class masks (toggleable) and field polygons.
 
-    ``gt_fields`` / ``pred_fields`` are GeoDataFrames (any CRS); their columns ``truth_class``,
-    ``predicted_class``, ``iou``, ``class``, ``area_m2`` and ``match_id`` (when present) appear in the
-    click popups. ``masks`` maps a layer name (e.g. "coarse", "refined") to a class-id GeoTIFF.
+    ``gt_fields`` / ``pred_fields`` are GeoDataFrames (any CRS); a click on a field shows its truth
+    class, predicted class and IoU (see :func:`popup_fields`; nothing else of the tables goes into
+    the page). ``masks`` maps a layer name (e.g. "coarse", "refined") to a class-id GeoTIFF.
     ``test_tiles`` (a GeoDataFrame from :func:`tile_outlines`) are outlined as the scored test tiles.
-    Rasters larger than ``max_size`` pixels are shrunk; imagery is WebP, so the file stays small.
+    Rasters larger than ``max_size`` pixels are shrunk; imagery is WebP, masks are PNG, and field
+    outlines are simplified by ``simplify_px`` image pixels, so a demo scene stays under 3 MB.
     """
     import leafmap.maplibregl as leafmap
 
@@ -177,34 +246,26 @@ def scene_map(
         layer = html_lib.escape(name)
         add_image_layer(m, layer, class_rgba(arr[0]), mbounds, visible=name == list(masks)[-1])
         layer_ids.append(layer)
-    keep = ["truth_class", "predicted_class", "iou", "class", "area_m2", "match_id", "gt_id", "instance_id"]
-    for name, gdf, colour in (("ground truth", gt_fields, "#ffffff"), ("predicted", pred_fields, "#ff3df5")):
-        if gdf is None or len(gdf) == 0:
-            continue
-        m.add_gdf(
-            _popup_gdf(gdf, keep),
-            layer_type="line",
-            name=name,
-            paint={"line-color": colour, "line-width": 2},
-            fit_bounds=False,
-        )
-        # A transparent fill under the outline makes the whole polygon clickable (add_gdf adds the popup).
-        m.add_gdf(
-            _popup_gdf(gdf, keep),
-            layer_type="fill",
-            name=f"{name} (click)",
-            paint={"fill-color": colour, "fill-opacity": 0.01},
-            fit_bounds=False,
-        )
-        layer_ids += [name]
+    simplify_m = simplify_px * _pixel_m(Path(image_path))
+    gt, pred = popup_fields(gt_fields, pred_fields)
+    for name, gdf, colour in (("ground truth", gt, "#ffffff"), ("predicted", pred, "#ff3df5")):
+        if gdf is not None:
+            add_field_set(m, name, gdf, colour, simplify_m)
+            layer_ids.append(name)
     if test_tiles is not None and len(test_tiles):
-        m.add_gdf(
-            _popup_gdf(test_tiles, ["tile_id", "scored"], simplify_m=0),
-            layer_type="line",
-            name=TEST_TILES,
-            paint={"line-color": TEST_TILE_COLOUR, "line-width": 3, "line-dasharray": [2, 1]},
-            fit_bounds=False,
+        m.add_source(
+            f"{TEST_TILES} source",
+            {"type": "geojson", "data": _popup_gdf(test_tiles, ["tile_id", "scored"]).__geo_interface__},
         )
+        m.add_layer(
+            {
+                "id": TEST_TILES,
+                "type": "line",
+                "source": f"{TEST_TILES} source",
+                "paint": {"line-color": TEST_TILE_COLOUR, "line-width": 3, "line-dasharray": [2, 1]},
+            }
+        )
+        m.add_popup(TEST_TILES)
         layer_ids.append(TEST_TILES)
     m.add_layer_control(layer_ids=layer_ids, position="top-left")
     m.add_legend(
