@@ -37,13 +37,26 @@ def status_path() -> Path | None:
     return Path(value) if value else None
 
 
+_PROXY_TASK = re.compile(r"^training models/(?P<base>.+?)-proxy-[0-9a-f]+(?:\.partial)?$")
+
+
+def task_label(task: str) -> str:
+    """The name a person reads for a task: no ``.partial`` scratch suffix, and the tiny model's proxy
+    pretraining (``training models/<base>-proxy-<hash>.partial``) as ``proxy pretraining <base>``."""
+    m = _PROXY_TASK.match(task)
+    if m:
+        return f"proxy pretraining {m['base']}"
+    return re.sub(r"\.partial(?=/|$|\s)", "", task)
+
+
 def write_status(task: str, step: int, total: int | None, started: float, path: Path | None = None, **values):
-    """Write ``{task, step, total, started, updated, values}`` atomically (no-op without a path)."""
+    """Write ``{task, step, total, started, updated, values}`` atomically (no-op without a path);
+    ``task`` is stored as :func:`task_label` shows it."""
     path = path or status_path()
     if path is None:
         return
     record = {
-        "task": task,
+        "task": task_label(str(task)),
         "step": int(step),
         "total": int(total) if total else None,
         "started": float(started),

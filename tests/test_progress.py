@@ -34,6 +34,35 @@ def test_status_file_round_trip_and_progress_line(tmp_path, monkeypatch):
     progress.write_status("x", 1, 2, 0.0, path=None)  # outside the runner: a no-op
 
 
+def test_task_labels_name_the_work_not_the_scratch_folder(tmp_path, monkeypatch):
+    """The training callback's task, as the progress line shows it: the proxy pretraining of the tiny
+    model (trained in models/<base>-proxy-<hash>.partial/) and an SFT format (in 03_sft.partial/)."""
+    from types import SimpleNamespace
+
+    from magseg_nb import training
+
+    status = tmp_path / "status.json"
+    monkeypatch.setenv(progress.ENV, str(status))
+    shown = {}
+    for where in (
+        "runs/demo/models/tiny-gemma3-proxy-0a1b2c3d4e.partial",
+        "runs/demo/models/tiny-gemma3-5f6e7d-proxy-0a1b2c3d4e.partial",
+        "runs/demo/03_sft.partial/magseg",
+        "runs/demo/04_grpo.partial/text4seg",
+    ):
+        callback = training.log_callback(tmp_path / where / "log.csv")
+        callback.on_train_begin(None, SimpleNamespace(global_step=0, max_steps=600), None)
+        shown[where.split("/", 2)[2]] = progress.read_status(status)["task"]
+    assert shown == {
+        "models/tiny-gemma3-proxy-0a1b2c3d4e.partial": "proxy pretraining tiny-gemma3",
+        "models/tiny-gemma3-5f6e7d-proxy-0a1b2c3d4e.partial": "proxy pretraining tiny-gemma3-5f6e7d",
+        "03_sft.partial/magseg": "training 03_sft/magseg",
+        "04_grpo.partial/text4seg": "training 04_grpo/text4seg",
+    }
+    assert progress.task_label("inference magseg-sft.partial/vn0") == "inference magseg-sft/vn0"
+    assert progress.task_label("training models/x.partial") == "training models/x"
+
+
 def test_plain_lines_at_most_every_30_s_without_a_terminal(tmp_path):
     path, clock, out = tmp_path / "s.json", Clock(), io.StringIO()
     rep = progress.Reporter("03_sft", path, stream=out, tty=False, clock=clock)
