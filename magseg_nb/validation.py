@@ -239,3 +239,18 @@ def compare_formats(
     common = sorted(set(a["tile_id"]) & set(b["tile_id"]))
     a, b = (x[x["tile_id"].isin(common)] for x in (a, b))
     return metrics.compare_methods(a, b, METRICS, n_boot, ci, seed, cluster="block_id")
+
+
+def answer_diversity(answers_jsonl) -> dict:
+    """How many different answers the model gave, and the share of the most common one.
+
+    A model that reads the image writes about as many different grids as there are different
+    targets; one that collapsed to its prior writes a handful (e.g. "all field") whatever it sees.
+    """
+    answers = [a["answer"] for a in read_answers(answers_jsonl).values()]
+    counts = pd.Series(answers, dtype=object).value_counts()
+    return {
+        "answers": len(answers),
+        "distinct answers": int(counts.size),
+        "most common answer share": float(counts.iloc[0] / len(answers)) if len(answers) else float("nan"),
+    }

@@ -169,3 +169,14 @@ def test_class_balanced_rows_draw_rare_classes_more_often():
     drawn = training.balanced_rows(ds, 1.0, seed=0)
     assert len(drawn) == 10 and drawn["i"].count(9) >= 8  # the one water row dominates the redraw
     assert training.balanced_rows(ds, 1.0, seed=0)["i"] == drawn["i"]  # seeded
+
+
+def test_answer_diversity_exposes_a_collapsed_model(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    rows = [{"id": str(i), "answer": "field *4" if i < 6 else f"tree *{i}", "valid": True} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert validation.answer_diversity(path) == {
+        "answers": 8,
+        "distinct answers": 3,
+        "most common answer share": 0.75,
+    }
