@@ -254,6 +254,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "simplify_m": _num(0),
         "polygonize_only": BOOL,
         "show_scene": TEXT,
+        "map_scenes": Rule((str, list), choices=("first", "all", "none"), items=Rule(str, name=True)),
     },
     "06_metrics": {
         "iou_threshold": _num(1e-9, 1),

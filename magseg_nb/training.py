@@ -745,7 +745,7 @@ def stage_summary(results: dict[str, dict], base_model: str) -> dict:
             continue
         m, b = ev["model"], ev["baselines"]
         for cls in CLASSES:
-            out[f"{fmt}_val_dice_{cls}"] = m[f"dice_{cls}"]
+            out[f"{fmt}_val_dice_{cls}"] = m.get(f"dice_{cls}")
         out[f"{fmt}_val_mean_dice"] = m["mean_dice"]
         out[f"{fmt}_val_cell_accuracy"] = m["cell_accuracy"]
         out[f"{fmt}_val_valid_fraction"] = m.get("valid_fraction")

@@ -36,7 +36,7 @@ def tiny_predictor():
 
 def test_load_sam_none_and_unknown():
     assert refine.load_sam("none") is None
-    with pytest.raises(ValueError, match="unknown SAM backend 'vit_l'.*none, tiny, vit_b, vit_h"):
+    with pytest.raises(ValueError, match="unknown SAM backend 'vit_l'.*none, superpixels, tiny, vit_b, vit_h"):
         refine.load_sam("vit_l")
 
 
