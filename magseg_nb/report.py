@@ -192,7 +192,49 @@ def figures_section(figures: Sequence[Path], readme_dir: Path) -> list[str]:
     return ["### What it looks like", "", *links, ""]
 
 
-def results_section(run_dir: str | Path, figures: Sequence[Path] = (), readme_dir: Path | None = None) -> str:
+def checks_section(check_dirs: Sequence[Path], fmt: str = "magseg") -> list[str]:
+    """One row per robustness run (other seeds, harder landscapes): the model's validation Dice per
+    class with block intervals, the pixel classifier's beside it, well-formed share, GRPO's change."""
+    rows = []
+    for run in map(Path, check_dirs):
+        path = run / "03_sft" / "eval_table.csv"
+        if not path.exists():
+            continue
+        table = pd.read_csv(path).query("format == @fmt and answers == 'all'").set_index(["scorer", "metric"])
+        sft = (read_state(run / "03_sft") or {}).get("summary", {})
+        grpo = (read_state(run / "04_grpo") or {}).get("summary", {})
+        row = {"run": run.name, "seed": (read_state(run / "03_sft") or {}).get("params", {}).get("seed")}
+        for metric, name in CLASS_COLUMNS.items():
+            if ("model", metric) in table.index:
+                r = table.loc[("model", metric)]
+                row[name] = cell(r["value"], r["lo"], r["hi"])
+        if ("pixel classifier baseline", "mdice") in table.index:
+            row["pixel classifier mean Dice"] = cell(
+                table.loc[("pixel classifier baseline", "mdice"), "value"]
+            )
+        share = sft.get(f"{fmt}_val_valid_fraction")
+        row["well-formed"] = "n/a" if share is None else f"{100 * share:.1f} %"
+        change, ci = grpo.get(f"{fmt}_grpo_change_mdice"), grpo.get(f"{fmt}_grpo_change_mdice_ci")
+        row["GRPO mean Dice change"] = "n/a" if change is None else cell(change, *(ci or (None, None)))
+        rows.append(row)
+    if not rows:
+        return []
+    return [
+        "### Other landscapes and seeds (validation, MAgSeg after SFT)",
+        "",
+        "The same settings on landscapes the demo never saw (`profiles/check-*.yaml`, run with `--to 04`):",
+        "",
+        metrics.markdown_table(pd.DataFrame(rows), index=False),
+        "",
+    ]
+
+
+def results_section(
+    run_dir: str | Path,
+    figures: Sequence[Path] = (),
+    readme_dir: Path | None = None,
+    check_dirs: Sequence[Path] = (),
+) -> str:
     """The generated Markdown (between the markers) for the run folder ``run_dir``; ``figures`` are
     pictures already copied next to the README (linked relative to ``readme_dir``)."""
     run_dir = Path(run_dir)
@@ -213,6 +255,7 @@ def results_section(run_dir: str | Path, figures: Sequence[Path] = (), readme_di
     body = [head, ""]
     for part in (validation_section, grpo_section, test_section, seeds_section):
         body += part(run_dir)
+    body += checks_section(check_dirs)
     body += figures_section(figures, readme_dir or repo_root())
     return "\n".join(body).rstrip() + "\n"
 
@@ -233,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-dir", default="runs/demo", help="the run folder to read (default runs/demo)")
     parser.add_argument("--readme", default=None, help="the README to update (default: the repository's)")
     parser.add_argument("--print", action="store_true", help="print the section instead of writing it")
+    parser.add_argument(
+        "--checks", nargs="*", default=[], help="run folders of robustness runs (e.g. runs/check-seed1)"
+    )
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     if not run_dir.is_absolute() and not run_dir.exists():
@@ -242,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures = []
         if not args.print and readme_figures.find_readme_figures(run_dir):
             figures = readme_figures.copy_readme_figures(run_dir, readme.parent / FIGURES_DIR)
-        section = results_section(run_dir, figures, readme.parent)
+        section = results_section(run_dir, figures, readme.parent, [Path(c) for c in args.checks])
         if args.print:
             print(section)
         else:

@@ -127,3 +127,18 @@ def test_the_command_copies_the_pictures_and_links_them(run_dir, tmp_path):
     assert (tmp_path / "repo" / "docs" / "figures" / "map.png").read_bytes() == b"\x89PNG map"
     text = readme.read_text()
     assert "![headline](docs/figures/headline.png)" in text and "![map](docs/figures/map.png)" in text
+
+
+def test_robustness_runs_get_one_row_each(run_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "runs" / "check-seed1"
+    shutil.copytree(run_dir, other)
+    _state(other / "03_sft", {"magseg_val_valid_fraction": 0.5}, params={"profile": "check-seed1", "seed": 1})
+    _state(
+        other / "04_grpo", {"magseg_grpo_change_mdice": 0.031, "magseg_grpo_change_mdice_ci": [0.012, 0.05]}
+    )
+    lines = report.checks_section([other, tmp_path / "missing"])
+    table = "\n".join(lines)
+    assert lines[0].startswith("### Other landscapes") and table.count("| check-seed1 | 1 |") == 1
+    assert "0.871 [0.821, 0.911]" in table and "50.0 %" in table and "0.031 [0.012, 0.050]" in table
