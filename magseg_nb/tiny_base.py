@@ -74,7 +74,8 @@ class Recipe:
     scenes_per_country: int = 1
     scene_size: int = 1024
     res_m: float = 0.8
-    # The demo's layout (profiles/demo.yaml, notebooks 01/02)
+    # The layout the shipped base was pretrained at (2x2 patches of 8x8 cells); the demo now asks
+    # 4x4 patches of 4x4 cells (docs/experiments.md) and the base adapts to it during SFT.
     tile_size: int = 128
     tile_overlap: int = 32
     split_block_size: int = 256
