@@ -913,8 +913,9 @@ def discover_methods(run01, run05, random_weight_refinement: bool = False) -> li
                 }
             )
     pixel = {p.stem: p for p in sorted((run01 / "pixel_baseline" / "semantic").glob("*.tif"))}
-    if pixel:
-        methods.append(_baseline_method(PIXEL_BASELINE, "pixel classifier", pixel, None))
+    if pixel:  # its instances: the model pipeline's watershed on its field mask (pixel_baseline)
+        pixel_inst = {p.stem: p for p in sorted((run01 / "pixel_baseline" / "instances").glob("*.tif"))}
+        methods.append(_baseline_method(PIXEL_BASELINE, "pixel classifier", pixel, pixel_inst or None))
     scenes = {p.name: p for p in sorted((run01 / "scenes").glob("*")) if p.is_dir()}
     if scenes:
         methods.append(_baseline_method(ALL_FIELD_BASELINE, "all-field", ALL_FIELD, None, scenes))
@@ -1083,7 +1084,7 @@ def wide_table(long, metrics=HEADLINE, index=("method",), digits: int = 3):
 def ablation_pairs(methods: list[dict], masks: str = "refined") -> list[tuple[str, str, str]]:
     """(question, method A, method B) pairs that differ in one factor, among the methods present.
 
-    SAM refinement (coarse -> refined, per variant), then on ``masks`` ("coarse" or "refined"): GRPO
+    Refinement (coarse -> refined, per variant: superpixels or SAM), then on ``masks`` ("coarse" or "refined"): GRPO
     after SFT (per format), the MAgSeg format vs the Text4Seg format (same training), and each model
     vs the watershed baseline.
     """
@@ -1094,7 +1095,7 @@ def ablation_pairs(methods: list[dict], masks: str = "refined") -> list[tuple[st
     for v in variants:
         refined = next((n for n in names if n.startswith(f"{v} refined")), None)
         if f"{v} coarse" in names and refined:
-            question = "SAM refinement" + (f" ({WIRING})" if refined in wiring else "")
+            question = "Refinement" + (f" ({WIRING})" if refined in wiring else "")
             pairs.append((question, f"{v} coarse", refined))
     for fmt in sorted({v.rpartition("-")[0] for v in variants}):
         if {f"{fmt}-sft {masks}", f"{fmt}-grpo {masks}"} <= names:

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from magseg_nb import files, geo, prompts
-from magseg_nb.labels import CLASSES, NODATA
+from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
 SCORE_GRID = 16  # cells per tile side when scoring whole tiles: 8 px cells on 128 px tiles, as in the demo
 DEFAULTS_TUNED_ON = (
@@ -331,6 +331,23 @@ def paste_nearest_centre(mosaic: np.ndarray, best: np.ndarray, row_off: int, col
     best[win][better] = dist[better]
 
 
+def field_instances(semantic: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Field instances of the classifier's mask by the model pipeline's own recipe (notebook 05):
+    watershed on the image's gradient basins inside the predicted field class, fields under the
+    watershed baseline's minimum area dropped. So the instance comparison of notebook 06 pits the
+    model's field mask against the classifier's, with the same splitting step after both."""
+    from magseg_nb import baseline, refine
+
+    fields = refine.field_instances(
+        semantic == CLASS_IDS["field"],
+        markers="edges",
+        edges=refine.image_edges(image),
+        min_area_px=baseline.WatershedSettings().min_area_px,
+    )
+    fields[semantic == NODATA] = 0
+    return fields
+
+
 def write_predictions(
     run01, model: PixelModel, out_dir, splits=("val", "test"), record: dict | None = None,
     grid: int = SCORE_GRID,
@@ -339,7 +356,8 @@ def write_predictions(
 
     Layout of ``out_dir``: ``tiles/<tile_id>.tif`` (uint8 class ids, the tile's CRS and transform, 255
     nodata), ``semantic/<scene_id>.tif`` (uint8, scene CRS and transform, 255 outside predicted tiles;
-    in overlaps the tile with the nearest centre wins), ``record.json`` (the training ``record``, the
+    in overlaps the tile with the nearest centre wins), ``instances/<scene_id>.tif`` (int32 fields, see
+    :func:`field_instances`), ``record.json`` (the training ``record``, the
     predicted tiles, prediction time and the validation cell scores at ``grid x grid`` cells per tile).
     Returns that record.
     """
@@ -351,6 +369,7 @@ def write_predictions(
     for scene_id, group in table.groupby("scene_id", sort=True):
         with geo.open_raster(geo.scene_paths(run01, scene_id)["image"]) as src:
             shape, crs, transform = (src.height, src.width), src.crs, src.transform
+            scene_image = src.read().transpose(1, 2, 0)
         mosaic = np.full(shape, NODATA, np.uint8)
         best = np.full(shape, np.inf, np.float32)
         for row in group.itertuples():
@@ -362,6 +381,8 @@ def write_predictions(
                 val_preds[row.tile_id] = pred
             paste_nearest_centre(mosaic, best, row.row_off, row.col_off, pred)
         geo.write_geotiff(out_dir / "semantic" / f"{scene_id}.tif", mosaic, crs, transform, nodata=NODATA)
+        instances = field_instances(mosaic, scene_image)
+        geo.write_geotiff(out_dir / "instances" / f"{scene_id}.tif", instances, crs, transform)
     out = {
         **(record or {}),
         "splits_predicted": list(splits),

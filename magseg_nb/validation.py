@@ -194,15 +194,15 @@ def conclusions(versus: dict, notes: list[str] = ()) -> list[str]:
     return lines
 
 
-def change_sentences(diff: pd.DataFrame, name_b: str, name_a: str) -> list[str]:
-    """One sentence per metric of a paired B - A table: 'improved' / 'worsened' only where the block
-    interval excludes zero, otherwise 'no change this data can resolve'."""
+def change_sentences(
+    diff: pd.DataFrame, name_b: str, name_a: str, words: tuple[str, str] = ("improved", "worsened")
+) -> list[str]:
+    """One sentence per metric of a paired B - A table: ``words`` ('improved' / 'worsened') only where
+    the block interval excludes zero, otherwise 'no change this data can resolve'."""
     out = []
     for _, r in diff.dropna(subset=["diff"]).iterrows():  # a class absent on both sides says nothing
         v = verdict(diff, r["metric"])
-        word = {"higher": "improved", "lower": "worsened", "not resolved": "no change this data can resolve"}[
-            v
-        ]
+        word = {"higher": words[0], "lower": words[1], "not resolved": "no change this data can resolve"}[v]
         out.append(
             f"{r['metric']}: {name_b} {r['b']:.3f} vs {name_a} {r['a']:.3f}, change {r['diff']:+.3f} "
             f"[{r['lo']:+.3f}, {r['hi']:+.3f}] ({metrics.units_text(r)}): {word}."

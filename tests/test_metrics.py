@@ -552,11 +552,11 @@ def test_random_weight_rows_are_wiring_checks_never_results(synthetic_run):
         m["name"]: metrics.evaluate_method(run01, tiles, m["semantic"], m["instances"])[0] for m in methods
     }
     pairs = metrics.ablation_pairs(methods, "coarse")
-    sam = [p for p in pairs if p[0].startswith("SAM refinement")]
+    sam = [p for p in pairs if p[0].startswith("Refinement")]
     assert sam and all("wiring check" in q for q, _, _ in sam)
     reading = metrics.ablation_reading(metrics.ablation_table(results, pairs, n_boot=30, cluster=None))
     for line in reading:
-        if line.startswith("**SAM refinement"):
+        if line.startswith("**Refinement"):
             assert "not a result" in line and "better" not in line
 
 
@@ -661,7 +661,7 @@ def test_analysis_tables_figures_and_report(synthetic_run, tmp_path):
     pairs = metrics.ablation_pairs(methods)
     assert ("GRPO after SFT", "magseg-sft refined", "magseg-grpo refined") in pairs
     assert ("MAgSeg vs Text4Seg format", "text4seg-sft refined", "magseg-sft refined") in pairs
-    assert ("SAM refinement", "magseg-sft coarse", "magseg-sft refined") in pairs
+    assert ("Refinement", "magseg-sft coarse", "magseg-sft refined") in pairs
     assert ("vs classical watershed", "watershed baseline", "magseg-grpo refined") in pairs
     ablation = metrics.ablation_table(results, pairs, n_boot=50)
     reading = metrics.ablation_reading(ablation)
@@ -812,6 +812,6 @@ def test_models_are_compared_on_coarse_masks_unless_a_real_sam_refined_them():
     assert ("GRPO after SFT", "magseg-sft coarse", "magseg-grpo coarse") in pairs
     assert ("MAgSeg vs Text4Seg format", "text4seg-sft coarse", "magseg-sft coarse") in pairs
     assert ("vs classical watershed", "watershed baseline", "text4seg-sft coarse") in pairs
-    assert ("SAM refinement", "magseg-grpo coarse", "magseg-grpo refined") in pairs
-    assert not any("refined" in b for q, _, b in pairs if q != "SAM refinement")
+    assert ("Refinement", "magseg-grpo coarse", "magseg-grpo refined") in pairs
+    assert not any("refined" in b for q, _, b in pairs if q != "Refinement")
     assert metrics.main_method(methods, "coarse")["name"] == "magseg-grpo coarse"

@@ -179,6 +179,11 @@ def test_write_predictions_and_score_conversations(tmp_path):
     assert (scene[112:, 176:] == NODATA).all(), "nodata stays nodata"
     inside = (sem != NODATA) & (scene != NODATA)
     assert inside.sum() == 64 * 128 - 16 * 16 and (scene[inside] == sem[inside]).mean() > 0.97
+    with rasterio.open(out / "instances" / "s0.tif") as src:
+        assert src.crs == CRS and src.transform == TRANSFORM and src.dtypes == ("int32",)
+        fields = src.read(1)
+    assert (fields[scene == NODATA] == 0).all() and (fields[scene != 1] == 0).all()
+    assert np.array_equal(fields, pixel_baseline.field_instances(scene, image)) and fields.max() >= 1
     with rasterio.open(out / "tiles" / "t1_1.tif") as src:
         assert src.crs == CRS and src.transform == geo.read_tile(run01, "t1_1").transform
         assert src.read(1).shape == (64, 64)
