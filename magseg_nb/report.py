@@ -63,11 +63,20 @@ def run_facts(run_dir: Path) -> dict:
     facts: dict = {}
     for stage in STAGES:
         path = run_dir / stage / "results.json"
-        if path.exists():
+        if path.exists():  # written by chain.Stage.finish
             data = json.loads(path.read_text())
-            for key in ("commit", "dirty", "profile", "seed", "cpu_count", "torch_threads", "versions"):
-                if data.get(key) is not None:
-                    facts.setdefault(key, data[key])
+            git, cpu = data.get("git") or {}, data.get("cpu") or {}
+            found = {
+                "commit": git.get("commit"),
+                "dirty": git.get("dirty"),
+                "cpu_count": cpu.get("os_cpu_count"),
+                "profile": data.get("profile"),
+                "seed": data.get("seed"),
+                "versions": data.get("versions"),
+            }
+            for key, value in found.items():
+                if value is not None:
+                    facts.setdefault(key, value)
         state = read_state(run_dir / stage)
         if state:
             facts.setdefault("profile", state["params"].get("profile"))

@@ -259,3 +259,25 @@ def test_final_report_lists_times_and_relative_paths(repo):
 
     assert re.search(r"01_dataset_prep +ran +\d+ s", text) and re.search(r"02_instruction_format +ran", text)
     assert "executed notebooks " in text and "runs/t/notebooks" in text and str(repo) not in text
+
+
+def test_untouched_outputs_are_not_rehashed_but_an_in_place_edit_is(tmp_path, monkeypatch):
+    stage = chain.Stage.start("01", {"run_dir": str(tmp_path / "r")})
+    (stage.dir / "mask.bin").write_bytes(b"\x00" * 64)
+    final = stage.finish()
+    state = chain.read_state(final)
+    hashed = []
+    real = chain.sha256_file
+    monkeypatch.setattr(chain, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a))
+    assert chain.output_problem(final, state) is None and hashed == []  # times unchanged: trusted
+    path = final / "mask.bin"
+    mtime = path.stat().st_mtime_ns
+    with open(path, "r+b") as fh:  # a same-size byte flip, mtime put back as a careful editor would
+        fh.write(b"\x01")
+    os.utime(path, ns=(mtime, mtime))
+    problem = chain.output_problem(final, state)
+    assert hashed == [path] and problem == f"{path} changed (its SHA-256 differs from the one in state.json)"
+    # The fingerprint ignores file times: the same bytes finished again give the same fingerprint.
+    again = chain.Stage.start("01", {"run_dir": str(tmp_path / "r")})
+    (again.dir / "mask.bin").write_bytes(b"\x00" * 64)
+    assert chain.read_state(again.finish())["fingerprint"] == state["fingerprint"]

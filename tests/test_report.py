@@ -43,7 +43,14 @@ def run_dir(tmp_path):
     run = tmp_path / "runs" / "demo"
     _state(run / "01_dataset_prep", {})
     (run / "01_dataset_prep" / "results.json").write_text(
-        json.dumps({"commit": "abc1234", "dirty": False, "profile": "demo", "seed": 0, "cpu_count": 2})
+        json.dumps(  # the layout chain.Stage.finish writes
+            {
+                "git": {"commit": "abc1234", "dirty": False},
+                "cpu": {"os_cpu_count": 2, "torch_threads": None},
+                "profile": "demo",
+                "seed": 0,
+            }
+        )
     )
     _state(
         run / "03_sft",
