@@ -217,6 +217,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "train_projector": BOOL,
         "train_embeddings": BOOL,
         "class_balance": FRACTION,
+        "equal_tokens": BOOL,
         "lr_scheduler": Rule(str, choices=SCHEDULERS),
         "warmup_steps": _int(0),
         "max_steps": Rule((int, dict), lo=1, keys=FORMATS, items=_int(1), nonempty=True),

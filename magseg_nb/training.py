@@ -706,6 +706,23 @@ def eval_table(evals: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def steps_for_tokens(target_tokens: int, tokens_seen: int, steps: int) -> int:
+    """Steps a run needs to see ``target_tokens`` at the tokens per step it showed (``tokens_seen`` in
+    ``steps``): the budget of a comparison at equal training tokens rather than equal steps."""
+    if not tokens_seen or not steps:
+        raise ValueError("a run without tokens_seen/steps cannot set an equal-token budget")
+    return max(1, round(target_tokens * steps / tokens_seen))
+
+
+def run_sft_equal_tokens(
+    params: dict, fmt: str, reference: dict, result: dict, base, run02, output_dir
+) -> dict:
+    """Train ``fmt`` again for as many tokens as the ``reference`` run saw (its result dicts from
+    :func:`run_sft`), with every other setting as in ``params``; returns the new run's result."""
+    steps = steps_for_tokens(reference["tokens_seen"], result["tokens_seen"], result["steps"])
+    return run_sft(sft_settings({**params, "max_steps": steps}, fmt, base, run02, output_dir))
+
+
 RUN_COLUMNS = ("steps_planned", "steps", "stopped_early", "tokens_seen", "train_seconds", "n_train")
 
 

@@ -180,3 +180,11 @@ def test_answer_diversity_exposes_a_collapsed_model(tmp_path):
         "distinct answers": 3,
         "most common answer share": 0.75,
     }
+
+
+def test_equal_token_budget():
+    # MAgSeg saw 1,291,860 tokens in 600 steps, Text4Seg 1,696,335 in 600: equal tokens = 457 steps.
+    assert training.steps_for_tokens(1_291_860, 1_696_335, 600) == 457
+    assert training.steps_for_tokens(10, 1_000, 3) == 1
+    with pytest.raises(ValueError, match="equal-token budget"):
+        training.steps_for_tokens(10, None, 3)
