@@ -49,6 +49,14 @@ def _pivot(long: pd.DataFrame, row_keys: Sequence[str], columns: dict[str, str])
     return out.reindex(columns=[c for c in columns if c in out.columns]).rename(columns=columns).reset_index()
 
 
+def _percent(share) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f} %"
+
+
+def _bullets(lines) -> list[str]:
+    return [f"- {line}" for line in lines]
+
+
 def stage_times(run_dir: Path) -> pd.DataFrame:
     rows = []
     for stage in STAGES:
@@ -115,14 +123,12 @@ def validation_section(run_dir: Path) -> list[str]:
         rows = _pivot(sub, ["scorer", "answers"], CLASS_COLUMNS)
         share = summary.get(f"{fmt}_val_valid_fraction")
         lines += [
-            f"**{fmt}** ({_steps_line(summary, fmt)}; well-formed answers "
-            f"{'n/a' if share is None else f'{100 * share:.1f} %'}):",
+            f"**{fmt}** ({_steps_line(summary, fmt)}; well-formed answers {_percent(share)}):",
             "",
             metrics.markdown_table(rows, index=False),
             "",
         ]
-    for line in summary.get("conclusions", []):
-        lines.append(f"- {line}")
+    lines += _bullets(summary.get("conclusions", []))
     return lines + [""]
 
 
@@ -136,8 +142,7 @@ def grpo_section(run_dir: Path) -> list[str]:
     if path.exists():
         rows = _pivot(pd.read_csv(path), ["format", "scorer"], CLASS_COLUMNS)
         lines += [metrics.markdown_table(rows, index=False), ""]
-    for line in summary.get("conclusions", []):
-        lines.append(f"- {line}")
+    lines += _bullets(summary.get("conclusions", []))
     return lines + [""]
 
 
@@ -163,8 +168,7 @@ def test_section(run_dir: Path) -> list[str]:
         metrics.markdown_table(headline, index=False),
         "",
     ]
-    for line in summary.get("reading", []):
-        lines.append(f"- {line}")
+    lines += _bullets(summary.get("reading", []))
     return lines + [""]
 
 
@@ -222,7 +226,7 @@ def checks_section(check_dirs: Sequence[Path], fmt: str = "magseg") -> list[str]
                 table.loc[("pixel classifier baseline", "mdice"), "value"]
             )
         share = sft.get(f"{fmt}_val_valid_fraction")
-        row["well-formed"] = "n/a" if share is None else f"{100 * share:.1f} %"
+        row["well-formed"] = _percent(share)
         change, ci = grpo.get(f"{fmt}_grpo_change_mdice"), grpo.get(f"{fmt}_grpo_change_mdice_ci")
         row["GRPO mean Dice change"] = "n/a" if change is None else cell(change, *(ci or (None, None)))
         rows.append(row)
