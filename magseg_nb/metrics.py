@@ -21,13 +21,15 @@ Instance protocols (ids are field instances, 0 = no field):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse
+from scipy.ndimage import distance_transform_edt
 from scipy.optimize import linear_sum_assignment
+from skimage.segmentation import find_boundaries
 
-from magseg_nb import files
+from magseg_nb.labels import CLASSES, NODATA
 
 # --- instance matching ------------------------------------------------------------------------------
 
@@ -246,8 +248,6 @@ def field_table(
     1 - |g & p*| / |g| and 1 - |g & p*| / |p*|, p* = the prediction overlapping g most).
     Prediction columns: ``pred_id, area_px, area_m2, gt_id, iou, matched``.
     """
-    import pandas as pd
-
     ct = contingency(gt, pred, valid)
     rows, cols, inter, iou = _pairs(ct)
     mr, mc, miou = _one_to_one(rows, cols, iou, iou_threshold)
@@ -392,10 +392,6 @@ def semantic_scores(cm: np.ndarray, classes=None):
     The frame's ``attrs`` hold ``miou`` and ``mdice`` (means over classes that are present) and
     ``pixel_accuracy``.
     """
-    import pandas as pd
-
-    from .labels import CLASSES
-
     cm = np.asarray(cm, float)
     classes = list(classes or CLASSES[: cm.shape[0]])
     s = semantic_from_cm(cm)
@@ -444,8 +440,6 @@ def semantic_from_cm(cm: np.ndarray) -> dict:
 
 def boundaries(labels: np.ndarray) -> np.ndarray:
     """Boundary pixels of a label image (instance or semantic): pixels next to a different label."""
-    from skimage.segmentation import find_boundaries
-
     return find_boundaries(np.asarray(labels), mode="inner")
 
 
@@ -473,8 +467,6 @@ def boundary_counts(
 
 def _boundary_counts_at(gt, pred, tolerances_px: dict, valid=None) -> dict:
     """Boundary counts at several tolerances (prefix -> pixels) from one pair of distance maps."""
-    from scipy.ndimage import distance_transform_edt
-
     gb = np.asarray(gt) if np.asarray(gt).dtype == bool else boundaries(gt)
     pb = np.asarray(pred) if np.asarray(pred).dtype == bool else boundaries(pred)
     if gb.shape != pb.shape:
@@ -541,8 +533,6 @@ def tile_counts(
     semantic counts. Pixels where ``gt_semantic`` is NODATA are not scored. With
     ``return_tables`` also the per-field and per-prediction tables of :func:`field_table`.
     """
-    from .labels import NODATA
-
     out = {}
     if pred_semantic is None:
         cm = np.full((n_classes, n_classes), np.nan)
@@ -565,8 +555,6 @@ def tile_counts(
 
 def scores_from_counts(sums, n_classes: int = 4) -> dict:
     """Headline scores from counts summed over tiles (scalars, or arrays of bootstrap replicates)."""
-    from .labels import CLASSES
-
     cm = np.stack(
         [
             np.stack([np.asarray(sums[f"cm_{i}_{j}"], float) for j in range(n_classes)], -1)
@@ -588,8 +576,6 @@ def scores_from_counts(sums, n_classes: int = 4) -> dict:
     return out
 
 
-ALL_FIELD = "all-field"  # evaluate_method's semantic= for the trivial "field everywhere" baseline
-WIRING = "wiring check, random weights"  # the label of every row computed with a random-weight model
 PER_CLASS = ("dice_others", "dice_field", "dice_tree", "dice_water", "mdice", "pixel_accuracy")
 
 HEADLINE = (
@@ -656,8 +642,6 @@ def bootstrap_scores(
     ``metric, value, lo, hi, n_tiles, n_units, resampled, row_unit`` (``n_tiles`` counts the rows,
     which are ``row_unit``: tiles, or validation answers).
     """
-    import pandas as pd
-
     cols = _count_columns(counts)
     x, _ = resampling_units(counts, cols, cluster)
     n = x.shape[0]
@@ -719,8 +703,6 @@ def compare_methods(
     resamples units once (tiles, or whole blocks with ``cluster``) and scores both methods on that
     sample, so the difficulty of a place cancels out of the interval.
     """
-    import pandas as pd
-
     a = counts_a.set_index(key).sort_index()
     b = counts_b.set_index(key).sort_index()
     if not a.index.equals(b.index):
@@ -779,186 +761,6 @@ def describe_difference(row, name_a: str, name_b: str) -> str:
     return head + f": {name_b if better else name_a} is better on this data."
 
 
-# --- run folders: read the stages' rasters and score every method over the same tiles --------------
-
-
-def read_raster(path, what: str = "raster"):
-    """(array of band 1, rasterio profile), with a clear error naming the file."""
-    import rasterio
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {path} does not exist: run the stage that writes it first")
-    try:
-        with rasterio.open(path) as src:
-            return src.read(1), src.profile
-    except rasterio.errors.RasterioIOError as err:
-        raise ValueError(f"{what} {path} cannot be read ({err}); rerun the stage that writes it") from err
-
-
-def _same_grid(gt_profile, pred_profile, path) -> None:
-    same = (gt_profile["height"], gt_profile["width"]) == (pred_profile["height"], pred_profile["width"])
-    if not same or not gt_profile["transform"].almost_equals(pred_profile["transform"]):
-        raise ValueError(
-            f"{path} is not on the scene grid (shape {pred_profile['height']}x{pred_profile['width']}, "
-            f"transform {tuple(pred_profile['transform'])[:6]}; scene {gt_profile['height']}x{gt_profile['width']}, "
-            f"{tuple(gt_profile['transform'])[:6]}): write predictions with the scene's transform"
-        )
-
-
-def evaluate_method(
-    run01,
-    tiles,
-    semantic: dict | None,
-    instances: dict | None,
-    boundary_tol_px: float = 2.0,
-    boundary_tol_m: float = 1.0,
-    iou_threshold: float = 0.5,
-):
-    """Score one method on the given tiles; returns (counts, fields) DataFrames, one row per tile / field.
-
-    ``semantic`` / ``instances`` map scene_id -> predicted GeoTIFF on the scene grid (semantic uint8
-    with 255 outside inferred tiles; instances int32); ``semantic=ALL_FIELD`` scores "field" everywhere. ``instances=None`` takes connected components
-    of the predicted field class as instances; ``semantic=None`` scores instances only. Instances are
-    scored per tile: a field cut by a tile edge counts as its part inside each tile, on both sides.
-    """
-    import pandas as pd
-    from skimage.measure import label as connected
-
-    from .labels import CLASS_IDS, NODATA
-
-    run01 = Path(run01)
-    counts, fields = [], []
-    for scene_id, group in tiles.groupby("scene_id", sort=True):
-        folder = run01 / "scenes" / str(scene_id)
-        gt_sem, prof = read_raster(folder / "semantic.tif", "ground-truth semantic mask")
-        gt_inst, _ = read_raster(folder / "instances.tif", "ground-truth instance mask")
-        pixel = abs(prof["transform"].a)
-        pred_sem = pred_inst = None
-        if semantic == ALL_FIELD:  # the trivial baseline: "field" on every labelled pixel
-            pred_sem = np.where(gt_sem != NODATA, CLASS_IDS["field"], NODATA).astype(np.uint8)
-        elif semantic is not None:
-            pred_sem, p = read_raster(semantic[scene_id], "predicted semantic mask")
-            _same_grid(prof, p, semantic[scene_id])
-        if instances is not None:
-            pred_inst, p = read_raster(instances[scene_id], "predicted instance mask")
-            _same_grid(prof, p, instances[scene_id])
-        for t in group.itertuples():
-            win = np.s_[t.row_off : t.row_off + t.height, t.col_off : t.col_off + t.width]
-            ps = None if pred_sem is None else pred_sem[win]
-            pi = connected(ps == CLASS_IDS["field"], connectivity=1) if pred_inst is None else pred_inst[win]
-            c, f, _ = tile_counts(
-                gt_sem[win],
-                ps,
-                gt_inst[win],
-                pi,
-                pixel,
-                boundary_tol_px,
-                boundary_tol_m,
-                iou_threshold,
-                return_tables=True,
-            )
-            meta = {
-                "tile_id": t.tile_id,
-                "scene_id": scene_id,
-                "country": getattr(t, "country", ""),
-                "block_id": getattr(t, "block_id", t.tile_id),
-            }
-            counts.append({**meta, **c})
-            fields.append(f.assign(**meta))
-    fields = pd.concat(fields, ignore_index=True) if fields else pd.DataFrame()
-    return pd.DataFrame(counts), fields
-
-
-def discover_methods(run01, run05, random_weight_refinement: bool = False) -> list[dict]:
-    """The methods to score: each 05_inference variant coarse and refined, and the baselines
-    (all-field, the per-pixel classifier of notebook 01 when present, the watershed).
-
-    Coarse masks get connected-component instances; refined masks come with 05's instances/ rasters.
-    With ``random_weight_refinement`` (05 refined with a random-weight SAM) the refined rows are
-    named and flagged as wiring checks (``wiring``), never results.
-    Each entry: name, variant, format, training, refinement, semantic, instances, tile_ids (or None),
-    wiring, baseline.
-    """
-    import pandas as pd
-
-    run01, run05 = Path(run01), Path(run05)
-    methods = []
-    for vdir in sorted(p for p in run05.iterdir() if p.is_dir()) if run05.exists() else []:
-        fmt, _, training = vdir.name.rpartition("-")
-        tiles_csv = vdir / "tiles.csv"
-        ids = set(pd.read_csv(tiles_csv)["tile_id"].astype(str)) if tiles_csv.exists() else None
-        for refinement in ("coarse", "refined"):
-            sem = {p.stem: p for p in sorted((vdir / refinement).glob("*.tif"))}
-            if not sem:
-                continue
-            inst = (
-                {p.stem: p for p in sorted((vdir / "instances").glob("*.tif"))}
-                if refinement == "refined"
-                else None
-            )
-            wiring = random_weight_refinement and refinement == "refined"
-            methods.append(
-                {
-                    "name": f"{vdir.name} {refinement}" + (f" ({WIRING})" if wiring else ""),
-                    "variant": vdir.name,
-                    "format": fmt or vdir.name,
-                    "training": training,
-                    "refinement": refinement,
-                    "semantic": sem,
-                    "instances": inst or None,
-                    "tile_ids": ids,
-                    "wiring": wiring,
-                    "baseline": False,
-                }
-            )
-    pixel = {p.stem: p for p in sorted((run01 / "pixel_baseline" / "semantic").glob("*.tif"))}
-    if pixel:  # its instances: the model pipeline's watershed on its field mask (pixel_baseline)
-        pixel_inst = {p.stem: p for p in sorted((run01 / "pixel_baseline" / "instances").glob("*.tif"))}
-        methods.append(_baseline_method(PIXEL_BASELINE, "pixel classifier", pixel, pixel_inst or None))
-    scenes = {p.name: p for p in sorted((run01 / "scenes").glob("*")) if p.is_dir()}
-    if scenes:
-        methods.append(_baseline_method(ALL_FIELD_BASELINE, "all-field", ALL_FIELD, None, scenes))
-    base = {
-        p.name.removesuffix("_instances.tif"): p for p in sorted((run01 / "baseline").glob("*_instances.tif"))
-    }
-    if base:
-        methods.append(_baseline_method("watershed baseline", "watershed", None, base))
-    return methods
-
-
-PIXEL_BASELINE = "pixel classifier baseline"
-ALL_FIELD_BASELINE = "all-field baseline"
-
-
-def _baseline_method(name: str, kind: str, semantic, instances, scenes=None) -> dict:
-    return {
-        "name": name,
-        "variant": "baseline",
-        "format": kind,
-        "training": "none",
-        "refinement": kind,
-        "semantic": semantic,
-        "instances": instances,
-        "scenes": set(scenes or semantic or instances),
-        "tile_ids": None,
-        "wiring": False,
-        "baseline": True,
-    }
-
-
-def common_tiles(tiles, methods: list[dict], split: str = "test"):
-    """The tiles of ``split`` that every method has predictions for (so all are scored on the same set)."""
-    keep = tiles[tiles["split"] == split] if "split" in tiles else tiles
-    keep = keep.assign(tile_id=keep["tile_id"].astype(str))
-    for m in methods:
-        scenes = m.get("scenes") or set((m["semantic"] or m["instances"]).keys())
-        keep = keep[keep["scene_id"].astype(str).isin(scenes)]
-        if m["tile_ids"] is not None:
-            keep = keep[keep["tile_id"].isin(m["tile_ids"])]
-    return keep.reset_index(drop=True)
-
-
 def scene_tables(
     gt_instances, pred_instances, pred_semantic=None, iou_threshold: float = 0.5, pixel_area_m2=None
 ):
@@ -971,8 +773,6 @@ def per_tile_scores(counts, metrics=HEADLINE):
     """The scores of each tile on its own, indexed by tile_id, plus ``error_share``: the share of
     labelled pixels given the wrong class (defined on every tile with a semantic output, unlike IoU,
     which is undefined on a tile with no field in truth or prediction)."""
-    import pandas as pd
-
     cols = _count_columns(counts)
     scores = scores_from_counts({c: counts[c].to_numpy(float) for c in cols})
     index = counts["tile_id"] if "tile_id" in counts else counts.index
@@ -994,8 +794,6 @@ def worst_tiles(scores, n: int = 4, by: str = "error_share", undefined: str = "i
 
 def recall_by_size(fields, bins=None, n_boot: int = 500, seed: int = 0, matched: str = "matched"):
     """Recall of ground-truth fields per field-size bin (m^2), with bootstrap intervals over fields."""
-    import pandas as pd
-
     area = fields["area_m2"].to_numpy(float)
     if bins is None:
         lo, hi = np.nanmin(area) if area.size else 1.0, np.nanmax(area) if area.size else 10.0
@@ -1015,265 +813,3 @@ def recall_by_size(fields, bins=None, n_boot: int = 500, seed: int = 0, matched:
             }
         )
     return pd.DataFrame(rows)
-
-
-# --- analysis tables for notebook 06 ----------------------------------------------------------------
-
-
-def comparison_masks(choice: str, sam_backend: str | None) -> str:
-    """Which masks the ablation compares models on: "coarse" or "refined".
-
-    "auto" takes the coarse masks when notebook 05 refined with no SAM or with the random-weight tiny
-    SAM (whose changes are noise), and the refined masks when a real SAM checkpoint was used.
-    """
-    if choice in ("coarse", "refined"):
-        return choice
-    if choice != "auto":
-        raise ValueError(f"compare_masks must be 'auto', 'coarse' or 'refined', not {choice!r}")
-    return "coarse" if sam_backend in (None, "", "none", "tiny") else "refined"
-
-
-def main_method(methods: list[dict], masks: str = "refined") -> dict:
-    """The method the figures focus on: MAgSeg after GRPO if present, else after SFT, else any model
-    on ``masks``; never a wiring check."""
-    by_name = {m["name"]: m for m in methods if not m.get("wiring")}
-    for name in (f"magseg-grpo {masks}", f"magseg-sft {masks}"):
-        if name in by_name:
-            return by_name[name]
-    usable = [m for m in by_name.values() if not m.get("baseline")] or list(by_name.values())
-    return next((m for m in usable if m["refinement"] == masks), usable[0])
-
-
-def score_table(
-    results: dict,
-    n_boot: int = 1000,
-    ci: float = 0.95,
-    seed: int = 0,
-    by: str | None = None,
-    cluster: str | None = "block_id",
-):
-    """Long table (method, group, metric, value, lo, hi, n_tiles, n_units, resampled) for every method,
-    overall or per ``by``; intervals resample whole spatial blocks unless ``cluster=None`` (tiles).
-
-    ``results`` maps a method name to its per-tile counts (from :func:`evaluate_method`); ``by`` is a
-    column of the counts such as "country" or "scene_id" (None = all tiles, group "all").
-    """
-    import pandas as pd
-
-    parts = []
-    for name, counts in results.items():
-        groups = [("all", counts)] if by is None else list(counts.groupby(by, sort=True))
-        for group, sub in groups:
-            table = bootstrap_scores(sub, n_boot, ci, seed, cluster=cluster)
-            parts.append(table.assign(method=name, group=str(group)))
-    cols = ["method", "group", "metric", "value", "lo", "hi", "n_tiles", "n_units", "resampled"]
-    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
-
-
-def wide_table(long, metrics=HEADLINE, index=("method",), digits: int = 3):
-    """Readable pivot: one row per method (and group), one column per metric, "value [lo, hi]"."""
-    df = long[long["metric"].isin(metrics)].copy()
-    df["cell"] = [
-        "n/a" if np.isnan(v) else f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-        for v, lo, hi in zip(df["value"], df["lo"], df["hi"], strict=True)
-    ]
-    out = df.pivot_table(index=list(index), columns="metric", values="cell", aggfunc="first", sort=False)
-    return out.reindex(columns=[m for m in metrics if m in out.columns])
-
-
-def ablation_pairs(methods: list[dict], masks: str = "refined") -> list[tuple[str, str, str]]:
-    """(question, method A, method B) pairs that differ in one factor, among the methods present.
-
-    Refinement (coarse -> refined, per variant: superpixels or SAM), then on ``masks`` ("coarse" or "refined"): GRPO
-    after SFT (per format), the MAgSeg format vs the Text4Seg format (same training), and each model
-    vs the watershed baseline.
-    """
-    names = {m["name"] for m in methods}
-    wiring = {m["name"] for m in methods if m.get("wiring")}
-    variants = sorted({m["variant"] for m in methods if m["variant"] != "baseline"})
-    pairs = []
-    for v in variants:
-        refined = next((n for n in names if n.startswith(f"{v} refined")), None)
-        if f"{v} coarse" in names and refined:
-            question = "Refinement" + (f" ({WIRING})" if refined in wiring else "")
-            pairs.append((question, f"{v} coarse", refined))
-    for fmt in sorted({v.rpartition("-")[0] for v in variants}):
-        if {f"{fmt}-sft {masks}", f"{fmt}-grpo {masks}"} <= names:
-            pairs.append(("GRPO after SFT", f"{fmt}-sft {masks}", f"{fmt}-grpo {masks}"))
-    for training in ("sft", "grpo"):
-        if {f"text4seg-{training} {masks}", f"magseg-{training} {masks}"} <= names:
-            pairs.append(
-                ("MAgSeg vs Text4Seg format", f"text4seg-{training} {masks}", f"magseg-{training} {masks}")
-            )
-    for baseline, question in (
-        (ALL_FIELD_BASELINE, "vs all-field"),
-        (PIXEL_BASELINE, "vs pixel classifier"),
-        ("watershed baseline", "vs classical watershed"),
-    ):
-        if baseline in names:
-            for v in variants:
-                if f"{v} {masks}" in names:
-                    pairs.append((question, baseline, f"{v} {masks}"))
-    return pairs
-
-
-def ablation_table(
-    results: dict,
-    pairs,
-    metrics=HEADLINE,
-    n_boot: int = 1000,
-    ci: float = 0.95,
-    seed: int = 0,
-    cluster: str | None = "block_id",
-):
-    """Paired differences (B - A) with intervals (whole blocks resampled unless ``cluster=None``)
-    for every ablation pair, plus a one-line reading each."""
-    import pandas as pd
-
-    parts = []
-    for question, a, b in pairs:
-        diff = compare_methods(results[a], results[b], metrics, n_boot, ci, seed, cluster=cluster)
-        diff["reading"] = [describe_difference(r, a, b) for _, r in diff.iterrows()]
-        parts.append(diff.assign(question=question, method_a=a, method_b=b))
-    cols = [
-        "question",
-        "method_a",
-        "method_b",
-        "metric",
-        "a",
-        "b",
-        "diff",
-        "lo",
-        "hi",
-        "n_tiles",
-        "n_units",
-        "resampled",
-        "reading",
-    ]
-    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
-
-
-def ablation_reading(ablation, metrics=("iou_field", "inst_f1", "boundary_m_f1")) -> list[str]:
-    """Short bullet points generated from the ablation numbers (nothing hard-coded about the result).
-
-    A difference is reported only when its paired interval excludes zero; the metrics here are all
-    "higher is better", so the sign of the interval says which method is better.
-    """
-    lines = []
-    for (question, a, b), grp in ablation.groupby(["question", "method_a", "method_b"], sort=False):
-        sub = grp.set_index("metric").reindex(list(metrics)).dropna(subset=["diff"])
-        if sub.empty:
-            continue
-        if WIRING in question or WIRING in a or WIRING in b:
-            lines.append(f"**{question}** ({a} → {b}): not a result (a {WIRING}); no conclusion is drawn.")
-            continue
-        clear = sub[(sub["lo"] > 0) | (sub["hi"] < 0)]
-        verdict = (
-            "no difference that this data can resolve"
-            if clear.empty
-            else "; ".join(
-                f"{m} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] ({b if r['lo'] > 0 else a} better)"
-                for m, r in clear.iterrows()
-            )
-        )
-        lines.append(f"**{question}** ({a} → {b}, {units_text(sub.iloc[0])}): {verdict}.")
-    return lines
-
-
-def effective_resolution(run02, tile_px: int, res_m: float):
-    """Label cells per tile side and metres per cell of each instruction format (from 02's test JSONL)."""
-    import json
-
-    import pandas as pd
-
-    rows = []
-    for fmt in ("magseg", "text4seg"):
-        path = Path(run02) / f"{fmt}_test.jsonl"
-        if not path.exists():
-            continue
-        with open(path) as fh:
-            first = json.loads(fh.readline() or "{}")
-        grid = int(first.get("grid", 0))
-        cells = grid * int(first.get("patch_layout", 1)) if fmt == "magseg" else grid
-        rows.append(
-            {
-                "format": fmt,
-                "grid": grid,
-                "patch_layout": first.get("patch_layout"),
-                "cells_per_tile_side": cells,
-                "metres_per_cell": tile_px * res_m / cells if cells else np.nan,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def read_eval_jsons(run_dir) -> pd.DataFrame:  # noqa: F821
-    """Scalar entries of 03_sft/<format>/eval.json and 04_grpo/<format>/eval.json, one row per file."""
-    import json
-
-    import pandas as pd
-
-    rows = []
-    for path in sorted(Path(run_dir).glob("0[34]_*/*/eval.json")):
-        data = json.loads(path.read_text())
-        flat = pd.json_normalize(data, sep=".").iloc[0].to_dict() if isinstance(data, dict) else {}
-        scalars = {k: v for k, v in flat.items() if isinstance(v, int | float | str | bool)}
-        rows.append({"stage": path.parent.parent.name, "format": path.parent.name, **scalars})
-    return pd.DataFrame(rows)
-
-
-def markdown_table(df, index: bool = True) -> str:
-    """A pandas frame as a GitHub markdown table (without the optional tabulate dependency)."""
-    df = df.reset_index() if index else df
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
-    sep = "| " + " | ".join("---" for _ in df.columns) + " |"
-    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, sep, *body])
-
-
-def _cell(v) -> str:
-    if isinstance(v, float):
-        return "n/a" if np.isnan(v) else f"{v:.3f}"
-    return str(v).replace("|", "/")
-
-
-def write_report(path, title: str, sections: list[tuple[str, object]]) -> Path:
-    """report.md: a title, then (heading, DataFrame | text | list of lines) sections; atomic write."""
-
-    import pandas as pd
-
-    parts = [f"# {title}", ""]
-    for heading, content in sections:
-        parts += [f"## {heading}", ""]
-        if isinstance(content, pd.DataFrame):
-            has_index = any(name is not None for name in content.index.names)  # a row number is not shown
-            parts.append(markdown_table(content, index=has_index) if len(content) else "(none)")
-        elif isinstance(content, list | tuple):
-            parts += [f"- {line}" for line in content]
-        else:
-            parts.append(str(content))
-        parts.append("")
-    return files.write_text(path, "\n".join(parts))
-
-
-def interval_comparison(by_tile, by_block, metric_names) -> pd.DataFrame:  # noqa: F821
-    """Side by side, per method and metric: the tile-resampled and the block-resampled interval and
-    their widths (``score_table`` with ``cluster=None`` and with ``cluster="block_id"``)."""
-    import pandas as pd
-
-    keys = ["method", "group", "metric"]
-    a = by_tile[by_tile["metric"].isin(metric_names)].set_index(keys)
-    b = by_block.set_index(keys).reindex(a.index)
-    out = pd.DataFrame(
-        {
-            "value": a["value"],
-            "tile_lo": a["lo"],
-            "tile_hi": a["hi"],
-            "block_lo": b["lo"],
-            "block_hi": b["hi"],
-            "n_tiles": a["n_tiles"],
-            "n_blocks": b["n_units"],
-        }
-    )
-    out["width_ratio"] = (out["block_hi"] - out["block_lo"]) / (out["tile_hi"] - out["tile_lo"])
-    return out.reset_index()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magseg_nb import metrics, prompts, textgrid
+from magseg_nb import evaluation, metrics, prompts, textgrid
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
 MODEL, ALL_FIELD, PIXEL = "model", "all-field baseline", "pixel classifier baseline"
@@ -114,7 +114,7 @@ def compare(
 
 def wide(long: pd.DataFrame, index=("scorer",), digits: int = 3) -> pd.DataFrame:
     """One row per scorer, one column per metric: "value [lo, hi]"."""
-    return metrics.wide_table(
+    return evaluation.wide_table(
         long.rename(columns={"scorer": "method"}), METRICS, index=["method"], digits=digits
     )
 

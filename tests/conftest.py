@@ -1,4 +1,5 @@
-"""Shared fixtures. `smoke_run` executes the whole notebook chain once per test session."""
+"""Shared fixtures. `smoke_run` executes the whole notebook chain once per test session;
+`synthetic_run` and `small_scene` are built once per session by tests/fixtures.py."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests import fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,3 +47,15 @@ def stage_dir(run_dir: Path, stage: str) -> Path:
     if not (path / "state.json").exists():
         pytest.fail(f"the smoke chain did not produce {stage}")
     return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(tmp_path_factory) -> Path:
+    """A tiny run folder (01 scenes + baselines, 05 variants); shared, so tests must not modify it."""
+    return fixtures.make_synthetic_run(tmp_path_factory.mktemp("synthetic") / "runs" / "syn")
+
+
+@pytest.fixture(scope="session")
+def small_scene():
+    """One generated 256 px landscape (tests/fixtures.small_scene)."""
+    return fixtures.small_scene()

@@ -8,20 +8,18 @@ import geopandas as gpd
 import numpy as np
 import pytest
 
-from magseg_nb import metrics
+from magseg_nb import evaluation, metrics
 from magseg_nb.viz import maps
-
-from .test_metrics import make_synthetic_run
 
 
 @pytest.fixture(scope="module")
-def saved_map(tmp_path_factory):
-    """A synthetic run and its scene map saved as one HTML file."""
-    run = make_synthetic_run(tmp_path_factory.mktemp("maps") / "runs" / "syn", variants=("magseg-sft",))
+def saved_map(synthetic_run, tmp_path_factory):
+    """The shared synthetic run's scene map saved as one HTML file."""
+    run = synthetic_run
     scene, variant = run / "01_dataset_prep" / "scenes" / "vn0", run / "05_inference" / "magseg-sft"
-    gt_inst, prof = metrics.read_raster(scene / "instances.tif")
-    pred_inst, _ = metrics.read_raster(variant / "instances" / "vn0.tif")
-    pred_sem, _ = metrics.read_raster(variant / "refined" / "vn0.tif")
+    gt_inst, prof = evaluation.read_raster(scene / "instances.tif")
+    pred_inst, _ = evaluation.read_raster(variant / "instances" / "vn0.tif")
+    pred_sem, _ = evaluation.read_raster(variant / "refined" / "vn0.tif")
     tabs = metrics.scene_tables(gt_inst, pred_inst, pred_sem, pixel_area_m2=prof["transform"].a ** 2)
     pred = gpd.read_file(variant / "fields.gpkg", layer="fields").query("scene_id == 'vn0'")
     gt, pred = maps.attach_matches(gpd.read_file(scene / "labels.gpkg", layer="labels"), pred, *tabs)
@@ -31,8 +29,9 @@ def saved_map(tmp_path_factory):
         pred,
         {"coarse": variant / "coarse" / "vn0.tif", "refined": variant / "refined" / "vn0.tif"},
     )
-    path = maps.save_offline_html(m, run / "map.html")
-    return {"run": run, "path": path, "gt": gt, "pred": pred, "scene": scene}
+    out = tmp_path_factory.mktemp("maps")  # the shared run folder stays as built
+    path = maps.save_offline_html(m, out / "map.html")
+    return {"run": run, "out": out, "path": path, "gt": gt, "pred": pred, "scene": scene}
 
 
 def test_map_is_one_offline_file_with_every_layer(saved_map):
@@ -106,7 +105,7 @@ def test_a_raster_without_crs_is_refused(tmp_path):
 def test_headless_chromium_shows_the_layers_and_saves_a_screenshot(saved_map):
     from PIL import Image
 
-    shot = saved_map["run"] / "map.png"
+    shot = saved_map["out"] / "map.png"
     # (0.575, 0.46): the middle of a field (a click on its edge may miss it by a pixel)
     res = maps.browser_check(saved_map["path"], shot, wait_s=6.0, click=(0.575, 0.46))
     assert res["canvas"] and res["errors"] == []
@@ -209,7 +208,7 @@ def test_whole_scene_prediction_covers_the_scene_and_keeps_the_scored_pixels(who
 
 
 def test_map_only_predictions_never_enter_the_metrics(whole_scene_run):
-    """06 scores metrics.common_tiles over the test tiles with the variant's coarse/ refined/ rasters:
+    """06 scores evaluation.common_tiles over the test tiles with the variant's coarse/ refined/ rasters:
     the whole-scene run changes none of those files, adds no method and no tile."""
     import hashlib
 
@@ -221,15 +220,15 @@ def test_map_only_predictions_never_enter_the_metrics(whole_scene_run):
         if p.is_file()
     }
     assert {k: v for k, v in after.items() if not k.startswith("whole_scene/")} == r["digest"]
-    methods = metrics.discover_methods(r["run01"], r["run05"])
+    methods = evaluation.discover_methods(r["run01"], r["run05"])
     model_rows = [m for m in methods if not m["baseline"]]
     assert [m["name"] for m in model_rows] == ["magseg-sft coarse", "magseg-sft refined"]
     for m in model_rows:
         assert all("whole_scene" not in str(p) for p in m["semantic"].values())
         assert m["tile_ids"] == {"s0_0_0", "s0_32_64"}
-    scored = metrics.common_tiles(r["tiles"].assign(tile_id=r["tiles"]["tile_id"].astype(str)), methods)
+    scored = evaluation.common_tiles(r["tiles"].assign(tile_id=r["tiles"]["tile_id"].astype(str)), methods)
     assert sorted(scored["tile_id"]) == ["s0_0_0", "s0_32_64"] and set(scored["split"]) == {"test"}
-    counts, _ = metrics.evaluate_method(r["run01"], scored, model_rows[0]["semantic"], None)
+    counts, _ = evaluation.evaluate_method(r["run01"], scored, model_rows[0]["semantic"], None)
     # The scored coarse mask is the oracle's (exact): no 'water everywhere' map-only pixel got in.
     assert metrics.per_tile_scores(counts)["error_share"].max() == 0.0
 
@@ -257,8 +256,8 @@ def test_whole_scene_map_outlines_test_tiles_and_pops_up_truth_and_prediction(wh
     src = maps.prediction_folder(r["vdir"], "s0")
     assert src.name == "whole_scene" and maps.default_scene(r["vdir"], r["tiles"]) == "s0"
     scene = r["run01"] / "scenes" / "s0"
-    gt_inst, prof = metrics.read_raster(scene / "instances.tif")
-    pred_sem, _ = metrics.read_raster(src / "refined" / "s0.tif")
+    gt_inst, prof = evaluation.read_raster(scene / "instances.tif")
+    pred_sem, _ = evaluation.read_raster(src / "refined" / "s0.tif")
     labels = gpd.GeoDataFrame(
         {"class": ["field", "field"], "field_id": [1, 2]},
         geometry=[

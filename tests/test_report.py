@@ -9,23 +9,7 @@ import pytest
 
 from magseg_nb import report
 
-
-def _state(folder, summary, params=None, started=100.0, finished=160.0):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "state.json").write_text(
-        json.dumps(
-            {
-                "stage": folder.name,
-                "params": params or {"profile": "demo", "seed": 0},
-                "summary": summary,
-                "outputs": {},
-                "versions": {"torch": "2.14.1", "transformers": "5.23.0", "trl": "1.16.0"},
-                "started": started,
-                "finished": finished,
-                "fingerprint": "x",
-            }
-        )
-    )
+from .fixtures import write_state
 
 
 def _long(rows):
@@ -41,7 +25,7 @@ def _long(rows):
 @pytest.fixture()
 def run_dir(tmp_path):
     run = tmp_path / "runs" / "demo"
-    _state(run / "01_dataset_prep", {})
+    write_state(run / "01_dataset_prep", {})
     (run / "01_dataset_prep" / "results.json").write_text(
         json.dumps(  # the layout chain.Stage.finish writes
             {
@@ -52,7 +36,7 @@ def run_dir(tmp_path):
             }
         )
     )
-    _state(
+    write_state(
         run / "03_sft",
         {
             "magseg_steps": 373,
@@ -83,7 +67,7 @@ def run_dir(tmp_path):
             ),
         ]
     ).to_csv(run / "03_sft" / "eval_table.csv", index=False)
-    _state(
+    write_state(
         run / "06_metrics", {"n_tiles": 40, "n_blocks": 9, "reading": ["**GRPO after SFT**: not resolved."]}
     )
     _long(
@@ -141,8 +125,10 @@ def test_robustness_runs_get_one_row_each(run_dir, tmp_path):
 
     other = tmp_path / "runs" / "check-seed1"
     shutil.copytree(run_dir, other)
-    _state(other / "03_sft", {"magseg_val_valid_fraction": 0.5}, params={"profile": "check-seed1", "seed": 1})
-    _state(
+    write_state(
+        other / "03_sft", {"magseg_val_valid_fraction": 0.5}, params={"profile": "check-seed1", "seed": 1}
+    )
+    write_state(
         other / "04_grpo", {"magseg_grpo_change_mdice": 0.031, "magseg_grpo_change_mdice_ci": [0.012, 0.05]}
     )
     lines = report.checks_section([other, tmp_path / "missing"])

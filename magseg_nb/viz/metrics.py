@@ -6,10 +6,13 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import rasterio
+from rasterio.windows import Window
 
+from magseg_nb.evaluation import read_raster
+from magseg_nb.labels import CLASS_COLORS, CLASSES, NODATA
+from magseg_nb.metrics import worst_tiles
 from magseg_nb.viz import save  # noqa: F401  (re-exported: notebooks call viz.<module>.save)
-
-from ..labels import CLASS_COLORS, CLASSES, NODATA
 
 
 def _yerr(df):
@@ -61,13 +64,9 @@ def error_gallery(run01, tiles, scores, method: dict, by: str = "error_share", n
     """Image, ground truth and prediction of the ``n`` tiles with the largest ``by`` error.
 
     ``tiles`` is the tile table and ``scores`` :func:`metrics.per_tile_scores` (indexed by tile_id);
-    ``method`` is an entry of :func:`metrics.discover_methods` (its semantic rasters are shown). The
+    ``method`` is an entry of :func:`evaluation.discover_methods` (its semantic rasters are shown). The
     ranking is :func:`metrics.worst_tiles`: by an error defined on every tile, never by an undefined IoU.
     """
-    import rasterio
-    from rasterio.windows import Window
-
-    from ..metrics import read_raster, worst_tiles
 
     order, _ = worst_tiles(scores, n=n, by=by)
     tiles = tiles.set_index(tiles["tile_id"].astype(str))
