@@ -43,6 +43,23 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return write_text(path, "".join(json.dumps(r, default=json_default) + "\n" for r in rows))
 
 
+def replace_dir(src: str | Path, dest: str | Path) -> Path:
+    """Move the finished folder ``src`` to ``dest``, replacing an older ``dest``: a reader finds the
+    old folder, nothing, or the whole new one, never a half-written one under ``dest``'s name."""
+    import shutil
+
+    src, dest = Path(src), Path(dest)
+    if dest.exists():
+        old = dest.with_name(dest.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(src, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dest)
+    return dest
+
+
 # --- names from outside that become paths ---------------------------------------------------------
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}")

@@ -277,6 +277,44 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
     return None
 
 
+CHECKPOINT_STAGING = ".saving"  # checkpoints are written here, then renamed into checkpoints/
+
+
+def atomic_checkpoints(trainer_cls):
+    """``trainer_cls`` writing each checkpoint into ``<output_dir>/.saving/`` and renaming it to
+    ``<output_dir>/checkpoint-N`` only when complete, so a kill mid-save never leaves a half-written
+    ``checkpoint-N`` for a rerun to resume from (:func:`last_checkpoint` still checks, for old runs)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+    class AtomicCheckpoints(trainer_cls):
+        _staging: str | None = None
+
+        def _get_output_dir(self, trial):
+            return self._staging or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            run_dir = Path(super()._get_output_dir(trial))
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            staging = run_dir / CHECKPOINT_STAGING
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed save
+            self.accelerator.wait_for_everyone()
+            self._staging = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = None
+            self.accelerator.wait_for_everyone()  # every rank's shards are written before the rename
+            if self.args.should_save:
+                files.replace_dir(staging / name, run_dir / name)
+                shutil.rmtree(staging, ignore_errors=True)
+                rotate_checkpoints(str(run_dir), self.args.save_total_limit, use_mtime=True)
+            self.accelerator.wait_for_everyone()
+
+    AtomicCheckpoints.__name__ = AtomicCheckpoints.__qualname__ = f"Atomic{trainer_cls.__name__}"
+    return AtomicCheckpoints
+
+
 def _save_atomic(model, processor, dest: Path) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -339,7 +377,7 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
         max_length=None,  # never truncate: image tokens must stay whole
         completion_only_loss=True,  # the loss covers the answer (and <end_of_turn>) only
     )
-    trainer = SFTTrainer(
+    trainer = atomic_checkpoints(SFTTrainer)(
         model=model,
         args=args,
         train_dataset=sft_dataset(train_ds),
@@ -547,7 +585,7 @@ def run_grpo(cfg: dict | GRPOSettings, train_ds=None, val_ds=None) -> dict:
             use_vllm=False,
             log_completions=False,
         )
-        trainer = GRPOTrainer(
+        trainer = atomic_checkpoints(GRPOTrainer)(
             model=model,
             reward_funcs=funcs,
             args=args,

@@ -156,7 +156,8 @@ def only_main_writes(writes: dict) -> None:
     assert sorted(writes) == [0, 1], f"audit records from ranks {sorted(writes)}"
     allowed = ("ranks/rank1.json", "ranks/rank1.json.tmp", "ranks")
     # the Trainer saves each process's RNG state into the checkpoint (it creates the folder for it)
-    ckpt = re.compile(r"checkpoints/checkpoint-\d+(/rng_state_1\.pth)?")
+    # (into the staging folder: training.atomic_checkpoints renames it once every rank has written)
+    ckpt = re.compile(r"checkpoints/(\.saving(/checkpoint-\d+(/rng_state_1\.pth)?)?|checkpoint-\d+)")
     extra = [p for p in writes[1] if p not in allowed and not ckpt.fullmatch(p)]
     assert extra == [], f"rank 1 wrote {extra}"
     main = writes[0]

@@ -26,6 +26,7 @@ from magseg_nb.training import last_checkpoint
 
 from .test_chain import _notebook
 from .test_manifest import _local_manifest, ftw_archive  # noqa: F401 - a fixture
+from .test_training import convs  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,6 +171,50 @@ def test_incomplete_checkpoints_are_skipped_and_removed(tmp_path, capsys):
         f"warning: removing incomplete checkpoint {ck / 'checkpoint-4'} (no readable trainer_state.json (FileNotFoundError))",
     ]
     assert last_checkpoint(tmp_path / "none") is None
+
+
+def test_a_save_cut_off_midway_never_becomes_a_checkpoint(convs, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Real SFTTrainer on the tiny model: the save of step 2 dies after the weights (as a kill would);
+    no ``checkpoint-2`` appears, the rerun resumes from step 1 and finishes with a complete step 2."""
+    import transformers
+
+    from magseg_nb import models, training
+
+    base = models.resolve_model("tiny-gemma3", tmp_path / "models")
+    out = tmp_path / "sft"
+    cfg = dict(
+        base_model=str(base),
+        train_jsonl=str(convs / "magseg_train.jsonl"),
+        output_dir=str(out),
+        max_steps=2,
+        batch_size=4,
+        save_steps=1,
+        save_total_limit=3,
+        logging_steps=1,
+        eval_max_examples=0,
+    )
+    real = transformers.Trainer._save_rng_state
+
+    def dies_at_step_2(self, output_dir):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt("killed while saving")
+        return real(self, output_dir)
+
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", dies_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        training.run_sft(cfg)
+    ck = out / "checkpoints"
+    listing = lambda: sorted(p.name for p in ck.iterdir() if p.name != "README.md")  # noqa: E731 (model card)
+    assert listing() == [".saving", "checkpoint-1"]
+    assert (ck / ".saving" / "checkpoint-2" / "adapter_model.safetensors").exists()  # the weights got out
+    assert not (ck / ".saving" / "checkpoint-2" / "trainer_state.json").exists()
+
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", real)
+    capsys.readouterr()
+    assert training.run_sft(cfg)["steps"] == 2
+    assert f"resuming from {ck / 'checkpoint-1'}" in capsys.readouterr().out
+    assert listing() == ["checkpoint-1", "checkpoint-2"]
+    assert json.loads((ck / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
 
 
 # --- 2. two runs on one folder -------------------------------------------------------------------
