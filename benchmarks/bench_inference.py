@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from magseg_nb import geo, inference, landscape, models, refine
+from magseg_nb import geo, inference, instances, landscape, models, refine
 
 
 def synthetic_run01(root: Path, size: int, tile: int, seed: int = 0) -> tuple[Path, pd.DataFrame]:
@@ -98,12 +98,12 @@ def main(argv=None) -> int:
         )
         io = total - s["infer_s"] - s["polygonize_s"]
         # The model's mask may hold no field at all (random model): time the fields of the true mask too.
-        truth, crs, transform = refine.read_mask(geo.scene_paths(run01, "vn0")["semantic"])
+        truth, crs, transform = instances.read_mask(geo.scene_paths(run01, "vn0")["semantic"])
         t0 = time.perf_counter()
-        _, gt_fields = refine.scene_fields(truth, transform, crs, "vn0", tiles=tiles, min_area_px=16)
+        _, gt_fields = instances.scene_fields(truth, transform, crs, "vn0", tiles=tiles, min_area_px=16)
         gt_poly_s = time.perf_counter() - t0
-        coarse, _, _ = refine.read_mask(out / "coarse" / "vn0.tif")
-        conf, _, _ = refine.read_mask(out / "confidence" / "vn0.tif")
+        coarse, _, _ = instances.read_mask(out / "coarse" / "vn0.tif")
+        conf, _, _ = instances.read_mask(out / "confidence" / "vn0.tif")
         for backend in args.sam:
             predictor = sam_predictor(backend, args.sam_checkpoint)
             t0 = time.perf_counter()

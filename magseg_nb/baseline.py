@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
-from skimage.filters import gaussian, sobel
-from skimage.morphology import h_minima
+import rasterio
 from skimage.segmentation import watershed
+
+from magseg_nb import geo, landscape
+from magseg_nb.instances import basin_markers, image_gradient, quantise_relief
+from magseg_nb.metrics import match_instances
 
 
 @dataclass
@@ -42,14 +45,11 @@ def watershed_baseline(
     valid = image[..., :3].any(axis=2)
     if not valid.any():
         return np.zeros(image.shape[:2], np.int32)
-    smooth = gaussian(image[..., :3].astype(np.float32) / 255.0, sigma=s.sigma, channel_axis=-1)
-    grad = np.max([sobel(smooth[..., c]) for c in range(3)], axis=0)
+    grad = image_gradient(image, s.sigma)
     # h-minima markers: one per basin deeper than h, so a noisy but flat field gets one marker.
-    # Quantised to uint16 because skimage's reconstruction is several times faster on integers.
-    scale = max(float(np.quantile(grad[valid], 0.99)), 1e-9)
-    levels = np.clip(grad / scale * 4000, 0, 65535).astype(np.uint16)
+    levels = quantise_relief(grad, 0.0, max(float(np.quantile(grad[valid], 0.99)), 1e-9))
     levels[~valid] = 65535
-    markers, _ = ndi.label(h_minima(levels, max(1, int(s.h_rel * 4000))) & valid)
+    markers = basin_markers(levels, s.h_rel, valid, connectivity=1)
     seg = watershed(levels, markers, mask=valid, compactness=s.compactness)
     areas = np.bincount(seg.ravel())
     seg[areas[seg] < s.min_area_px] = 0
@@ -60,7 +60,6 @@ def score_scenes(
     images: list[np.ndarray], truths: list[np.ndarray], settings=None, scene_ids=None
 ) -> pd.DataFrame:
     """Field-instance scores (IoU >= 0.5) of the baseline, one row per scene."""
-    from magseg_nb.metrics import match_instances
 
     rows = []
     for k, (image, truth) in enumerate(zip(images, truths, strict=True)):
@@ -87,9 +86,6 @@ def tune_watershed(images, truths, grid: dict | None = None) -> tuple[WatershedS
 
 def load_scenes(run01, scene_ids: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Images (H, W, 3) and true instance masks of prepared scenes, e.g. to tune the baseline."""
-    import rasterio
-
-    from magseg_nb import geo
 
     images, truths = [], []
     for scene_id in scene_ids:
@@ -104,12 +100,6 @@ def load_scenes(run01, scene_ids: list[str]) -> tuple[list[np.ndarray], list[np.
 def run_baseline(run01, scene_ids: list[str], settings: WatershedSettings | None = None) -> pd.DataFrame:
     """Run the baseline on each prepared scene of notebook 01, save ``baseline/<scene_id>_instances.tif``
     (int32, scene CRS) and return the per-scene field-instance scores (IoU >= 0.5)."""
-    from pathlib import Path
-
-    import rasterio
-
-    from magseg_nb import geo
-    from magseg_nb.metrics import match_instances
 
     settings = settings or WatershedSettings()
     rows = []
@@ -137,8 +127,6 @@ def compare_difficulty(
     Shows that the watershed is a working method (it does well on crisp, distinct fields) and that the
     difficulty knobs are what make the default landscape hard. Returns (scores table, scenes by name).
     """
-    from magseg_nb import landscape
-    from magseg_nb.metrics import match_instances
 
     scenes = {
         "easy": landscape.generate_scene("cmp", country, size, res_m, seed, landscape.Difficulty.easy()),

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magseg_nb import files, prompts, refine, textgrid
+from magseg_nb import files, instances, prompts, refine, textgrid
 from magseg_nb.labels import CLASSES, NODATA
 
 TRAININGS = (("03_sft", "sft"), ("04_grpo", "grpo"))
@@ -342,7 +342,7 @@ def infer_scene(
     scene_ids = scene_tiles.scene_id.astype(str).unique()
     if len(scene_ids) != 1:
         raise ValueError(f"infer_scene takes the tiles of one scene, got scenes {list(scene_ids)}")
-    scene_id = scene_ids[0]
+    scene_id = files.safe_id(scene_ids[0], "scene id in tiles.csv")  # it names output files
     shape, crs, transform = scene_grid(run01, scene_id)
     votes = SceneVotes(shape)
     records, answers = [], []
@@ -553,15 +553,15 @@ def polygonize_saved(
     frames, n_fields, t0 = [], 0, time.perf_counter()
     for path in scenes:
         scene_id = path.stem
-        refined, crs, transform = refine.read_mask(path)
+        refined, crs, transform = instances.read_mask(path)
         conf_path = variant_dir / "confidence" / path.name
-        conf = refine.read_mask(conf_path)[0] if conf_path.exists() else None
+        conf = instances.read_mask(conf_path)[0] if conf_path.exists() else None
         image = None
         if use_image_edges:
             with rasterio.open(geo.scene_paths(run01, scene_id)["image"]) as src:
                 image = src.read().transpose(1, 2, 0)
         scene_tiles = None if tiles is None else tiles[tiles.scene_id.astype(str) == scene_id]
-        inst, gdf = refine.scene_fields(
+        inst, gdf = instances.scene_fields(
             refined, transform, crs, scene_id, confidence=conf, tiles=scene_tiles, image=image,
             simplify_tolerance=simplify_tolerance, **watershed,
         )  # fmt: skip
@@ -571,7 +571,7 @@ def polygonize_saved(
     crs = frames[0].crs
     frames = [f.to_crs(crs) if f.crs != crs else f for f in frames]  # one layer needs one CRS
     gdf = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs)
-    refine.write_fields(gdf, variant_dir)
+    instances.write_fields(gdf, variant_dir)
     return {"fields": n_fields, "seconds": time.perf_counter() - t0}
 
 
@@ -629,9 +629,9 @@ def scene_outputs(variant_dir: Path, run01: Path, scene_id: str, crop: bool = Tr
     paths = geo.scene_paths(run01, scene_id)
     with rasterio.open(paths["image"]) as src:
         image = src.read().transpose(1, 2, 0)
-    out = {"image": image, "truth": refine.read_mask(paths["semantic"])[0]}
+    out = {"image": image, "truth": instances.read_mask(paths["semantic"])[0]}
     for name in ("coarse", "refined", "instances"):
-        out[name] = refine.read_mask(Path(variant_dir) / name / f"{scene_id}.tif")[0]
+        out[name] = instances.read_mask(Path(variant_dir) / name / f"{scene_id}.tif")[0]
     if crop:
         box = _crop_box(out["coarse"])
         out = {k: v[box] for k, v in out.items()}
@@ -753,14 +753,14 @@ def run_map_scenes(
         for name, arr in (("coarse", coarse), ("refined", refined)):
             scored = variant_dir / name / f"{scene_id}.tif"
             if scored.exists():  # the scored prediction wins where it exists
-                test_arr = refine.read_mask(scored)[0]
+                test_arr = instances.read_mask(scored)[0]
                 arr = np.where(test_arr != NODATA, test_arr, arr).astype(np.uint8)
             geo.write_geotiff(out / name / f"{scene_id}.tif", arr, crs, transform, nodata=NODATA)
         conf_arr = prob if predictor is not None else conf
         scored_conf = variant_dir / "confidence" / f"{scene_id}.tif"
         if scored_conf.exists() and (variant_dir / "coarse" / f"{scene_id}.tif").exists():
-            test_mask = refine.read_mask(variant_dir / "coarse" / f"{scene_id}.tif")[0] != NODATA
-            conf_arr = np.where(test_mask, refine.read_mask(scored_conf)[0], conf_arr)
+            test_mask = instances.read_mask(variant_dir / "coarse" / f"{scene_id}.tif")[0] != NODATA
+            conf_arr = np.where(test_mask, instances.read_mask(scored_conf)[0], conf_arr)
         geo.write_geotiff(out / "confidence" / f"{scene_id}.tif", conf_arr.astype(np.float32), crs, transform)
     table = (
         pd.concat(rows, ignore_index=True)

@@ -336,12 +336,12 @@ def field_instances(semantic: np.ndarray, image: np.ndarray) -> np.ndarray:
     watershed on the image's gradient basins inside the predicted field class, fields under the
     watershed baseline's minimum area dropped. So the instance comparison of notebook 06 pits the
     model's field mask against the classifier's, with the same splitting step after both."""
-    from magseg_nb import baseline, refine
+    from magseg_nb import baseline, instances
 
-    fields = refine.field_instances(
+    fields = instances.field_instances(
         semantic == CLASS_IDS["field"],
         markers="edges",
-        edges=refine.image_edges(image),
+        edges=instances.image_edges(image),
         min_area_px=baseline.WatershedSettings().min_area_px,
     )
     fields[semantic == NODATA] = 0

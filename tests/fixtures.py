@@ -16,15 +16,29 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import rasterio.features
+from rasterio.crs import CRS
 from rasterio.transform import from_origin
 from shapely.geometry import shape
 from skimage.measure import label
 
 from magseg_nb import geo, landscape
-from magseg_nb.labels import CLASSES
+from magseg_nb.labels import CLASS_IDS, CLASSES
 
 SCENES = {"vn0": ("Vietnam", (500000.0, 1200000.0)), "kh0": ("Cambodia", (450000.0, 1300000.0))}
 SIZE, TILE, RES = 128, 64, 0.5
+CRS_UTM = CRS.from_epsg(32648)  # UTM 48N (Vietnam)
+TRANSFORM = from_origin(500000.0, 1200000.0, 0.5, 0.5)  # 0.5 m pixels
+
+
+def two_fields(h=40, w=60):
+    """Two rectangular fields touching at a one-pixel neck, a tree block, water, and others."""
+    sem = np.zeros((h, w), np.uint8)
+    sem[4:20, 4:26] = CLASS_IDS["field"]
+    sem[4:20, 30:56] = CLASS_IDS["field"]
+    sem[11:12, 26:30] = CLASS_IDS["field"]  # thin neck joining the two
+    sem[26:36, 4:20] = CLASS_IDS["tree"]
+    sem[26:36, 30:50] = CLASS_IDS["water"]
+    return sem
 
 
 def write_state(folder: Path, summary: dict, params=None, started=100.0, finished=160.0, fingerprint="x"):

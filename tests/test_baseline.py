@@ -87,3 +87,26 @@ def test_compare_difficulty_easy_beats_default():
     assert image.shape == (256, 256, 3) and truth.shape == pred.shape == (256, 256)
     assert len(viz.plot_difficulty(examples, scores).axes) == 6
     plt.close("all")
+
+
+def test_shared_gradient_watershed_gives_the_baseline_its_former_output(small_scene):
+    """The baseline uses instances' gradient-watershed pieces; this is the recipe it had inline before
+    (ndimage labels, 4-connected markers), which must give the very same instances."""
+    from scipy import ndimage as ndi
+    from skimage.filters import gaussian, sobel
+    from skimage.morphology import h_minima
+    from skimage.segmentation import watershed
+
+    image, s = small_scene.image, baseline.WatershedSettings(sigma=1.0, h_rel=0.02)
+    valid = image.any(axis=2)
+    smooth = gaussian(image.astype(np.float32) / 255.0, sigma=s.sigma, channel_axis=-1)
+    grad = np.max([sobel(smooth[..., c]) for c in range(3)], axis=0)
+    levels = np.clip(grad / max(float(np.quantile(grad[valid], 0.99)), 1e-9) * 4000, 0, 65535).astype(
+        np.uint16
+    )
+    levels[~valid] = 65535
+    markers, _ = ndi.label(h_minima(levels, max(1, int(s.h_rel * 4000))) & valid)
+    seg = watershed(levels, markers, mask=valid)
+    seg[np.bincount(seg.ravel())[seg] < s.min_area_px] = 0
+    got = baseline.watershed_baseline(image, s)
+    assert got.max() > 100 and np.array_equal(got, seg.astype(np.int32))

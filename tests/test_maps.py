@@ -193,12 +193,12 @@ def whole_scene_run(tmp_path):
 
 
 def test_whole_scene_prediction_covers_the_scene_and_keeps_the_scored_pixels(whole_scene_run):
-    from magseg_nb import refine
+    from magseg_nb import instances
 
     r = whole_scene_run
     assert r["summary"]["map_scenes"] == ["s0"] and r["summary"]["map_tiles"] == 4
-    whole = refine.read_mask(r["vdir"] / "whole_scene" / "coarse" / "s0.tif")[0]
-    scored = refine.read_mask(r["vdir"] / "coarse" / "s0.tif")[0]
+    whole = instances.read_mask(r["vdir"] / "whole_scene" / "coarse" / "s0.tif")[0]
+    scored = instances.read_mask(r["vdir"] / "coarse" / "s0.tif")[0]
     assert (whole != 255).all()  # every pixel of the scene has a prediction
     tested = scored != 255
     assert tested.sum() == 2 * 32 * 32
@@ -325,7 +325,7 @@ def demo_size_map(tmp_path_factory):
     field matched, IoU < 1), the shifted classes as coarse and refined masks, two scored test tiles."""
     import pandas as pd
 
-    from magseg_nb import geo, landscape, refine
+    from magseg_nb import geo, instances, landscape
 
     tmp = tmp_path_factory.mktemp("demo_map")
     s = landscape.generate_scene("vn0", "vietnam", 1024, 0.8, seed=0)
@@ -334,7 +334,7 @@ def demo_size_map(tmp_path_factory):
     pred_sem, pred_inst = np.roll(sem, 2, axis=1), np.roll(s.fields, 2, axis=1)
     masks = {k: geo.write_geotiff(tmp / k / "vn0.tif", pred_sem[None], s.crs, s.transform, nodata=255)
              for k in ("coarse", "refined")}  # fmt: skip
-    pred = refine.polygonize(pred_inst, pred_sem, s.transform, s.crs, attrs={"scene_id": "vn0"})
+    pred = instances.polygonize(pred_inst, pred_sem, s.transform, s.crs, attrs={"scene_id": "vn0"})
     tabs = metrics.scene_tables(s.fields, pred_inst, pred_sem, pixel_area_m2=0.8**2)
     gt, pred = maps.attach_matches(s.labels, pred, *tabs)
     gt = maps.add_predicted_class(gt, pred_sem, s.transform)
