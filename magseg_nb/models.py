@@ -483,8 +483,11 @@ def generate(
     batch_size: int = 8,
     do_sample: bool = False,
     temperature: float = 1.0,
+    **generate_kwargs,
 ) -> list[str]:
-    """Answers (text only) for ``examples`` = [dict(images=[PIL...], prompt=[messages])], in order."""
+    """Answers (text only) for ``examples`` = [dict(images=[PIL...], prompt=[messages])], in order.
+
+    ``generate_kwargs`` go to ``model.generate`` (benchmarks force answer lengths with ``min_new_tokens``)."""
     import torch
 
     tokenizer = processor.tokenizer
@@ -507,7 +510,11 @@ def generate(
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             with torch.inference_mode():
                 out = model.generate(
-                    **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **sampling,
+                    **generate_kwargs,
                 )
             new = out[:, inputs["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))

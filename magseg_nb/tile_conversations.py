@@ -217,7 +217,7 @@ def _encode(processor, ex: dict, device):
 
 
 def generate_prefix_cached(
-    model, processor, examples: list[dict], max_new_tokens: int, batch_size: int = 8
+    model, processor, examples: list[dict], max_new_tokens: int, batch_size: int = 8, **generate_kwargs
 ) -> list[str]:
     """Greedy answers for the patch prompts of ONE tile (``inference.tile_examples``), in order, with
     the tile image encoded once: its prefix's KV cache is copied for each batch of continuations.
@@ -278,6 +278,7 @@ def generate_prefix_cached(
                     temperature=None,
                     pad_token_id=tok.pad_token_id,
                     **kw,
+                    **generate_kwargs,
                 )
             texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
             for i, t in zip(chunk, texts, strict=True):
@@ -285,7 +286,9 @@ def generate_prefix_cached(
     return [a or "" for a in answers]
 
 
-def prefix_cached_generate(model, processor, examples: list[dict], max_new_tokens: int, batch_size: int = 8):
+def prefix_cached_generate(
+    model, processor, examples: list[dict], max_new_tokens: int, batch_size: int = 8, **generate_kwargs
+):
     """A drop-in for ``models.generate`` (``inference.predict_tiles(generate=...)``): the examples are
     split into runs of prompts sharing a tile image, each run generated with one prefix cache."""
     out: list[str] = []
@@ -295,6 +298,8 @@ def prefix_cached_generate(model, processor, examples: list[dict], max_new_token
         tile = np.asarray(examples[start]["images"][0])
         while end < len(examples) and np.array_equal(np.asarray(examples[end]["images"][0]), tile):
             end += 1
-        out += generate_prefix_cached(model, processor, examples[start:end], max_new_tokens, batch_size)
+        out += generate_prefix_cached(
+            model, processor, examples[start:end], max_new_tokens, batch_size, **generate_kwargs
+        )
         start = end
     return out

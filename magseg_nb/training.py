@@ -361,10 +361,22 @@ def _train_dtype(s: CommonSettings) -> str:
 def sft_dataset(ds):
     """Only what SFTTrainer needs: images + conversational prompt/completion (loss on the answer only)."""
     keep = ["images", "prompt", "completion"]
+    if "messages" in ds.column_names:  # one multi-turn conversation per tile (tile_conversations)
+        keep = ["images", "messages"]
     missing = [c for c in keep if c not in ds.column_names]
     if missing:
         raise ValueError(f"conversations lack columns {missing}; have {ds.column_names}")
     return ds.select_columns(keep)
+
+
+def sft_collator(ds, processor):
+    """None (TRL's prompt/completion collator) for per-patch rows; for multi-turn rows (one per tile)
+    a collator that puts the loss on every answer and its <end_of_turn>, as TRL's does for one."""
+    if "messages" not in ds.column_names:
+        return None
+    from magseg_nb.tile_conversations import MultiTurnCollator
+
+    return MultiTurnCollator(processor)
 
 
 def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config=None):
@@ -381,6 +393,7 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
         model=model,
         args=args,
         train_dataset=sft_dataset(train_ds),
+        data_collator=sft_collator(train_ds, processor),
         processing_class=processor,
         peft_config=peft_config,
         callbacks=[log_callback(out / "log.csv", s.time_budget_s)],

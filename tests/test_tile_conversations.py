@@ -222,3 +222,31 @@ def test_prefix_cache_refuses_prompts_of_different_tiles(tiny):
     )
     with pytest.raises(ValueError, match="same text and tile image"):
         tc.generate_prefix_cached(model, processor, exs, max_new_tokens=4)
+
+
+def test_run_sft_trains_on_multi_turn_rows(tmp_path):
+    """training.run_sft takes a magseg_tiles_train.jsonl: the multi-turn collator is used and the
+    loss is logged (two LoRA steps on the tiny model)."""
+    import pandas as pd
+
+    from magseg_nb import training
+
+    tiles = [_tile(10), _tile(11)]
+    path = tc.write_tile_conversations(tiles, tmp_path / "02", 4, "rle", 2, "crop")["train"]
+    res = training.run_sft(
+        training.SFTSettings(
+            base_model=str(TINY),
+            train_jsonl=str(path),
+            output_dir=str(tmp_path / "03"),
+            max_steps=2,
+            batch_size=2,
+            logging_steps=1,
+            warmup_steps=0,
+            save_steps=2,
+            eval_max_examples=0,
+        )
+    )
+    assert res["steps"] == 2
+    log = pd.read_csv(tmp_path / "03" / "log.csv")
+    assert log["loss"].notna().sum() == 2 and (log["loss"].dropna() > 0).all()
+    assert (tmp_path / "03" / "adapter" / "adapter_config.json").exists()
