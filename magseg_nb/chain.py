@@ -32,6 +32,7 @@ STAGES: tuple[str, ...] = (
     "04_grpo",
     "05_inference",
     "06_metrics",
+    "07_resolution_study",
 )
 STATE_FILE = "state.json"
 RESULTS_FILE = "results.json"

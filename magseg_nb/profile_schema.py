@@ -121,6 +121,7 @@ BOOL = Rule(bool)
 FRACTION = _num(0, 1)
 POSITIVE = _num(1e-12)
 FORMATS = ("magseg", "text4seg")
+MAGSEG_VARIANTS = ("index", "mark", "crop", "crop_only")  # prompts.ALL_VARIANTS (a test keeps them equal)
 SAM_BACKENDS = (
     "none",
     "superpixels",
@@ -190,6 +191,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "pixel_tune": BOOL,
         "pixel_samples_per_tile": _int(1, none=True),
         "pixel_max_iter": _int(1, none=True),
+        "workers": _int(1),  # processes for the per-scene jobs (geo.run_each)
     },
     "02_instruction_format": {
         "patch_layout": _int(1),
@@ -197,6 +199,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "text4seg_grid": _int(1),
         "encoding": Rule(str, choices=ENCODINGS),
         "variant": Rule(str, choices=("index", "mark", "crop")),
+        "conversation_layout": Rule(str, choices=("per_patch", "per_tile")),  # tile_conversations.LAYOUTS
         "max_tiles_per_split": _int(0),
         "budget_resolutions": Rule(list, items=_int(1), nonempty=True),
         "budget_patch_grids": Rule(list, items=_int(1), nonempty=True),
@@ -218,6 +221,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "train_embeddings": BOOL,
         "class_balance": FRACTION,
         "equal_tokens": BOOL,
+        "conversation_layout": Rule(str, choices=("per_patch", "per_tile")),
         "lr_scheduler": Rule(str, choices=SCHEDULERS),
         "warmup_steps": _int(0),
         "max_steps": Rule((int, dict), lo=1, keys=FORMATS, items=_int(1), nonempty=True),
@@ -236,6 +240,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "base_model": TEXT,
         "device": Rule(str, nonempty=True),
         "batch_size": _int(1),
+        "prefix_cache": BOOL,
         "max_new_tokens": _int(0),
         "max_tiles": _int(0),
         "max_nodata_frac": _num(1e-9, 1),
@@ -269,6 +274,20 @@ STAGES: dict[str, dict[str, Rule]] = {
         "map_max_px": _int(16),
         "browser_screenshot": BOOL,
         "compare_masks": Rule(str, choices=("coarse", "refined", "auto")),
+    },
+    "07_resolution_study": {
+        "resolutions": Rule(list, items=_int(2), nonempty=True),
+        "magseg_grid": _int(1),
+        "variant": Rule(str, choices=MAGSEG_VARIANTS),
+        "context_variants": Rule(list, items=Rule(str, choices=MAGSEG_VARIANTS), nonempty=True),
+        "context_resolution": _int(2),
+        "encoding": Rule(str, choices=ENCODINGS),
+        "max_steps": _int(1),
+        "train_tiles": _int(0),
+        "val_tiles": _int(0),
+        "boundary_tol_px": _num(0),
+        "n_boot": _int(1),
+        "ci": _num(1e-9, 0.999999),
     },
 }
 TOP_LEVEL = ("description", "common", "stages")

@@ -7,7 +7,8 @@ in one ``grid x grid`` answer. Variants say how the patch is named:
 
 - ``index``: by its row/column in the prompt text only (one image);
 - ``mark``: also a second image, the tile with the patch outlined;
-- ``crop``: also a second image, the patch cut out (more pixels per cell for the model).
+- ``crop``: also a second image, the patch cut out (more pixels per cell for the model);
+- ``crop_only``: the patch cut out and *no* tile (no global context; notebook 07's ablation).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from magseg_nb.labels import CLASSES, NODATA
 
 FORMATS = ("magseg", "text4seg")
 VARIANTS = ("index", "mark", "crop")
+# crop_only is kept out of VARIANTS (the tokenizer corpus and notebook 02's budget table iterate it).
+ALL_VARIANTS = (*VARIANTS, "crop_only")
 MARK_COLOR = (255, 0, 0)
 
 _LABELS = ", ".join(CLASSES)
@@ -52,6 +55,12 @@ def instruction(
             f"Label each cell as one of: {_LABELS}. {enc}"
         )
     r, c = patch
+    if variant == "crop_only":
+        return (
+            f"{_INTRO} The image is a close-up of the patch in row {r + 1}, column {c + 1} of a tile "
+            f"divided into {patch_layout}x{patch_layout} patches; the rest of the tile is not shown. "
+            f"Segment it into a {grid}x{grid} grid of cells. Label each cell as one of: {_LABELS}. {enc}"
+        )
     return (
         f"{_INTRO} The image is divided into {patch_layout}x{patch_layout} patches. "
         f"Segment the patch in row {r + 1}, column {c + 1} (counted from the top left) "
@@ -77,8 +86,8 @@ def _check(fmt: str, encoding: str, variant: str, patch, patch_layout: int, grid
         raise ValueError(f"unknown format {fmt!r}; use one of {FORMATS}")
     if encoding not in textgrid.ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; use one of {textgrid.ENCODINGS}")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
+    if variant not in ALL_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; use one of {ALL_VARIANTS}")
     if grid < 1 or patch_layout < 1:
         raise ValueError(f"grid ({grid}) and patch_layout ({patch_layout}) must be >= 1")
     if fmt == "magseg":
@@ -170,7 +179,9 @@ def make_example(
         tile_image = Image.fromarray(tile_image)
     tile_image = tile_image.convert("RGB")
     images = [tile_image]
-    if fmt == "magseg" and variant != "index":
+    if fmt == "magseg" and variant == "crop_only":
+        images = [crop_patch(tile_image, patch, patch_layout)]
+    elif fmt == "magseg" and variant != "index":
         images.append(second_image(tile_image, patch, patch_layout, variant))
     content = [{"type": "image"} for _ in images]
     content.append({"type": "text", "text": instruction(fmt, grid, encoding, patch, patch_layout, variant)})
@@ -241,7 +252,7 @@ def conversation_rows(
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(np.asarray(tile.image, dtype=np.uint8)).convert("RGB")
-    tile_png = f"images/{tile.tile_id}.png"
+    tile_png = f"images/{files.safe_id(tile.tile_id, 'tile id')}.png"
     _save_png(image, out_dir / tile_png)
     layout = patch_layout if fmt == "magseg" else 1
     rows = []
@@ -249,7 +260,10 @@ def conversation_rows(
         ex = make_example(image, fmt, grid, encoding, patch, layout, variant)
         paths = [tile_png]
         suffix = f"__p{patch[0]}_{patch[1]}" if patch else ""
-        if len(ex["images"]) > 1:
+        if fmt == "magseg" and variant == "crop_only":  # the crop replaces the tile
+            paths = [f"images/{tile.tile_id}{suffix}_{variant}.png"]
+            _save_png(ex["images"][0], out_dir / paths[0])
+        elif len(ex["images"]) > 1:
             paths.append(f"images/{tile.tile_id}{suffix}_{variant}.png")
             _save_png(ex["images"][1], out_dir / paths[1])
         target = patch_target(tile.semantic, patch, layout, grid)
