@@ -68,7 +68,9 @@ def training_batches(processor, tile, effective: int, layout: int, encoding: str
         {
             "images": t4s_ex["images"],
             "prompt": t4s_ex["prompt"],
-            "completion": prompts.completion(prompts.patch_target(tile.semantic, None, 1, effective), encoding),
+            "completion": prompts.completion(
+                prompts.patch_target(tile.semantic, None, 1, effective), encoding
+            ),
         }
     ]
     conv = tc.tile_conversation(tile.image, grid, encoding, layout, variant, tile.semantic)
@@ -106,7 +108,9 @@ def generation_jobs(processor, tile, effective: int, layout: int, encoding: str,
         for p in prompts.patches("magseg", layout)
     )
     t4s = inference.tile_examples(tile.image, inference.FormatSpec("text4seg", effective, 1, encoding))
-    n_t = answer_tokens(tok, textgrid.encode(prompts.patch_target(tile.semantic, None, 1, effective), encoding))
+    n_t = answer_tokens(
+        tok, textgrid.encode(prompts.patch_target(tile.semantic, None, 1, effective), encoding)
+    )
 
     def forced(fn, examples, n):
         return lambda m: fn(m, processor, examples, max_new_tokens=n, batch_size=batch, min_new_tokens=n)
