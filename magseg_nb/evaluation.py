@@ -19,6 +19,7 @@ from magseg_nb import files
 from magseg_nb.labels import CLASS_IDS, NODATA
 from magseg_nb.metrics import (
     HEADLINE,
+    PER_CLASS,
     bootstrap_scores,
     compare_methods,
     describe_difference,
@@ -440,3 +441,125 @@ def interval_comparison(by_tile, by_block, metric_names) -> pd.DataFrame:
     )
     out["width_ratio"] = (out["block_hi"] - out["block_lo"]) / (out["tile_hi"] - out["tile_lo"])
     return out.reset_index()
+
+
+# --- notebook 06, one call per step ------------------------------------------------------------------
+
+
+def methods_and_tiles(run01, run05, compare_masks: str, sam_backend: str | None):
+    """(masks the models are compared on, the methods to score, the test tiles every method covers),
+    with a clear error when there is nothing to score."""
+    run01, run05 = Path(run01), Path(run05)
+    masks = comparison_masks(compare_masks, sam_backend)
+    methods = discover_methods(run01, run05, random_weight_refinement=sam_backend == "tiny")
+    if not methods:
+        raise RuntimeError(
+            f"no predictions in {run05} and no baseline in {run01 / 'baseline'}: run notebooks 01 and 05"
+        )
+    tiles = common_tiles(pd.read_csv(run01 / "tiles.csv"), methods)
+    if tiles.empty:
+        raise RuntimeError(
+            f"no test tile is covered by every method: check {run01 / 'tiles.csv'} and 05's tiles.csv"
+        )
+    return masks, methods, tiles
+
+
+def methods_table(methods: list[dict]) -> pd.DataFrame:
+    """One row per method: name, format, training, refinement, wiring."""
+    return pd.DataFrame(
+        [{k: m[k] for k in ("name", "format", "training", "refinement", "wiring")} for m in methods]
+    )
+
+
+def evaluate_methods(run01, tiles, methods: list[dict], **tolerances) -> tuple[dict, pd.DataFrame]:
+    """(per-tile counts by method name, the per-field table of every method with a ``method`` column)."""
+    evaluated = {
+        m["name"]: evaluate_method(run01, tiles, m["semantic"], m["instances"], **tolerances) for m in methods
+    }
+    results = {name: counts for name, (counts, _) in evaluated.items()}
+    fields = pd.concat([f.assign(method=name) for name, (_, f) in evaluated.items()], ignore_index=True)
+    return results, fields
+
+
+def scene_resolution(run01) -> float:
+    """Metres per pixel of the prepared scenes (the first row of scenes.csv; NaN without it)."""
+    path = Path(run01) / "scenes.csv"
+    return float(pd.read_csv(path)["res_m"].iloc[0]) if path.exists() else float("nan")
+
+
+def n_blocks(tiles) -> int:
+    """Spatial blocks among the scored tiles (each tile its own block without a block_id column)."""
+    return int(tiles["block_id"].nunique() if "block_id" in tiles else len(tiles))
+
+
+def reading(ablation, resolution, tiles, metrics=("iou_field", "inst_f1", "boundary_m_f1")) -> list[str]:
+    """06's "what the numbers say": the ablation reading, a warning when the two formats ran at
+    different effective resolutions, and how many tiles and blocks the intervals rest on."""
+    lines = ablation_reading(ablation, metrics)
+    same_res = resolution["cells_per_tile_side"].nunique() == 1 if len(resolution) == 2 else None
+    if same_res is False:
+        lines.append(
+            "The two formats were **not** run at the same effective resolution (see the table above): read the format comparison with that in mind."
+        )
+    lines.append(
+        f"All intervals rest on {len(tiles)} test tiles in {n_blocks(tiles)} spatial blocks; with few blocks they are wide, and a null result means 'not resolved', not 'equal'."
+    )
+    return lines
+
+
+def save_tables(out, params: dict, overall, by_country, by_scene, fields, ablation, reading, tiles) -> Path:
+    """metrics.csv (overall, per country, per scene), fields.csv, ablation.csv and metrics.json."""
+    out = Path(out)
+    long = pd.concat(
+        [overall, by_country, by_scene.assign(group="scene:" + by_scene["group"])], ignore_index=True
+    )
+    long.to_csv(out / "metrics.csv", index=False)
+    fields.to_csv(out / "fields.csv", index=False)
+    ablation.to_csv(out / "ablation.csv", index=False)
+    summary = {
+        "params": params,
+        "n_tiles": len(tiles),
+        "n_blocks": n_blocks(tiles),
+        "overall": overall.to_dict("records"),
+        "ablation": ablation.to_dict("records"),
+        "reading": reading,
+    }
+    return files.write_text(out / "metrics.json", json.dumps(summary, indent=2, default=str))
+
+
+def write_metrics_report(
+    out, profile: str, overall, by_country, interval_check, ablation, reading, resolution
+) -> Path:
+    """06's report.md: the tables, the reading, the effective resolution, the figures and the map."""
+    out = Path(out)
+    shown = ablation[["question", "method_a", "method_b", "metric", "a", "b", "diff", "lo", "hi"]]
+    shown = shown[shown["metric"].isin(HEADLINE[:5]) | shown["metric"].isin(PER_CLASS)]
+    return write_report(
+        out / "report.md",
+        f"MAgSeg metrics ({profile})",
+        [
+            ("Per class (value [95% interval, whole blocks resampled])", wide_table(overall, PER_CLASS)),
+            ("Headline scores (value [95% interval, whole blocks resampled])", wide_table(overall)),
+            ("Tile or block intervals (main method)", interval_check.round(3)),
+            ("Per country", wide_table(by_country, index=("group", "method"))),
+            ("Ablation (B - A, paired bootstrap over blocks)", shown),
+            ("Reading", reading),
+            ("Effective resolution", resolution),
+            ("Figures", [f"![{p.stem}](figures/{p.name})" for p in sorted((out / "figures").glob("*.png"))]),
+            ("Map", "map.html (offline, one file)"),
+        ],
+    )
+
+
+def stage_summary(overall, tiles, methods: list[dict], reading: list[str]) -> dict:
+    """06's state.json summary: tiles, blocks, methods, the best instance F1 among real results."""
+    ranked = overall[(overall["metric"] == "inst_f1") & ~overall["method"].str.contains(WIRING, regex=False)]
+    best = ranked.sort_values("value", ascending=False).iloc[0]
+    return {
+        "n_tiles": len(tiles),
+        "n_blocks": n_blocks(tiles),
+        "n_methods": len(methods),
+        "best_inst_f1_method": best["method"],
+        "best_inst_f1": round(float(best["value"]), 4),
+        "reading": reading,
+    }

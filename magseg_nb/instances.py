@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import geopandas as gpd
@@ -305,3 +306,36 @@ def scene_fields(
         simplify_tolerance=simplify_tolerance,
     )
     return inst, gdf
+
+
+@dataclass
+class FieldSettings:
+    """Field instances and polygons of notebook 05 (``scene_fields`` / ``inference.polygonize_saved``
+    keywords); defaults = the demo profile."""
+
+    min_area_px: int = 150  # fields smaller than this are dropped (the watershed baseline's min_area_px)
+    markers: str = "edges"  # "edges", "distance" or "confidence" (see field_instances)
+    h_edges: float = 0.05  # "edges": a basin must be this deep (share of the 99th-percentile gradient)
+    h_px: float = 2.0  # "distance": a peak must stand this many px above its saddle
+    max_hole_px: int = 64  # holes up to this size inside fields are filled
+    use_image_edges: bool = True  # take the scene image's gradient (needed by "edges")
+    simplify_tolerance: float = 0.0  # polygon simplification in CRS units (m)
+
+    # notebook parameter -> field
+    NOTEBOOK = {
+        "min_field_px": "min_area_px",
+        "watershed_markers": "markers",
+        "watershed_h_edges": "h_edges",
+        "watershed_h_px": "h_px",
+        "max_hole_px": "max_hole_px",
+        "use_image_edges": "use_image_edges",
+        "simplify_m": "simplify_tolerance",
+    }
+
+    @classmethod
+    def from_params(cls, params: dict) -> FieldSettings:
+        """From notebook 05's parameters (names in ``NOTEBOOK``); absent ones keep their default."""
+        return cls(**{field: params[name] for name, field in cls.NOTEBOOK.items() if name in params})
+
+    def kwargs(self) -> dict:
+        return asdict(self)

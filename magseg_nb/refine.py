@@ -15,7 +15,7 @@ Field instances and polygons are :mod:`magseg_nb.instances`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -325,3 +325,33 @@ def sam_refine(
     prob = np.where(out == 0, 1 - prob, prob).astype(np.float32)
     prob[~valid] = 0.0
     return out, prob
+
+
+@dataclass
+class SamSettings:
+    """The SAM prompt settings of notebook 05 (``sam_refine``'s keywords); defaults = the demo profile."""
+
+    iterations: int = 2  # rounds feeding SAM's low-res logits back as the mask prompt
+    n_pos: int = 3  # positive points per class
+    n_neg: int = 3  # negative points per class
+    use_boxes: bool = False  # also one box prompt per connected part of a class
+    min_iou: float = 0.0  # keep a class's coarse pixels when SAM's answer overlaps them less than this
+    seed: int = 0  # negative prompt points
+
+    # notebook parameter -> field
+    NOTEBOOK = {
+        "sam_iterations": "iterations",
+        "sam_points": "n_pos",
+        "sam_negative_points": "n_neg",
+        "sam_boxes": "use_boxes",
+        "sam_min_iou": "min_iou",
+        "seed": "seed",
+    }
+
+    @classmethod
+    def from_params(cls, params: dict) -> SamSettings:
+        """From notebook 05's parameters (names in ``NOTEBOOK``); absent ones keep their default."""
+        return cls(**{field: params[name] for name, field in cls.NOTEBOOK.items() if name in params})
+
+    def kwargs(self) -> dict:
+        return asdict(self)

@@ -154,3 +154,14 @@ def test_scene_fields_from_a_saved_mask(tmp_path):
     colours = np.array([[120, 120, 120], [230, 200, 60], [30, 120, 40], [40, 110, 220]], np.uint8)
     inst, gdf = instances.scene_fields(mask, transform, crs, "s0", image=colours[sem])  # edges by default
     assert inst.max() == len(gdf) >= 1 and (mask[inst > 0] == CLASS_IDS["field"]).all()
+
+
+def test_field_settings_rename_notebook_parameters_and_fit_scene_fields():
+    import inspect
+
+    s = instances.FieldSettings.from_params({"min_field_px": 400, "simplify_m": 0.5, "seed": 3})
+    assert s.min_area_px == 400 and s.simplify_tolerance == 0.5 and s.markers == "edges"
+    accepted = set(inspect.signature(instances.scene_fields).parameters) | set(
+        inspect.signature(instances.field_instances).parameters
+    )
+    assert set(s.kwargs()) - accepted == {"use_image_edges"}  # read by inference.polygonize_saved

@@ -9,7 +9,25 @@ import numpy as np
 import pytest
 
 from magseg_nb import evaluation, metrics
-from magseg_nb.viz import maps
+from magseg_nb.viz import browser, maps
+
+needs_chromium = pytest.mark.skipif(
+    not Path(browser.CHROMIUM).exists(), reason=f"{browser.CHROMIUM} missing: bash scripts/setup.sh --browser"
+)
+
+
+def open_in_browser(page: Path, shot: Path, click=None, wait_s: float = 8.0):
+    """Open a saved map in headless Chromium: (browser_check's result, the screenshot as an int RGB
+    array); the page must draw its canvas without a page error."""
+    from PIL import Image
+
+    res = browser.browser_check(page, shot, wait_s=wait_s, click=click)
+    assert res["canvas"] and res["errors"] == []
+    return res, np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+
+def colour_pixels(img, rgb) -> int:
+    return int((np.abs(img - list(rgb)).sum(-1) < 60).sum())
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +117,11 @@ def test_a_raster_without_crs_is_refused(tmp_path):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(
-    not Path(maps.CHROMIUM).exists(), reason=f"{maps.CHROMIUM} missing: bash scripts/setup.sh --browser"
-)
+@needs_chromium
 def test_headless_chromium_shows_the_layers_and_saves_a_screenshot(saved_map):
-    from PIL import Image
-
     shot = saved_map["out"] / "map.png"
     # (0.575, 0.46): the middle of a field (a click on its edge may miss it by a pixel)
-    res = maps.browser_check(saved_map["path"], shot, wait_s=6.0, click=(0.575, 0.46))
-    assert res["canvas"] and res["errors"] == []
+    res, img = open_in_browser(saved_map["path"], shot, click=(0.575, 0.46), wait_s=6.0)
     # The layer switcher asks the map itself: every layer exists, coarse starts hidden.
     assert res["layers"] == {
         "imagery": True,
@@ -118,17 +131,14 @@ def test_headless_chromium_shows_the_layers_and_saves_a_screenshot(saved_map):
         "predicted": True,
     }
     assert res["popup"] and "truth class: field" in res["popup"] and "IoU: " in res["popup"]
-    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
-    magenta = (np.abs(img - [255, 61, 245]).sum(-1) < 60).sum()  # predicted outlines were drawn
+    magenta = colour_pixels(img, (255, 61, 245))  # predicted outlines were drawn
     assert img.shape[:2] == (800, 1200) and magenta > 200
     print(f"screenshot: {shot}")
 
 
 @pytest.mark.slow
 @pytest.mark.browser
-@pytest.mark.skipif(
-    not Path(maps.CHROMIUM).exists(), reason=f"{maps.CHROMIUM} missing: bash scripts/setup.sh --browser"
-)
+@needs_chromium
 def test_the_smoke_chains_map_opens_offline_with_its_layers(smoke_run):
     """The map notebook 06 wrote in the smoke chain, opened in Chromium; screenshot kept in the run folder."""
     from .conftest import stage_dir
@@ -136,7 +146,7 @@ def test_the_smoke_chains_map_opens_offline_with_its_layers(smoke_run):
     page = stage_dir(smoke_run, "06_metrics") / "map.html"
     assert maps.network_loads(page.read_text()) == []
     shot = smoke_run / "map_screenshot.png"
-    res = maps.browser_check(page, shot, wait_s=8.0)
+    res = browser.browser_check(page, shot, wait_s=8.0)
     assert res["canvas"] and res["errors"] == []
     assert {"imagery", "coarse", "refined", "ground truth"} <= set(res["layers"])
     assert shot.stat().st_size > 10_000
@@ -373,15 +383,9 @@ def test_a_demo_size_map_is_under_3_mb(demo_size_map):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(
-    not Path(maps.CHROMIUM).exists(), reason=f"{maps.CHROMIUM} missing: bash scripts/setup.sh --browser"
-)
+@needs_chromium
 def test_a_demo_size_map_opens_with_popups_and_dashed_test_tiles(demo_size_map):
-    from PIL import Image
-
-    shot = demo_size_map["tmp"] / "map.png"
-    res = maps.browser_check(demo_size_map["path"], shot, wait_s=8.0, click=(0.5, 0.5))
-    assert res["canvas"] and res["errors"] == []
+    res, img = open_in_browser(demo_size_map["path"], demo_size_map["tmp"] / "map.png", click=(0.5, 0.5))
     assert res["layers"] == {
         "imagery": True,
         "coarse": False,
@@ -392,7 +396,6 @@ def test_a_demo_size_map_opens_with_popups_and_dashed_test_tiles(demo_size_map):
     }
     popup = res["popup"] or ""
     assert "truth class: " in popup and "predicted class: " in popup and "IoU: " in popup
-    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
-    cyan = (np.abs(img - [0, 229, 255]).sum(-1) < 60).sum()  # the scored test tiles' dashed outline
-    magenta = (np.abs(img - [255, 61, 245]).sum(-1) < 60).sum()
+    cyan = colour_pixels(img, (0, 229, 255))  # the scored test tiles' dashed outline
+    magenta = colour_pixels(img, (255, 61, 245))
     assert cyan > 500 and magenta > 5000

@@ -136,3 +136,13 @@ def test_superpixel_refinement_snaps_class_borders_to_the_image():
 
     assert iou(refined) > iou(coarse) + 0.02 and iou(refined) > 0.9
     assert 0.5 <= prob[coarse != NODATA].min() and prob.max() <= 1.0
+
+
+def test_sam_settings_rename_notebook_parameters_and_fit_sam_refine():
+    import inspect
+
+    s = refine.SamSettings.from_params(
+        {"sam_points": 5, "sam_negative_points": 1, "seed": 7, "min_field_px": 9}
+    )
+    assert (s.n_pos, s.n_neg, s.seed, s.iterations) == (5, 1, 7, 2)
+    assert set(s.kwargs()) <= set(inspect.signature(refine.sam_refine).parameters)

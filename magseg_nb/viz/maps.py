@@ -13,10 +13,19 @@ import io
 import re
 from pathlib import Path
 
+import geopandas as gpd
 import numpy as np
+import rasterio
+import shapely
+from PIL import Image
+from rasterio.features import rasterize
+from rasterio.warp import Resampling, calculate_default_transform, reproject
+from shapely.geometry import box
 
-from .. import files
-from ..labels import CLASS_COLORS, CLASSES, NODATA
+from magseg_nb import files
+from magseg_nb.evaluation import read_raster
+from magseg_nb.labels import CLASS_COLORS, CLASSES, NODATA
+from magseg_nb.metrics import scene_tables
 
 TEST_TILES = "test tiles (scored)"
 TEST_TILE_COLOUR = "#00e5ff"
@@ -35,9 +44,6 @@ _NETWORK = re.compile(
 
 def to_wgs84(path: Path, max_size: int = 2048, resampling: str = "nearest"):
     """Reproject a GeoTIFF to EPSG:4326: (array (bands,H,W), [west, south, east, north], nodata)."""
-    import rasterio
-    from rasterio.warp import Resampling, calculate_default_transform, reproject
-
     with rasterio.open(path) as src:
         if src.crs is None:
             raise ValueError(
@@ -69,8 +75,6 @@ def to_wgs84(path: Path, max_size: int = 2048, resampling: str = "nearest"):
 
 
 def _png_data_uri(rgba: np.ndarray) -> str:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(rgba).save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -78,8 +82,6 @@ def _png_data_uri(rgba: np.ndarray) -> str:
 
 def _webp_data_uri(rgba: np.ndarray, quality: int = 80) -> str:
     """Photographic imagery as lossy WebP with alpha: a tenth of the PNG's size (map.html stays small)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(rgba).save(buf, format="WEBP", quality=quality, method=6)
     return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -128,8 +130,6 @@ def _popup_gdf(gdf, keep, simplify_m: float = 0.0, precision_deg: float = 1e-6):
     """WGS84 copy with only the ``keep`` columns, floats rounded to 2 decimals and text escaped; outlines
     simplified by ``simplify_m`` (in the scene's metric CRS: one pixel turns the polygonised staircases
     into straight edges, a third of the vertices) and coordinates kept to ``precision_deg`` (~0.1 m)."""
-    import shapely
-
     out = gdf[[c for c in keep if c in gdf.columns] + ["geometry"]].copy()
     if simplify_m and out.crs is not None and out.crs.is_projected:
         out["geometry"] = out.geometry.simplify(simplify_m)
@@ -198,8 +198,6 @@ def add_field_set(m, name: str, gdf, colour: str, simplify_m: float) -> None:
 
 
 def _pixel_m(path: Path) -> float:
-    import rasterio
-
     with rasterio.open(path) as src:
         return float(abs(src.transform.a)) if src.crs is not None and src.crs.is_projected else 0.0
 
@@ -308,138 +306,6 @@ def save_offline_html(m, path: Path, title: str = "MAgSeg predictions") -> Path:
     return files.write_text(path, html)
 
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
-_LAYER_STATE_JS = (
-    "JSON.stringify([...document.querySelectorAll('.layer-switcher-ctrl a, .layer-switcher-ctrl button, "
-    ".layer-switcher-ctrl div > *')].filter(e => !e.children.length)"
-    ".map(e => [e.textContent.trim(), e.classList.contains('active')]))"
-)
-
-
-def browser_check(
-    html_path: Path,
-    screenshot_path: Path | None = None,
-    wait_s: float = 6.0,
-    click: tuple[float, float] | None = None,
-    chromium: str = CHROMIUM,
-    size: tuple[int, int] = (1200, 800),
-) -> dict:
-    """Open a saved map in headless Chromium (DevTools protocol, real time so MapLibre's workers run).
-
-    Returns ``layers`` ({name: visible} from the page's layer switcher, which asks the map itself),
-    ``canvas`` (a MapLibre canvas exists), ``popup`` (text of the popup after clicking at the
-    fractional position ``click``), ``errors`` (uncaught page exceptions), and writes a PNG.
-    """
-    import base64
-    import json
-    import shutil
-    import subprocess
-    import tempfile
-    import time
-    import urllib.request
-
-    import websocket  # websocket-client, installed with JupyterLab
-
-    if not Path(chromium).exists():
-        raise FileNotFoundError(
-            f"{chromium} not found: install Debian's chromium (bash scripts/setup.sh --browser)"
-        )
-    profile = tempfile.mkdtemp(prefix="magseg-chromium-")
-    proc = subprocess.Popen(
-        [
-            chromium,
-            *CHROMIUM_FLAGS,
-            f"--user-data-dir={profile}",
-            "--remote-debugging-port=0",
-            f"--window-size={size[0]},{size[1]}",
-            "about:blank",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        port_file = Path(profile) / "DevToolsActivePort"
-        for _ in range(300):
-            if port_file.exists() and port_file.read_text().strip():
-                break
-            time.sleep(0.1)
-        else:
-            raise RuntimeError(f"{chromium} did not open its DevTools port within 30 s")
-        port = port_file.read_text().split()[0]
-        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=10))
-        url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-        ws = websocket.create_connection(url, timeout=60, suppress_origin=True)
-        counter, errors = [0], []
-
-        def call(method, **params):
-            counter[0] += 1
-            ws.send(json.dumps({"id": counter[0], "method": method, "params": params}))
-            while True:
-                msg = json.loads(ws.recv())
-                if msg.get("method") == "Runtime.exceptionThrown":
-                    errors.append(msg["params"]["exceptionDetails"].get("text", ""))
-                if msg.get("id") == counter[0]:
-                    return msg.get("result", {})
-
-        call("Runtime.enable")
-        call("Page.enable")
-        call(
-            "Emulation.setDeviceMetricsOverride",
-            width=size[0],
-            height=size[1],
-            deviceScaleFactor=1,
-            mobile=False,
-        )
-        call("Page.navigate", url=Path(html_path).resolve().as_uri())
-        time.sleep(wait_s)
-
-        def evaluate(expr):
-            return call("Runtime.evaluate", expression=expr, returnByValue=True)["result"].get("value")
-
-        layers = dict(json.loads(evaluate(_LAYER_STATE_JS) or "[]"))
-        canvas = bool(evaluate("!!document.querySelector('canvas.maplibregl-canvas')"))
-        popup = None
-        if click is not None:
-            x, y = click[0] * size[0], click[1] * size[1]
-            # On a busy machine the vector tiles may still be loading: click again until a popup
-            # shows or ``wait_s`` more seconds have passed.
-            deadline = time.time() + wait_s
-            while popup is None and time.time() < deadline:
-                call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
-                for kind in ("mousePressed", "mouseReleased"):
-                    call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-                for _ in range(6):
-                    time.sleep(0.25)
-                    popup = evaluate(
-                        "[...document.querySelectorAll('.maplibregl-popup-content')]"
-                        ".map(e => e.innerText).join(' | ') || null"
-                    )
-                    if popup is not None:
-                        break
-        if screenshot_path is not None:
-            shot = call("Page.captureScreenshot", format="png")
-            Path(screenshot_path).write_bytes(base64.b64decode(shot["data"]))
-        ws.close()
-        return {"layers": layers, "canvas": canvas, "popup": popup, "errors": errors}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
 def attach_matches(gt_fields, pred_fields, field_tab, pred_tab):
     """Copies of the field polygons with the popup columns ``area_m2``, ``iou`` and ``match_id``.
 
@@ -461,9 +327,6 @@ def attach_matches(gt_fields, pred_fields, field_tab, pred_tab):
 
 def tile_outlines(tiles, transform, crs, label: str = "test tile: scored in 06"):
     """Tile rectangles (rows of tiles.csv: row_off, col_off, height, width) in the scene's CRS."""
-    import geopandas as gpd
-    from shapely.geometry import box
-
     geoms = []
     for t in tiles.itertuples(index=False):
         c0, r0 = int(t.col_off), int(t.row_off)
@@ -485,8 +348,6 @@ def tile_outlines(tiles, transform, crs, label: str = "test tile: scored in 06")
 def add_predicted_class(gdf, pred_semantic: np.ndarray, transform, class_column: str = "class"):
     """Copy of ``gdf`` with ``truth_class`` (its ``class_column``) and ``predicted_class``: the class the
     prediction gives most of the polygon's pixels ("not predicted" where it has no prediction)."""
-    from rasterio.features import rasterize
-
     out = gdf.copy()
     pred = np.asarray(pred_semantic)
     index = rasterize(
@@ -520,3 +381,35 @@ def prediction_folder(variant_dir: Path, scene_id: str) -> Path:
     (test tiles as scored, the rest map-only), else the scored test-tile outputs."""
     whole = Path(variant_dir) / WHOLE_SCENE
     return whole if (whole / "refined" / f"{scene_id}.tif").exists() else Path(variant_dir)
+
+
+def run_scene_map(
+    run01, variant_dir, tiles, scene_id: str = "", iou_threshold: float = 0.5, max_px: int = 2048
+):
+    """06's map of one scene of a 05 variant: imagery, coarse/refined masks, truth and predicted fields
+    with their matches, and the scored test tiles outlined. Returns (map, scene_id, whole_scene)."""
+    run01, variant_dir = Path(run01), Path(variant_dir)
+    scene_id = scene_id or default_scene(variant_dir, tiles)
+    src = prediction_folder(variant_dir, scene_id)  # whole_scene/ when 05 predicted the whole scene
+    scene = run01 / "scenes" / scene_id
+    gt_inst, gt_prof = read_raster(scene / "instances.tif")
+    pred_inst, _ = read_raster(src / "instances" / f"{scene_id}.tif")
+    pred_sem, _ = read_raster(src / "refined" / f"{scene_id}.tif")
+    tabs = scene_tables(
+        gt_inst, pred_inst, pred_sem, iou_threshold, pixel_area_m2=gt_prof["transform"].a ** 2
+    )
+    gt_gdf = gpd.read_file(scene / "labels.gpkg", layer="labels")
+    pred_gdf = gpd.read_file(src / "fields.gpkg", layer="fields")
+    gt_fields, pred_fields = attach_matches(gt_gdf, pred_gdf[pred_gdf["scene_id"] == scene_id], *tabs)
+    gt_fields = add_predicted_class(gt_fields, pred_sem, gt_prof["transform"])
+    masks = {
+        k: src / k / f"{scene_id}.tif"
+        for k in ("coarse", "refined")
+        if (src / k / f"{scene_id}.tif").exists()
+    }
+    scored = tile_outlines(tiles[tiles["scene_id"].astype(str) == scene_id], gt_prof["transform"], gt_gdf.crs)
+    title = f"{scene_id} · {variant_dir.name}"
+    m = scene_map(
+        scene / "image.tif", gt_fields, pred_fields, masks, title=title, max_size=max_px, test_tiles=scored
+    )
+    return m, scene_id, src != variant_dir
