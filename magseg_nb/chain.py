@@ -84,16 +84,7 @@ def collect_params(namespace: dict[str, Any]) -> dict[str, Any]:
     return dict(sorted(out.items()))
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _hash_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+_hash_json = files.sha256_json
 
 
 def package_versions() -> dict[str, str]:
@@ -132,7 +123,7 @@ def _list_outputs(folder: Path, with_hash: bool = True) -> dict[str, dict]:
             st = path.stat()
             entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
             if with_hash:
-                entry["sha256"] = sha256_file(path)
+                entry["sha256"] = files.sha256_file(path)
             outputs[rel] = entry
     return outputs
 
@@ -151,7 +142,7 @@ def output_problem(stage_dir: Path, state: dict) -> str | None:
             return f"{path} changed size ({path.stat().st_size} bytes, state.json says {entry.get('size')})"
         if _unchanged_since_finish(path, entry):
             continue
-        if "sha256" in entry and sha256_file(path) != entry["sha256"]:
+        if "sha256" in entry and files.sha256_file(path) != entry["sha256"]:
             return f"{path} changed (its SHA-256 differs from the one in state.json)"
     return None
 

@@ -60,6 +60,27 @@ def replace_dir(src: str | Path, dest: str | Path) -> Path:
     return dest
 
 
+# --- hashes ----------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | Path, algo: str = "sha256", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file (SHA-256 unless ``algo`` says otherwise), read in chunks."""
+    import hashlib
+
+    h = hashlib.new(algo)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """SHA-256 of ``obj`` as canonical JSON (sorted keys; unknown types as text)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 # --- names from outside that become paths ---------------------------------------------------------
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}")

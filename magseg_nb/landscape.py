@@ -37,6 +37,8 @@ from scipy.spatial import cKDTree
 from skimage.measure import label as connected_label
 from skimage.transform import resize
 
+from magseg_nb import files
+
 # Pixel kinds inside the generator (the GeoPackage stores them as text classes).
 OTHERS, FIELD, TREE, WATER, ROAD, BUILDING = range(6)
 KIND_NAMES = {
@@ -606,7 +608,7 @@ def generate_sources(
         scene = generate_scene(
             scene_id, country, size, res_m, seed, difficulty, scene_origin(country, k, size, res_m)
         )
-        paths = write_scene(scene, Path(scenes_dir) / scene_id)
+        paths = write_scene(scene, files.safe_path(scenes_dir, scene_id, what="scene id"))
         log(
             f"{scene_id} ({country}, {scene.crs}): {int(scene.fields.max())} fields, {len(scene.labels)} polygons"
         )

@@ -12,7 +12,6 @@ refuses a file whose checksum nobody has recorded unless told to record it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -253,15 +252,6 @@ def _is_safe(name: str) -> bool:
 # --------------------------------------------------------------------------- download
 
 
-def sha256_file(path: str | Path, algo: str = "sha256") -> str:
-    """Hex digest of a file, read in chunks."""
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _entry_name(entry: dict) -> str:
     return entry.get("name") or entry.get("filename")
 
@@ -347,7 +337,7 @@ def _maybe_report(path: Path, sha: str, trusted: bool, record: bool, log: Callab
     """Without a sha256 in the manifest: record it when asked, warn when nothing verified the file."""
     if _known(sha) or (trusted and not record):
         return
-    digest = sha256_file(path)
+    digest = files.sha256_file(path)
     if record:
         files.write_text(path.with_name(path.name + ".sha256"), f"{digest}  {path.name}\n")
         log(f"sha256 of {path.name}: {digest}  (put this into the manifest as its sha256)")
@@ -361,11 +351,11 @@ def _verify(path: Path, sha: str, md5: str | None, size: object) -> str | None:
     if _known(size) and actual_size != int(size):
         return f"its size is {actual_size} bytes, the manifest says {size}"
     if _known(sha):
-        got = sha256_file(path)
+        got = files.sha256_file(path)
         if got != sha:
             return f"sha256 mismatch: expected {sha}, got {got}"
     elif _known(md5):
-        got = sha256_file(path, "md5")
+        got = files.sha256_file(path, "md5")
         if got != md5:
             return f"md5 mismatch: expected {md5}, got {got}"
     return None

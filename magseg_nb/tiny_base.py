@@ -13,7 +13,6 @@ folder to ``from_pretrained``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import platform
 import shutil
@@ -107,19 +106,11 @@ class Recipe:
 # --- hashes -----------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_sums(folder: Path) -> Path:
     """``SHA256SUMS`` (``sha256sum`` format) of every other file in ``folder``."""
     folder = Path(folder)
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != SUMS_FILE)
-    text = "".join(f"{sha256_file(folder / n)}  {n}\n" for n in names)
+    text = "".join(f"{files.sha256_file(folder / n)}  {n}\n" for n in names)
     return files.write_text(folder / SUMS_FILE, text)
 
 
@@ -140,7 +131,7 @@ def verify(folder: Path = PRETRAINED_DIR) -> Path:
         path = folder / name.lstrip("*")
         if not path.exists():
             raise TinyBaseError(f"pretrained base {folder}: {path.name} is missing; {rebuild}")
-        if sha256_file(path) != digest:
+        if files.sha256_file(path) != digest:
             raise TinyBaseError(
                 f"pretrained base {folder}: {path.name} does not match its SHA-256 in {SUMS_FILE}; {rebuild}"
             )

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 import yaml
 
-from magseg_nb import chain
+from magseg_nb import chain, files
 
 STAGE_CODE = """
 from pathlib import Path
@@ -267,8 +267,8 @@ def test_untouched_outputs_are_not_rehashed_but_an_in_place_edit_is(tmp_path, mo
     final = stage.finish()
     state = chain.read_state(final)
     hashed = []
-    real = chain.sha256_file
-    monkeypatch.setattr(chain, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a))
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a))
     assert chain.output_problem(final, state) is None and hashed == []  # times unchanged: trusted
     path = final / "mask.bin"
     mtime = path.stat().st_mtime_ns

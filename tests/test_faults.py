@@ -372,6 +372,25 @@ def test_hostile_aoi_id_is_refused_and_nothing_leaves_the_data_root(tmp_path, ft
     assert _tree(tmp_path, skip=(data_root,)) == before
 
 
+@pytest.mark.parametrize("bad", ["../../escape", "/abs", "a/b", "x<script>"])
+def test_hostile_ids_are_refused_where_they_become_paths(tmp_path, bad):
+    """Every place that turns a tile or scene id into a path checks it (files.safe_id), before writing."""
+    from magseg_nb import geo, inference, prompts
+
+    run01 = tmp_path / "run" / "01"
+    with pytest.raises(files.UnsafeNameError, match="tile id"):
+        geo.read_tile(run01, bad)
+    with pytest.raises(files.UnsafeNameError, match="scene id"):
+        geo.scene_paths(run01, bad)
+    tile = prompts.TileRecord(bad, "s0", "train", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
+    with pytest.raises(files.UnsafeNameError, match="tile id"):
+        prompts.conversation_rows(tile, tmp_path / "convs", "text4seg", 4, "rle")
+    rows = pd.DataFrame({"tile_id": ["t0"], "scene_id": [bad], "row_off": [0], "col_off": [0]})
+    with pytest.raises(files.UnsafeNameError, match="scene id in tiles.csv"):
+        inference.infer_scene(None, None, run01, rows, None)
+    assert _tree(tmp_path) <= {"convs", "convs/images"}  # nothing else was written
+
+
 @pytest.mark.parametrize(
     "where, value, message",
     [

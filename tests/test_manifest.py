@@ -21,6 +21,7 @@ from shapely.geometry import box
 
 from magseg_nb import geo
 from magseg_nb import manifest as mf
+from magseg_nb.files import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((ROOT / "data_manifests").glob("*.yaml"))
@@ -448,7 +449,7 @@ def _local_manifest(tmp_path: Path, name: str, dataset: str, archives: dict[str,
         if f["name"] in archives:
             arc = archives[f["name"]]
             files.append(
-                dict(f, urls=[arc.as_uri()], sha256=mf.sha256_file(arc), size_bytes=arc.stat().st_size)
+                dict(f, urls=[arc.as_uri()], sha256=sha256_file(arc), size_bytes=arc.stat().st_size)
             )
     spec["files"] = files
     out = tmp_path / name
@@ -701,7 +702,7 @@ def test_prepare_dataset_skips_optional_files(tmp_path, ai4sf_archive):
     assert [f.get("optional", False) for f in files] == [False, True]
     files[0].update(
         urls=[str(ai4sf_archive)],
-        sha256=mf.sha256_file(ai4sf_archive),
+        sha256=sha256_file(ai4sf_archive),
         size_bytes=ai4sf_archive.stat().st_size,
     )
     files[1].update(urls=[str(tmp_path / "not-downloaded.parquet")])

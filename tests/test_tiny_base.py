@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magseg_nb import models, prompts, tiny_base, training
+from magseg_nb import files, models, prompts, tiny_base, training
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "pretrained" / "tiny-gemma3-proxy"
@@ -36,7 +36,7 @@ def test_shipped_hashes_verify_and_cover_every_file(tmp_path):
     assert listed == on_disk
     assert {"config.json", "model.safetensors", "tokenizer.json", "tiny_spec.json", "RECIPE.json"} <= listed
     weights = (SHIPPED / "SHA256SUMS").read_text().split("  model.safetensors")[0].split("\n")[-1]
-    assert tiny_base.sha256_file(SHIPPED / "model.safetensors") == weights
+    assert files.sha256_file(SHIPPED / "model.safetensors") == weights
     assert not list(tmp_path.iterdir())  # nothing was built: the shipped folder is used as is
     assert sum(p.stat().st_size for p in SHIPPED.iterdir()) < 5_000_000
 
