@@ -32,3 +32,24 @@ def test_a_second_run_skips_everything(smoke_run):
     path = smoke_run.parent / "smoke.yaml"
     records = chain.run_chain(str(path), log=lambda *_: None)
     assert [r["status"] for r in records] == ["skipped"] * len(chain.STAGES)
+
+
+def test_the_resolution_study_trained_and_scored_every_run(smoke_run):
+    import pandas as pd
+
+    folder = stage_dir(smoke_run, "07_resolution_study")
+    runs = pd.read_csv(folder / "runs.csv")
+    assert sorted(runs["run"]) == [
+        "magseg_r4_crop",
+        "magseg_r4_crop_only",
+        "magseg_r8_crop",
+        "text4seg_r4",
+        "text4seg_r8",
+    ]
+    assert set(runs["steps"]) == {2} and not runs["stopped_early"].any()  # equal steps, none cut
+    assert runs.set_index("run").loc["magseg_r8_crop", "conversations_per_tile"] == 16
+    findings = json.loads((folder / "state.json").read_text())["summary"]["findings"]
+    assert findings[0].startswith("REDUCED BUDGET: 2 optimizer steps per run")
+    assert findings[1].startswith("mdice, MAgSeg - Text4Seg per effective resolution: 4 cells ")
+    assert any(f.startswith("Without the tile (crop_only)") for f in findings)
+    assert {p.name for p in (folder / "figures").iterdir()} == {"resolution.png", "context.png"}
