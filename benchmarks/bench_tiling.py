@@ -1,18 +1,24 @@
-"""Tiling + rasterizing a large generated scene vs. the raw rasterio read of the same GeoTIFF.
+"""Tiling + rasterizing a large generated scene vs. the raw rasterio read of the same GeoTIFF, and
+scenes prepared in parallel processes vs. one after another.
 
-    .venv/bin/python benchmarks/bench_tiling.py                 # 8192 x 8192 px scene (a few minutes)
-    .venv/bin/python benchmarks/bench_tiling.py --size 2048     # quick
+    .venv/bin/python benchmarks/bench_tiling.py                 # 8192 x 8192 px scene (several minutes)
+    .venv/bin/python benchmarks/bench_tiling.py --size 4096     # 4 sub-scenes: also the parallel speed-up
+    .venv/bin/python benchmarks/bench_tiling.py --size 2048     # quick (one scene, no parallel part)
 
 The scene is a mosaic of generated sub-scenes (at most 2048 px each, written window by window into
-one GeoTIFF, so no 8192 px array is ever generated in one piece). Then, on the same file:
+one GeoTIFF, so no 8192 px array is ever generated in one piece); each sub-scene is also kept as a
+scene of its own. Then, in one run on the same machine:
 
 1. raw read: rasterio reads every tile window of the RGB image (what any tiler has to pay);
 2. notebook 01's path: ``geo.prepare_scene`` (read, check, rasterize semantic/boundary/instance masks
    for the whole scene, write them) + ``geo.scan_tiles`` + ``geo.write_tiles`` (every tile's image and
-   3-band mask GeoTIFF).
+   3-band mask GeoTIFF);
+3. the floor of step 2's tile files: the same two GeoTIFFs per tile written from arrays already in
+   memory (no reads, no masks), which bounds how close to the raw read any path writing them can get;
+4. with more than one sub-scene: ``geo.prepare_scenes`` + ``geo.make_tiles`` on the sub-scenes with
+   ``workers=1`` and ``workers=2``, their tiles per second and the speed-up.
 
-It prints tiles per second for both and their ratio (how many times slower the full path is than a raw
-read). Both are measured in the same run on the same machine.
+It prints tiles per second and the ratios.
 """
 
 from __future__ import annotations
@@ -57,9 +63,53 @@ def build_mosaic(
                 labels = s.labels.copy()
                 labels.loc[labels.field_id > 0, "field_id"] += (i * (size // sub) + j) * 1_000_000
                 parts.append(labels)
+                scene_dir = folder / "sub" / f"m{i}_{j}"
+                geo.write_geotiff(scene_dir / "image.tif", s.image.transpose(2, 0, 1), style_crs, s.transform,
+                                  nodata=0)  # fmt: skip
+                geo.write_vector(labels, scene_dir / "labels.gpkg")
                 print(f"  generated sub-scene {i},{j}: {int(s.fields.max())} fields", flush=True)
     labels = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), crs=style_crs)
     return image_path, geo.write_vector(labels, folder / "labels.gpkg")
+
+
+def write_floor(folder: Path, run01: Path, tiles: pd.DataFrame) -> float:
+    """Seconds to write each tile's image.tif and masks.tif from arrays already in memory."""
+    with rasterio.open(run01 / "tiles" / tiles.tile_id.iloc[0] / "image.tif") as src:
+        image, crs, transform = src.read(), src.crs, src.transform
+    with rasterio.open(run01 / "tiles" / tiles.tile_id.iloc[0] / "masks.tif") as src:
+        masks = src.read()
+    image_profile = geo.geotiff_profile(image.shape, image.dtype, crs, transform, 0)
+    mask_profile = geo.geotiff_profile(masks.shape, masks.dtype, crs, transform)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for k in range(len(tiles)):
+        with rasterio.open(folder / f"{k}_image.tif", "w", **image_profile) as dst:
+            dst.write(image)
+        with rasterio.open(folder / f"{k}_masks.tif", "w", **mask_profile) as dst:
+            dst.write(masks)
+    return time.perf_counter() - t0
+
+
+def parallel_scenes(folder: Path, tile: int, overlap: int) -> dict:
+    """Notebook 01's path on the sub-scenes with 1 and 2 worker processes; identical tiles.csv checked."""
+    from magseg_nb.manifest import SceneSource
+
+    sources = [SceneSource(d.name, "india", d / "image.tif", d / "labels.gpkg", None, "class", {})
+               for d in sorted((folder / "sub").iterdir())]  # fmt: skip
+    out, tables = {"n_scenes": len(sources)}, {}
+    for workers in (1, 2):
+        run01 = folder / f"parallel_w{workers}"
+        t0 = time.perf_counter()
+        scenes = geo.prepare_scenes(sources, run01 / "scenes", log=lambda *_: None, workers=workers)
+        tiles, _ = geo.make_tiles(run01, scenes, tile, overlap, tile * 4, workers=workers)
+        seconds = time.perf_counter() - t0
+        tables[workers] = (run01 / "tiles.csv").read_bytes()
+        out.update({"n_scene_tiles": len(tiles), f"workers{workers}_s": round(seconds, 2),
+                    f"workers{workers}_tiles_per_s": round(len(tiles) / seconds, 1)})  # fmt: skip
+    if tables[1] != tables[2]:
+        raise SystemExit("workers=1 and workers=2 gave different tiles.csv")
+    out["speedup_2_workers"] = round(out["workers1_s"] / out["workers2_s"], 2)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -100,13 +150,21 @@ def main(argv=None) -> dict:
         n = len(windows)
         raw_tps = n / t_raw
         full_tps = len(tiles) / (t_rasterize + t_tiles)
+        t_floor = write_floor(folder / "floor", run01, tiles)
+        floor_tps = len(tiles) / t_floor
+        parallel = (
+            parallel_scenes(folder / "src", args.tile, args.overlap)
+            if (folder / "src" / "sub" / "m0_1").exists()
+            else {}
+        )
         result = {
             "size_px": args.size, "tile_px": args.tile, "overlap_px": args.overlap, "n_tiles": n,
             "n_fields": out["report"]["n_fields"], "n_polygons": out["report"]["n_polygons"],
             "generate_s": round(t_gen, 1), "raw_read_s": round(t_raw, 2), "rasterize_s": round(t_rasterize, 2),
             "tile_write_s": round(t_tiles, 2), "raw_read_tiles_per_s": round(raw_tps, 1),
             "tiling_rasterizing_tiles_per_s": round(full_tps, 1), "ratio_raw_over_full": round(raw_tps / full_tps, 2),
-            "checksum": checksum,
+            "write_floor_tiles_per_s": round(floor_tps, 1), "ratio_raw_over_write_floor": round(raw_tps / floor_tps, 2),
+            "checksum": checksum, **parallel,
         }  # fmt: skip
         print(f"scene {args.size}x{args.size} px, {n} tiles of {args.tile} px (overlap {args.overlap}), "
               f"{result['n_polygons']} polygons, {result['n_fields']} fields")  # fmt: skip
@@ -114,6 +172,13 @@ def main(argv=None) -> dict:
         print(f"rasterize masks + tile + write (01)   : {full_tps:8.1f} tiles/s "
               f"({t_rasterize:.2f} s rasterize, {t_tiles:.2f} s tiles)")  # fmt: skip
         print(f"ratio raw / full                      : {raw_tps / full_tps:8.2f}x")
+        print(f"only writing the tile files (floor)   : {floor_tps:8.1f} tiles/s, raw / floor "
+              f"{raw_tps / floor_tps:.2f}x")  # fmt: skip
+        if parallel:
+            print(f"{parallel['n_scenes']} scenes, {parallel['n_scene_tiles']} tiles, workers=1: "
+                  f"{parallel['workers1_tiles_per_s']} tiles/s ({parallel['workers1_s']} s); workers=2: "
+                  f"{parallel['workers2_tiles_per_s']} tiles/s ({parallel['workers2_s']} s); speed-up "
+                  f"{parallel['speedup_2_workers']}x")  # fmt: skip
         return result
     finally:
         if not args.keep:
