@@ -2,7 +2,7 @@
 
 The tiny model of the CPU demo is randomly initialised; LoRA on it learns the field class and little
 else. This module builds a stand-in for Gemma 3's own pretraining: a full fine-tune of the random tiny
-model on the repository's label-free proxy task (``training.proxy_dataset``: the colour codes of each
+model on the repository's label-free proxy task (``pretraining.proxy_dataset``: the colour codes of each
 grid cell, no class labels) over generated landscapes with *other seeds* than any profile uses, in the
 demo's conversation layout (both formats). The result is saved like a hub checkpoint in
 ``pretrained/tiny-gemma3-proxy/`` with ``RECIPE.json`` (how it was made) and ``SHA256SUMS`` (every
@@ -217,7 +217,7 @@ def build(out_dir: Path, recipe: Recipe, work_dir: Path, command: str | None = N
 
     ``work_dir`` holds the generated landscapes, conversations and the trainer's checkpoints (not shipped).
     """
-    from magseg_nb import models, training
+    from magseg_nb import models, pretraining, training
 
     t_start = time.time()
     out_dir, work_dir = Path(out_dir), Path(work_dir)
@@ -226,7 +226,7 @@ def build(out_dir: Path, recipe: Recipe, work_dir: Path, command: str | None = N
     t_data = time.time() - t_start
     spec = models.REGISTRY["tiny-gemma3"].tiny
     random_base = models.build_tiny(work_dir / "random-base", spec)
-    ds = training.proxy_dataset(jsonls, recipe.max_examples, recipe.train_seed)
+    ds = pretraining.proxy_dataset(jsonls, recipe.max_examples, recipe.train_seed)
     log(f"{len(ds)} proxy conversations from {len(jsonls)} files; {recipe.steps} steps")
     train_out = work_dir / "pretrain"
     shutil.rmtree(train_out, ignore_errors=True)  # a fixed recipe: never resume another run's checkpoint
@@ -261,7 +261,7 @@ def build(out_dir: Path, recipe: Recipe, work_dir: Path, command: str | None = N
     recipe_record = {
         "model_id": "tiny-gemma3-proxy",
         "what": "tiny Gemma 3 (TinySpec defaults) after a full fine-tune on the label-free proxy task "
-        "(colour codes a-h of each grid cell; training.proxy_dataset), a stand-in for Gemma 3's pretraining",
+        "(colour codes a-h of each grid cell; pretraining.proxy_dataset), a stand-in for Gemma 3's pretraining",
         "command": command or BUILD_COMMAND,
         "recipe": dataclasses.asdict(recipe),
         "difficulty_settings": {name: DIFFICULTY_MIX[name] for name in recipe.difficulties},
@@ -313,7 +313,7 @@ def decode_codes(text: str, grid: int):
     None when it is not a well-formed grid of that shape."""
     import numpy as np
 
-    from magseg_nb.training import PROXY_CODES
+    from magseg_nb.pretraining import PROXY_CODES
 
     rows = [r for r in text.strip().split("\n") if r.strip()]
     if len(rows) != grid:

@@ -383,9 +383,8 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     """Run SFTTrainer (resuming from out/checkpoints) and return the trainer."""
     from trl import SFTConfig, SFTTrainer
 
-    ckpt_dir = out / "checkpoints"
     args = SFTConfig(
-        **_common_args(s, ckpt_dir),
+        **_common_args(s, out / "checkpoints"),
         max_length=None,  # never truncate: image tokens must stay whole
         completion_only_loss=True,  # the loss covers the answer (and <end_of_turn>) only
     )
@@ -398,14 +397,43 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
         peft_config=peft_config,
         callbacks=[log_callback(out / "log.csv", s.time_budget_s)],
     )
+    return fit(trainer, out)
+
+
+def fit(trainer, out: Path):
+    """Train, resuming from the last complete checkpoint in ``out/checkpoints``; keep ``out/log.csv``."""
     _quiet(trainer)
-    resume = last_checkpoint(ckpt_dir)
+    resume = last_checkpoint(out / "checkpoints")
     if resume:
         print(f"resuming from {resume}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
         write_log_csv(trainer.state.log_history, out / "log.csv")
     return trainer
+
+
+def _run(s: CommonSettings, dest_name: str, train, train_ds=None, val_ds=None, full: bool = False) -> dict:
+    """The one loop of SFT and GRPO: skip when ``out/train_done.json`` matches the settings; else load
+    the rows, ``train(train_ds, out) -> (trainer, processor)``, save the weights and the record; then
+    score the validation split. ``run_sft``/``run_grpo`` differ only in settings, data and ``train``."""
+    _torch().manual_seed(s.seed)
+    out = Path(s.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / dest_name
+    done = _read_done(out, s)
+    t0 = time.time()
+    model = processor = None
+    if done is None:
+        train_ds = (
+            train_ds if train_ds is not None else load_split(s.train_jsonl, s.max_train_examples, s.seed)
+        )
+        train_ds = balanced_rows(train_ds, s.class_balance, s.seed)
+        trainer, processor = train(train_ds, out)
+        done = _save_trained(trainer, processor, dest, s, t0, len(train_ds))
+        model = trainer.model
+    else:
+        print(f"{dest} is complete for these settings; skipping training", flush=True)
+    return _result(s, dest, done, model, processor, val_ds, full)
 
 
 def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None) -> dict:
@@ -417,17 +445,8 @@ def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None) -> dict:
     from magseg_nb import models
 
     s = _settings(SFTSettings, cfg if isinstance(cfg, SFTSettings) else dict(cfg))
-    _torch().manual_seed(s.seed)
-    out = Path(s.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dest = out / ("model" if s.full_finetune else "adapter")
-    done = _read_done(out, s)
-    t0 = time.time()
-    if done is None:
-        train_ds = (
-            train_ds if train_ds is not None else load_split(s.train_jsonl, s.max_train_examples, s.seed)
-        )
-        train_ds = balanced_rows(train_ds, s.class_balance, s.seed)
+
+    def train(rows, out):
         # A full fine-tune resumes from the checkpoint's weights: the Trainer's own resume does not map
         # the checkpoint's saved key names back onto the model (it warns and keeps the base weights).
         resume = last_checkpoint(out / "checkpoints") if s.full_finetune else None
@@ -444,13 +463,9 @@ def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None) -> dict:
                 train_projector=s.train_projector,
                 train_embeddings=s.train_embeddings,
             )
-        trainer = train_sft(model, processor, train_ds, s, out, peft_config)
-        done = _save_trained(trainer, processor, dest, s, t0, len(train_ds))
-        model = trainer.model
-    else:
-        print(f"{dest} is complete for these settings; skipping training", flush=True)
-        model = processor = None
-    return _result(s, dest, done, model, processor, val_ds, s.full_finetune)
+        return train_sft(model, processor, rows, s, out, peft_config), processor
+
+    return _run(s, "model" if s.full_finetune else "adapter", train, train_ds, val_ds, s.full_finetune)
 
 
 def write_rank_record(trainer, out: Path) -> dict:
@@ -550,8 +565,6 @@ def reward_functions(weights: dict[str, float]) -> tuple[list, list[float]]:
 
 def run_grpo(cfg: dict | GRPOSettings, train_ds=None, val_ds=None) -> dict:
     """GRPO of the SFT adapter ``adapter_dir`` on ``base_model`` with the Dice + format rewards."""
-    from trl import GRPOConfig, GRPOTrainer
-
     from magseg_nb import models
 
     s = _settings(GRPOSettings, cfg if isinstance(cfg, GRPOSettings) else dict(cfg))
@@ -565,28 +578,19 @@ def run_grpo(cfg: dict | GRPOSettings, train_ds=None, val_ds=None) -> dict:
         raise ValueError(
             f"batch_size*grad_accum ({gen_batch}) must be a multiple of num_generations ({s.num_generations})"
         )
-    _torch().manual_seed(s.seed)
-    out = Path(s.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dest = out / "adapter"
-    done = _read_done(out, s)
-    t0 = time.time()
-    model = None
-    if done is None:
-        train_ds = (
-            train_ds if train_ds is not None else load_split(s.train_jsonl, s.max_train_examples, s.seed)
-        )
-        train_ds = balanced_rows(train_ds, s.class_balance, s.seed)
+
+    def train(rows, out):
+        from trl import GRPOConfig, GRPOTrainer
+
         model, processor = models.load_model_and_processor(
             s.base_model, adapter_dir=s.adapter_dir, dtype=_train_dtype(s), device="cpu", trainable=True
         )
         funcs, weights = reward_functions(s.reward_weights)
         max_len = s.max_completion_length
         if max_len is None:
-            max_len = answer_budget(processor, [rewards.completion_text(c) for c in train_ds["completion"]])
-        ckpt_dir = out / "checkpoints"
+            max_len = answer_budget(processor, [rewards.completion_text(c) for c in rows["completion"]])
         args = GRPOConfig(
-            **_common_args(s, ckpt_dir),
+            **_common_args(s, out / "checkpoints"),
             num_generations=s.num_generations,
             max_completion_length=max_len,
             temperature=s.temperature,
@@ -602,23 +606,13 @@ def run_grpo(cfg: dict | GRPOSettings, train_ds=None, val_ds=None) -> dict:
             model=model,
             reward_funcs=funcs,
             args=args,
-            train_dataset=grpo_dataset(train_ds),
+            train_dataset=grpo_dataset(rows),
             processing_class=processor,
             callbacks=[log_callback(out / "log.csv", s.time_budget_s)],
         )
-        _quiet(trainer)
-        resume = last_checkpoint(ckpt_dir)
-        if resume:
-            print(f"resuming from {resume}", flush=True)
-        trainer.train(resume_from_checkpoint=resume)
-        if trainer.is_world_process_zero():
-            write_log_csv(trainer.state.log_history, out / "log.csv")
-        done = _save_trained(trainer, processor, dest, s, t0, len(train_ds))
-        model = trainer.model
-    else:
-        print(f"{dest} is complete for these settings; skipping training", flush=True)
-        processor = None
-    return _result(s, dest, done, model, processor, val_ds)
+        return fit(trainer, out), processor
+
+    return _run(s, "adapter", train, train_ds, val_ds)
 
 
 # --- evaluation -----------------------------------------------------------------------------------
@@ -856,173 +850,6 @@ def compare_evals(
     df = pd.DataFrame(rows)
     df["change"] = df["after"] - df["before"]
     return df
-
-
-# --- proxy pretraining of the tiny model ---------------------------------------------------------
-
-# Colour codes of the proxy task: hue family x brightness, written as letters (one token each, and
-# never a class name, so the pretraining sees no labels).
-PROXY_CODES = "abcdefgh"
-PROXY_INSTRUCTION = "Colour codes (a-h) of the cells, same layout as the grid asked for below.\n"
-
-
-def colour_codes(cell_rgb: np.ndarray) -> np.ndarray:
-    """(h,w,3) mean RGB per cell -> (h,w) code 0..7: hue family (grey, green, blue, warm) x dark/bright."""
-    rgb = cell_rgb.astype(float)
-    spread = rgb.max(-1) - rgb.min(-1)
-    family = np.select(
-        [spread < 20, rgb.argmax(-1) == 2, rgb.argmax(-1) == 1],
-        [0, 2, 1],
-        default=3,
-    )
-    bright = rgb.mean(-1) >= 110
-    return (family * 2 + bright).astype(int)
-
-
-def cell_means(image, box: tuple[int, int, int, int], grid: int) -> np.ndarray:
-    """(grid, grid, 3) mean RGB of a grid x grid split of ``box`` (left, top, right, bottom px) of a PIL image."""
-    from PIL import Image
-
-    small = image.convert("RGB").resize((grid, grid), Image.Resampling.BOX, box=box)
-    return np.asarray(small)
-
-
-def encode_codes(codes: np.ndarray, encoding: str) -> str:
-    """A code grid written like the label grids (plain ``a|b|...`` or run-length ``a *3| b *2``)."""
-    rows = []
-    for row in codes:
-        letters = [PROXY_CODES[int(c)] for c in row]
-        if encoding == "rle":
-            runs, start = [], 0
-            for j in range(1, len(letters) + 1):
-                if j == len(letters) or letters[j] != letters[start]:
-                    runs.append(f"{letters[start]} *{j - start}")
-                    start = j
-            rows.append("| ".join(runs))
-        else:
-            rows.append("|".join(letters))
-    return "\n".join(rows)
-
-
-def proxy_example(row: dict) -> dict:
-    """The label-free proxy version of one conversation: same images and prompt, colour codes as answer.
-
-    The answer describes the same cells the real answer labels (the marked patch for MAgSeg, the
-    whole tile for Text4Seg), so pretraining teaches the model to read the image at that layout;
-    the LoRA SFT then has to learn which colours and textures are which class.
-    """
-    from magseg_nb import prompts
-
-    grid = len(row["gt_mask"])
-    tile = row["images"][0]
-    box = (0, 0, tile.width, tile.height)
-    if row.get("patch_row") is not None:
-        patch = (int(row["patch_row"]), int(row["patch_col"]))
-        top, bottom, left, right = prompts.patch_bounds(
-            (tile.height, tile.width), patch, int(row["patch_layout"])
-        )
-        box = (left, top, right, bottom)
-    codes = colour_codes(cell_means(tile, box, grid))
-    prompt = json.loads(json.dumps(row["prompt"]))  # deep copy
-    for part in prompt[-1]["content"]:
-        if part.get("type") == "text":
-            part["text"] = PROXY_INSTRUCTION + part["text"]
-            break
-    answer = encode_codes(codes, row.get("encoding") or "rle")
-    return {
-        "images": row["images"],
-        "prompt": prompt,
-        "completion": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
-    }
-
-
-def proxy_dataset(train_jsonls: Sequence[str | Path], max_examples: int | None = None, seed: int = 0):
-    """Proxy conversations built from the training conversations of every format (labels unused),
-    an equal share of ``max_examples`` from each file."""
-    from datasets import Dataset
-
-    share = None if max_examples is None else max(1, max_examples // len(train_jsonls))
-    rows = []
-    for path in train_jsonls:
-        rows += [proxy_example(row) for row in load_split(path, share, seed)]
-    return Dataset.from_list(rows).shuffle(seed=seed)
-
-
-def pretrain_proxy_base(
-    base_model: str | Path,
-    train_jsonls: Sequence[str | Path],
-    models_dir: str | Path,
-    *,
-    max_steps: int = 600,
-    learning_rate: float = 1e-3,
-    batch_size: int = 8,
-    max_examples: int | None = 4000,
-    seed: int = 0,
-    time_budget_s: float | None = None,
-    logging_steps: int = 25,
-) -> Path:
-    """Full fine-tune of a randomly initialised tiny model on the label-free colour-code task.
-
-    Saved like a real checkpoint in ``models_dir/<name>-proxy-<hash>/`` and reused when present (the
-    hash covers the base, the data files and these settings). Why: LoRA on a random base learns the
-    greedy argmax but leaves the output distribution near uniform, so GRPO's samples would be noise.
-    """
-    base_model = Path(base_model)
-    key_src = {
-        "base": _folder_fingerprint(base_model),
-        "data": [_file_fingerprint(Path(p)) for p in train_jsonls],
-        "max_steps": max_steps,
-        "lr": learning_rate,
-        "bs": batch_size,
-        "n": max_examples,
-        "seed": seed,
-        "codes": PROXY_INSTRUCTION + PROXY_CODES,
-    }
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:10]
-    dest = Path(models_dir) / f"{base_model.name}-proxy-{key}"
-    if (dest / "config.json").exists():
-        print(f"proxy-pretrained base found: {dest}", flush=True)
-        return dest
-    work = dest.with_name(dest.name + ".partial")
-    ds = proxy_dataset(train_jsonls, max_examples, seed)
-    s = SFTSettings(
-        base_model=str(base_model),
-        train_jsonl=str(train_jsonls[0]),
-        output_dir=str(work),
-        full_finetune=True,
-        learning_rate=learning_rate,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        warmup_steps=20,
-        save_steps=max(50, max_steps // 4),
-        logging_steps=logging_steps,
-        seed=seed,
-        time_budget_s=time_budget_s,
-        eval_max_examples=0,
-    )
-    run_sft(s, train_ds=ds)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(work / "model", dest)
-    for name in ("log.csv", DONE_FILE):  # keep the pretraining's record beside the weights
-        if (work / name).exists():
-            os.replace(work / name, dest / f"proxy_{name}")
-    if (base_model / "tiny_spec.json").exists():  # models.model_info() still knows the shapes
-        shutil.copy(base_model / "tiny_spec.json", dest / "tiny_spec.json")
-    files.write_json(
-        dest / "proxy_pretraining.json", {**key_src, "task": PROXY_INSTRUCTION.strip(), "n_examples": len(ds)}
-    )
-    shutil.rmtree(work, ignore_errors=True)
-    return dest
-
-
-def _file_fingerprint(path: Path) -> str:
-    st = path.stat()
-    return f"{path.name}:{st.st_size}:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
-
-
-def _folder_fingerprint(folder: Path) -> str:
-    cfg = folder / "config.json"
-    return hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg.exists() else str(folder)
 
 
 # --- command line (python -m / accelerate launch -m) ---------------------------------------------

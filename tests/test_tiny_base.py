@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magseg_nb import files, models, prompts, tiny_base, training
+from magseg_nb import files, models, pretraining, prompts, tiny_base, training
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "pretrained" / "tiny-gemma3-proxy"
@@ -117,7 +117,7 @@ def test_shipped_base_writes_colour_codes(proxy_rows):
     true codes on about 45 % of the cells (chance 1/8).
     """
     ds = prompts.load_conversations(proxy_rows, limit=8)
-    proxy = [training.proxy_example(row) for row in ds]
+    proxy = [pretraining.proxy_example(row) for row in ds]
     model, processor = models.load_model_and_processor(models.resolve_model("tiny-gemma3-proxy", ROOT))
     answers = models.generate(model, processor, proxy, max_new_tokens=300, batch_size=8)
     truth = [tiny_base.decode_codes(p["completion"][0]["content"][0]["text"], 8) for p in proxy]
@@ -174,7 +174,7 @@ def _answer_nll(model, processor, ex) -> float:
 
 def test_shipped_base_predicts_colour_codes_far_better_than_random(proxy_rows, tmp_path):
     ds = prompts.load_conversations(proxy_rows, limit=4)
-    proxy = [training.proxy_example(row) for row in ds]
+    proxy = [pretraining.proxy_example(row) for row in ds]
     shipped = models.load_model_and_processor(models.resolve_model("tiny-gemma3-proxy", ROOT))
     random_base = models.load_model_and_processor(models.resolve_model("tiny-gemma3", tmp_path))
     nll_shipped = np.mean([_answer_nll(*shipped, ex) for ex in proxy])

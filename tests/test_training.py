@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from magseg_nb import prompts, textgrid, training
+from magseg_nb import pretraining, prompts, textgrid, training
 from magseg_nb.labels import CLASS_COLORS, CLASSES, NODATA
 
 
@@ -54,10 +54,10 @@ def test_baselines_all_field_and_majority():
 
 def test_colour_codes_and_encoding():
     rgb = np.array([[[128, 128, 128], [30, 120, 40]], [[40, 110, 220], [230, 200, 60]]])
-    codes = training.colour_codes(rgb)
+    codes = pretraining.colour_codes(rgb)
     assert codes.tolist() == [[1, 2], [5, 7]]  # grey bright, green dark, blue bright, warm bright
-    assert training.encode_codes(np.array([[0, 0, 1], [2, 2, 2]]), "rle") == "a *2| b *1\nc *3"
-    assert training.encode_codes(np.array([[0, 1]]), "plain") == "a|b"
+    assert pretraining.encode_codes(np.array([[0, 0, 1], [2, 2, 2]]), "rle") == "a *2| b *1\nc *3"
+    assert pretraining.encode_codes(np.array([[0, 1]]), "plain") == "a|b"
 
 
 def test_proxy_example_describes_the_patch_without_labels():
@@ -72,13 +72,13 @@ def test_proxy_example_describes_the_patch_without_labels():
         "patch_layout": 2,
         "encoding": "plain",
     }
-    ex = training.proxy_example(row)
+    ex = pretraining.proxy_example(row)
     answer = ex["completion"][0]["content"][0]["text"]
     assert answer == "f|f\nf|f"
     assert not any(name in answer for name in CLASSES)
-    assert ex["prompt"][0]["content"][1]["text"].startswith(training.PROXY_INSTRUCTION)
+    assert ex["prompt"][0]["content"][1]["text"].startswith(pretraining.PROXY_INSTRUCTION)
     assert row["prompt"][0]["content"][1]["text"] == "Segment."  # the original is not modified
-    whole = training.proxy_example({**row, "patch_row": None, "patch_col": None, "patch_layout": 1})
+    whole = pretraining.proxy_example({**row, "patch_row": None, "patch_col": None, "patch_layout": 1})
     assert whole["completion"][0]["content"][0]["text"] == "a|a\na|f"
 
 
@@ -133,14 +133,14 @@ def test_pretrain_sft_resume_and_grpo_on_the_tiny_model(convs, tmp_path):
 
     base = models.resolve_model("tiny-gemma3", tmp_path / "models")
     trains = [convs / "magseg_train.jsonl", convs / "text4seg_train.jsonl"]
-    pre = training.pretrain_proxy_base(
+    pre = pretraining.pretrain_proxy_base(
         base, trains, tmp_path / "models", max_steps=2, batch_size=4, max_examples=16
     )
     assert (pre / "config.json").exists() and (pre / "proxy_pretraining.json").exists()
     assert "proxy" in pre.name
     # cached: the second call reuses the folder
     assert (
-        training.pretrain_proxy_base(
+        pretraining.pretrain_proxy_base(
             base, trains, tmp_path / "models", max_steps=2, batch_size=4, max_examples=16
         )
         == pre

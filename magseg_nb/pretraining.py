@@ -1,0 +1,185 @@
+"""Label-free proxy pretraining of the tiny Gemma 3: a stand-in for Gemma 3's own pretraining.
+
+The proxy task asks for the colour codes (a-h: hue family x brightness) of the same cells a label grid
+would describe, on the training conversations' images, so the model learns to read the image at the
+answer's layout without seeing a label. ``scripts/build_tiny_base.py`` builds the shipped base with it
+(``magseg_nb.tiny_base``); notebook 03 can run it on the fly (``pretrain_steps``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from magseg_nb import files
+from magseg_nb.training import DONE_FILE, SFTSettings, load_split, run_sft
+
+# Colour codes of the proxy task: hue family x brightness, written as letters (one token each, and
+# never a class name, so the pretraining sees no labels).
+PROXY_CODES = "abcdefgh"
+PROXY_INSTRUCTION = "Colour codes (a-h) of the cells, same layout as the grid asked for below.\n"
+
+
+def colour_codes(cell_rgb: np.ndarray) -> np.ndarray:
+    """(h,w,3) mean RGB per cell -> (h,w) code 0..7: hue family (grey, green, blue, warm) x dark/bright."""
+    rgb = cell_rgb.astype(float)
+    spread = rgb.max(-1) - rgb.min(-1)
+    family = np.select(
+        [spread < 20, rgb.argmax(-1) == 2, rgb.argmax(-1) == 1],
+        [0, 2, 1],
+        default=3,
+    )
+    bright = rgb.mean(-1) >= 110
+    return (family * 2 + bright).astype(int)
+
+
+def cell_means(image, box: tuple[int, int, int, int], grid: int) -> np.ndarray:
+    """(grid, grid, 3) mean RGB of a grid x grid split of ``box`` (left, top, right, bottom px) of a PIL image."""
+    from PIL import Image
+
+    small = image.convert("RGB").resize((grid, grid), Image.Resampling.BOX, box=box)
+    return np.asarray(small)
+
+
+def encode_codes(codes: np.ndarray, encoding: str) -> str:
+    """A code grid written like the label grids (plain ``a|b|...`` or run-length ``a *3| b *2``)."""
+    rows = []
+    for row in codes:
+        letters = [PROXY_CODES[int(c)] for c in row]
+        if encoding == "rle":
+            runs, start = [], 0
+            for j in range(1, len(letters) + 1):
+                if j == len(letters) or letters[j] != letters[start]:
+                    runs.append(f"{letters[start]} *{j - start}")
+                    start = j
+            rows.append("| ".join(runs))
+        else:
+            rows.append("|".join(letters))
+    return "\n".join(rows)
+
+
+def proxy_example(row: dict) -> dict:
+    """The label-free proxy version of one conversation: same images and prompt, colour codes as answer.
+
+    The answer describes the same cells the real answer labels (the marked patch for MAgSeg, the
+    whole tile for Text4Seg), so pretraining teaches the model to read the image at that layout;
+    the LoRA SFT then has to learn which colours and textures are which class.
+    """
+    from magseg_nb import prompts
+
+    grid = len(row["gt_mask"])
+    tile = row["images"][0]
+    box = (0, 0, tile.width, tile.height)
+    if row.get("patch_row") is not None:
+        patch = (int(row["patch_row"]), int(row["patch_col"]))
+        top, bottom, left, right = prompts.patch_bounds(
+            (tile.height, tile.width), patch, int(row["patch_layout"])
+        )
+        box = (left, top, right, bottom)
+    codes = colour_codes(cell_means(tile, box, grid))
+    prompt = json.loads(json.dumps(row["prompt"]))  # deep copy
+    for part in prompt[-1]["content"]:
+        if part.get("type") == "text":
+            part["text"] = PROXY_INSTRUCTION + part["text"]
+            break
+    answer = encode_codes(codes, row.get("encoding") or "rle")
+    return {
+        "images": row["images"],
+        "prompt": prompt,
+        "completion": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+    }
+
+
+def proxy_dataset(train_jsonls: Sequence[str | Path], max_examples: int | None = None, seed: int = 0):
+    """Proxy conversations built from the training conversations of every format (labels unused),
+    an equal share of ``max_examples`` from each file."""
+    from datasets import Dataset
+
+    share = None if max_examples is None else max(1, max_examples // len(train_jsonls))
+    rows = []
+    for path in train_jsonls:
+        rows += [proxy_example(row) for row in load_split(path, share, seed)]
+    return Dataset.from_list(rows).shuffle(seed=seed)
+
+
+def pretrain_proxy_base(
+    base_model: str | Path,
+    train_jsonls: Sequence[str | Path],
+    models_dir: str | Path,
+    *,
+    max_steps: int = 600,
+    learning_rate: float = 1e-3,
+    batch_size: int = 8,
+    max_examples: int | None = 4000,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+    logging_steps: int = 25,
+) -> Path:
+    """Full fine-tune of a randomly initialised tiny model on the label-free colour-code task.
+
+    Saved like a real checkpoint in ``models_dir/<name>-proxy-<hash>/`` and reused when present (the
+    hash covers the base, the data files and these settings). Why: LoRA on a random base learns the
+    greedy argmax but leaves the output distribution near uniform, so GRPO's samples would be noise.
+    """
+    base_model = Path(base_model)
+    key_src = {
+        "base": _folder_fingerprint(base_model),
+        "data": [_file_fingerprint(Path(p)) for p in train_jsonls],
+        "max_steps": max_steps,
+        "lr": learning_rate,
+        "bs": batch_size,
+        "n": max_examples,
+        "seed": seed,
+        "codes": PROXY_INSTRUCTION + PROXY_CODES,
+    }
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:10]
+    dest = Path(models_dir) / f"{base_model.name}-proxy-{key}"
+    if (dest / "config.json").exists():
+        print(f"proxy-pretrained base found: {dest}", flush=True)
+        return dest
+    work = dest.with_name(dest.name + ".partial")
+    ds = proxy_dataset(train_jsonls, max_examples, seed)
+    s = SFTSettings(
+        base_model=str(base_model),
+        train_jsonl=str(train_jsonls[0]),
+        output_dir=str(work),
+        full_finetune=True,
+        learning_rate=learning_rate,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        warmup_steps=20,
+        save_steps=max(50, max_steps // 4),
+        logging_steps=logging_steps,
+        seed=seed,
+        time_budget_s=time_budget_s,
+        eval_max_examples=0,
+    )
+    run_sft(s, train_ds=ds)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(work / "model", dest)
+    for name in ("log.csv", DONE_FILE):  # keep the pretraining's record beside the weights
+        if (work / name).exists():
+            os.replace(work / name, dest / f"proxy_{name}")
+    if (base_model / "tiny_spec.json").exists():  # models.model_info() still knows the shapes
+        shutil.copy(base_model / "tiny_spec.json", dest / "tiny_spec.json")
+    files.write_json(
+        dest / "proxy_pretraining.json", {**key_src, "task": PROXY_INSTRUCTION.strip(), "n_examples": len(ds)}
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def _file_fingerprint(path: Path) -> str:
+    st = path.stat()
+    return f"{path.name}:{st.st_size}:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    cfg = folder / "config.json"
+    return hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg.exists() else str(folder)
