@@ -148,9 +148,12 @@ def budget_note(steps: int, batch_size: int, tiles, run01, reference_steps) -> s
 
 def sft_params(params03: dict, max_steps: int, seed: int) -> dict:
     """Notebook 03's SFT parameters with the study's equal step count: no time budget (a cut run
-    would break equal steps), one checkpoint at the end, every validation conversation answered."""
+    would break equal steps), one checkpoint at the end, every validation conversation answered, and
+    the warmup at most a tenth of the run (03's 20 warmup steps would be half of a 40-step run)."""
+    warmup = min(int(params03.get("warmup_steps", 0)), max(1, int(max_steps) // 10))
     return {
         **params03,
+        "warmup_steps": warmup,
         "max_steps": int(max_steps),
         "seed": seed,
         "save_steps": int(max_steps),

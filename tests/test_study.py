@@ -80,9 +80,12 @@ def test_budget_note_says_a_reduced_budget_plainly(tmp_path):
 
 
 def test_sft_params_are_03s_with_equal_steps_and_no_time_budget():
-    p = study.sft_params({"learning_rate": 0.002, "max_steps": {"magseg": 600}, "time_budget_s": 30}, 40, 3)
+    p = study.sft_params(
+        {"learning_rate": 0.002, "max_steps": {"magseg": 600}, "time_budget_s": 30, "warmup_steps": 20}, 40, 3
+    )
     assert p == {
         "learning_rate": 0.002,
+        "warmup_steps": 4,
         "max_steps": 40,
         "seed": 3,
         "save_steps": 40,
@@ -90,6 +93,8 @@ def test_sft_params_are_03s_with_equal_steps_and_no_time_budget():
         "max_train_examples": None,
         "eval_max_examples": None,
     }
+    assert study.sft_params({"warmup_steps": 20}, 300, 0)["warmup_steps"] == 20
+    assert study.sft_params({"warmup_steps": 20}, 5, 0)["warmup_steps"] == 1
 
 
 def test_paint_uses_the_cells_of_downsample_mask():
