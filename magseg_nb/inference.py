@@ -47,7 +47,7 @@ class FormatSpec:
     grid: int
     patch_layout: int
     encoding: str
-    prompt_variant: str = "index"
+    prompt_variant: str = prompts.DEFAULT_VARIANT
 
 
 def format_spec(run02: Path, fmt: str) -> FormatSpec:
@@ -235,7 +235,7 @@ def predict_tile(
     grid: int,
     patch_layout: int,
     encoding: str,
-    variant: str = "index",
+    variant: str = prompts.DEFAULT_VARIANT,
     batch_size: int = 8,
     max_new_tokens: int = 256,
     generate: Callable | None = None,

@@ -154,6 +154,7 @@ def pretrain_proxy_base(
         max_steps=max_steps,
         batch_size=batch_size,
         warmup_steps=20,
+        lr_scheduler="constant_with_warmup",  # as the shipped base was built (tiny_base recipe)
         save_steps=max(50, max_steps // 4),
         logging_steps=logging_steps,
         seed=seed,
@@ -183,3 +184,25 @@ def _file_fingerprint(path: Path) -> str:
 def _folder_fingerprint(folder: Path) -> str:
     cfg = folder / "config.json"
     return hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg.exists() else str(folder)
+
+
+NOTEBOOK_PARAMS = {  # notebook 03's parameter -> pretrain_proxy_base's keyword
+    "pretrain_steps": "max_steps",
+    "pretrain_lr": "learning_rate",
+    "pretrain_batch_size": "batch_size",
+    "pretrain_examples": "max_examples",
+    "pretrain_time_budget_s": "time_budget_s",
+    "seed": "seed",
+}
+
+
+def pretrain_from_params(base_model, params: dict, train_jsonls, models_dir) -> Path:
+    """Notebook 03's proxy pretraining in one call: its ``pretrain_*`` parameters, named as above."""
+    kw = {key: params[name] for name, key in NOTEBOOK_PARAMS.items() if name in params}
+    return pretrain_proxy_base(base_model, train_jsonls, models_dir, **kw)
+
+
+def describe(row: dict) -> str:
+    """One proxy conversation as text: the question's last part, then the colour-code answer."""
+    question = row["prompt"][0]["content"][-1]["text"]
+    return f"{question}\n---\n{row['completion'][0]['content'][0]['text']}"

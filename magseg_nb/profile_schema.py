@@ -196,7 +196,6 @@ STAGES: dict[str, dict[str, Rule]] = {
     "02_instruction_format": {
         "patch_layout": _int(1),
         "magseg_grid": _int(1),
-        "text4seg_grid": _int(1),
         "encoding": Rule(str, choices=ENCODINGS),
         "variant": Rule(str, choices=("index", "mark", "crop")),
         "conversation_layout": Rule(str, choices=("per_patch", "per_tile")),  # tile_conversations.LAYOUTS

@@ -29,6 +29,7 @@ FORMATS = ("magseg", "text4seg")
 VARIANTS = ("index", "mark", "crop")
 # crop_only is kept out of VARIANTS (the tokenizer corpus and notebook 02's budget table iterate it).
 ALL_VARIANTS = (*VARIANTS, "crop_only")
+DEFAULT_VARIANT = "crop"  # the paper's choice and every profile's: the tile plus a close-up of the patch
 MARK_COLOR = (255, 0, 0)
 
 _LABELS = ", ".join(CLASSES)
@@ -45,7 +46,7 @@ _VARIANT_TEXT = {
 
 
 def instruction(
-    fmt: str, grid: int, encoding: str, patch=None, patch_layout: int = 1, variant="index"
+    fmt: str, grid: int, encoding: str, patch=None, patch_layout: int = 1, variant=DEFAULT_VARIANT
 ) -> str:
     """The user's text for one conversation."""
     enc = _ENCODING_TEXT[encoding]
@@ -96,6 +97,11 @@ def _check(fmt: str, encoding: str, variant: str, patch, patch_layout: int, grid
         r, c = patch
         if not (0 <= r < patch_layout and 0 <= c < patch_layout):
             raise ValueError(f"patch {patch} is outside a {patch_layout}x{patch_layout} layout")
+
+
+def effective_grid(patch_layout: int, magseg_grid: int) -> int:
+    """Cells per tile side that MAgSeg describes (and Text4Seg is asked for, to compare like with like)."""
+    return int(patch_layout) * int(magseg_grid)
 
 
 def patch_bounds(shape, patch, patch_layout: int) -> tuple[int, int, int, int]:
@@ -168,7 +174,7 @@ def make_example(
     encoding: str,
     patch=None,
     patch_layout: int = 1,
-    variant: str = "index",
+    variant: str = DEFAULT_VARIANT,
 ) -> dict:
     """One conversation's input: ``dict(images=[PIL...], prompt=[user message])``.
 
@@ -246,7 +252,7 @@ def conversation_rows(
     grid: int,
     encoding: str,
     patch_layout: int = 1,
-    variant: str = "index",
+    variant: str = DEFAULT_VARIANT,
 ) -> list[dict]:
     """The JSONL rows of one tile (its images are written to ``out_dir/images``)."""
     out_dir = Path(out_dir)
@@ -297,7 +303,7 @@ def write_conversations(
     grid: int,
     encoding: str,
     patch_layout: int = 1,
-    variant: str = "index",
+    variant: str = DEFAULT_VARIANT,
 ) -> dict[str, Path]:
     """Write ``<fmt>_<split>.jsonl`` files (+ images/) for the tiles; returns {split: path}."""
     out_dir = Path(out_dir)

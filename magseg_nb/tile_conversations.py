@@ -37,7 +37,7 @@ def tile_conversation(
     grid: int,
     encoding: str,
     patch_layout: int,
-    variant: str = "index",
+    variant: str = prompts.DEFAULT_VARIANT,
     tile_mask=None,
 ) -> dict:
     """One tile as one conversation: ``dict(images, messages, patches, gt_masks)``.

@@ -39,18 +39,23 @@ DONE_FILE = "train_done.json"
 
 @dataclass
 class CommonSettings:
-    """Settings shared by SFT and GRPO (field names are the YAML keys of ``--config``)."""
+    """Settings shared by SFT and GRPO (field names are the YAML keys of ``--config``).
+
+    The single source of every default: the values are the CPU demo's, notebooks 03/04 repeat them in
+    their parameters cell (papermill needs literals; a test keeps them equal), profiles and the CLI
+    configs in ``configs/training/`` override only what differs (another test checks they agree).
+    """
 
     base_model: str = ""  # folder or hub id of the base model the adapter belongs to
     train_jsonl: str = ""  # conversations from 02_instruction_format
     output_dir: str = ""
     val_jsonl: str | None = None
-    learning_rate: float = 2e-4
-    max_steps: int = 100
+    learning_rate: float = 0.002  # the tiny model needs more than Gemma 3 LoRA's usual 2e-4
+    max_steps: int = 600
     batch_size: int = 8  # per device
     grad_accum: int = 1
-    warmup_steps: int = 10
-    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 20
+    lr_scheduler: str = "cosine"  # decays to 0 at max_steps: the last step is a settled model
     weight_decay: float = 0.0
     bf16: bool | str = "auto"  # "auto": on when the GPU supports it (never on the CPU)
     gradient_checkpointing: bool = False
@@ -61,7 +66,7 @@ class CommonSettings:
     max_train_examples: int | None = None  # a seeded random subset of the training rows
     class_balance: float = 0.0  # 0: rows as they come; 1: drawn by their rarest class (balanced_rows)
     time_budget_s: float | None = None  # stop (and save) after this many seconds of training
-    eval_max_examples: int | None = 64  # validation rows scored after training (None: all; 0: skip)
+    eval_max_examples: int | None = None  # validation rows scored after training (None: all; 0: skip)
     eval_batch_size: int = 16
     max_new_tokens: int | None = None  # None: from the longest reference answer in the validation set
 
@@ -73,9 +78,9 @@ class SFTSettings(CommonSettings):
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    target_modules: str | list[str] = "language"
+    target_modules: str | list[str] = "all"  # "language" (LM projections), "all" (+ vision tower) or a regex
     train_projector: bool = True
-    train_embeddings: bool = False  # also train token embeddings/LM head + final norm (random tiny bases)
+    train_embeddings: bool = True  # also train token embeddings/LM head + final norm (random tiny bases)
     full_finetune: bool = False  # train every weight and save a full model instead of an adapter
 
 
@@ -84,9 +89,12 @@ class GRPOSettings(CommonSettings):
     """GRPO from an SFT adapter with the Dice and format rewards."""
 
     adapter_dir: str = ""  # the SFT adapter to continue (PeftModel, is_trainable)
-    learning_rate: float = 1e-5
-    max_steps: int = 50
+    learning_rate: float = 1e-4
+    max_steps: int = 40
     logging_steps: int = 1
+    save_steps: int = 10
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 10
     num_generations: int = 4
     max_completion_length: int | None = None  # None: fits the longest reference answer (+25 %)
     temperature: float = 1.0
@@ -121,6 +129,19 @@ def sft_settings(params: dict, fmt: str, base_model, run02, output_dir) -> SFTSe
     return SFTSettings(
         **kw,
         base_model=str(base_model),
+        train_jsonl=str(Path(run02) / f"{fmt}_train.jsonl"),
+        val_jsonl=str(Path(run02) / f"{fmt}_val.jsonl"),
+        output_dir=str(output_dir),
+    )
+
+
+def grpo_settings(params: dict, fmt: str, base_model, run02, adapter_dir, output_dir) -> GRPOSettings:
+    """GRPOSettings for one format from notebook 04's parameters (the same names as the fields)."""
+    names = {f.name for f in dataclasses.fields(GRPOSettings)}
+    return GRPOSettings(
+        **{k: v for k, v in params.items() if k in names},
+        base_model=str(base_model),
+        adapter_dir=str(adapter_dir),
         train_jsonl=str(Path(run02) / f"{fmt}_train.jsonl"),
         val_jsonl=str(Path(run02) / f"{fmt}_val.jsonl"),
         output_dir=str(output_dir),

@@ -254,3 +254,41 @@ def answer_diversity(answers_jsonl) -> dict:
         "distinct answers": int(counts.size),
         "most common answer share": float(counts.iloc[0] / len(answers)) if len(answers) else float("nan"),
     }
+
+
+def sft_table(run02, run03, run01, formats, n_boot: int, ci: float, seed: int):
+    """Notebook 03's validation table: every format's answers, all and well-formed only, beside the
+    all-field and pixel baselines on the same cells. Returns (frames per format, long table)."""
+    frames = {
+        fmt: answer_frames(Path(run02) / f"{fmt}_val.jsonl", Path(run03) / fmt / "answers.jsonl", run01)
+        for fmt in formats
+    }
+    table = pd.concat(
+        [
+            score_frames(frames[fmt], n_boot, ci, seed, well_formed_only=wf).assign(format=fmt)
+            for fmt in formats
+            for wf in (False, True)
+        ],
+        ignore_index=True,
+    )
+    return frames, table
+
+
+def grpo_table(run02, run04, run03, run01, formats, n_boot: int, ci: float, seed: int):
+    """Notebook 04's validation table (SFT and GRPO answers beside the baselines) and the paired
+    GRPO - SFT change per format. Returns (long table, changes per format)."""
+    frames, frames_sft, changes = {}, {}, {}
+    for fmt in formats:
+        val = Path(run02) / f"{fmt}_val.jsonl"
+        frames[fmt] = answer_frames(val, Path(run04) / fmt / "answers.jsonl", run01)
+        frames_sft[fmt] = answer_frames(val, Path(run03) / fmt / "answers.jsonl", run01)
+        changes[fmt] = compare(frames_sft[fmt][MODEL], frames[fmt][MODEL], n_boot, ci, seed)
+    table = pd.concat(
+        [
+            score_frames({"SFT": frames_sft[fmt][MODEL]}, n_boot, ci, seed).assign(format=fmt)
+            for fmt in formats
+        ]
+        + [score_frames(frames[fmt], n_boot, ci, seed).assign(format=fmt) for fmt in formats],
+        ignore_index=True,
+    ).replace({"scorer": {MODEL: "GRPO"}})
+    return table, changes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import nbformat
@@ -81,19 +82,83 @@ def test_demo_profile_matches_notebook_defaults():
 
 
 MAX_CELL_LINES = 16  # a code cell longer than this holds logic that belongs in magseg_nb
-# Known longer cells, left to the notebook's owner (cell index: lines when the cap was set).
-OVER_CAP = {"03_sft.ipynb": {6: 20, 12: 18}, "04_grpo.ipynb": {6: 34, 10: 18}}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_code_cells_are_short(path):
     """Every code cell but the parameters cell (one literal a line) stays within MAX_CELL_LINES."""
     nb = nbformat.read(path, as_version=4)
-    allowed = OVER_CAP.get(path.name, {})
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code" or "parameters" in cell.metadata.get("tags", []):
             continue
         n = len(cell.source.splitlines())
-        assert n <= max(MAX_CELL_LINES, allowed.get(i, 0)), (
-            f"{path.name} cell {i} has {n} lines: move logic into magseg_nb"
-        )
+        assert n <= MAX_CELL_LINES, f"{path.name} cell {i} has {n} lines: move logic into magseg_nb"
+
+
+def _notebook_defaults(stage: str) -> dict:
+    return _literal_assignments(
+        _parameters_cell(nbformat.read(ROOT / "notebooks" / f"{stage}.ipynb", 4)).source
+    )
+
+
+def _field_defaults(cls) -> dict:
+    return {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        for f in dataclasses.fields(cls)
+    }
+
+
+@pytest.mark.parametrize("stage, cls_name", [("03_sft", "SFTSettings"), ("04_grpo", "GRPOSettings")])
+def test_training_defaults_have_one_source(stage, cls_name):
+    """The settings dataclasses hold the defaults; the notebook's parameters cell repeats them exactly."""
+    from magseg_nb import training
+
+    defaults = _field_defaults(getattr(training, cls_name))
+    params = _notebook_defaults(stage)
+    shared = set(params) & set(defaults)
+    assert {"learning_rate", "max_steps", "batch_size", "save_steps"} <= shared
+    differ = {k: (params[k], defaults[k]) for k in shared if params[k] != defaults[k]}
+    assert not differ, f"{stage} parameters vs training.{cls_name} defaults (notebook, dataclass): {differ}"
+
+
+PATH_KEYS = {"base_model", "adapter_dir", "train_jsonl", "val_jsonl", "output_dir"}
+
+
+@pytest.mark.parametrize(
+    "config, profile, stage",
+    [
+        ("gpu_sft.yaml", "gpu", "03_sft"),
+        ("gpu_grpo.yaml", "gpu", "04_grpo"),
+        ("tiny_sft_cpu.yaml", "demo", "03_sft"),
+    ],
+)
+def test_cli_configs_agree_with_their_profile(config, profile, stage):
+    """`python -m magseg_nb.training --config X` trains what the profile's notebook would (paths aside)."""
+    from magseg_nb import training
+
+    cfg = yaml.safe_load((ROOT / "configs" / "training" / config).read_text())
+    params = {
+        **_notebook_defaults(stage),
+        **yaml.safe_load((ROOT / "profiles" / f"{profile}.yaml").read_text())["stages"][stage],
+    }
+    if stage == "03_sft":
+        cli, nb = training.SFTSettings(**cfg), training.sft_settings(params, "magseg", "b", "r", "o")
+    else:
+        cli, nb = training.GRPOSettings(**cfg), training.grpo_settings(params, "magseg", "b", "r", "a", "o")
+    differ = {
+        f.name: (getattr(cli, f.name), getattr(nb, f.name))
+        for f in dataclasses.fields(cli)
+        if f.name not in PATH_KEYS and getattr(cli, f.name) != getattr(nb, f.name)
+    }
+    assert not differ, (
+        f"configs/training/{config} vs profiles/{profile}.yaml {stage} (config, profile): {differ}"
+    )
+
+
+def test_text4seg_grid_is_derived_not_typed():
+    from magseg_nb import prompts
+
+    assert "text4seg_grid" not in _notebook_defaults("02_instruction_format")
+    for path in (ROOT / "profiles").glob("*.yaml"):
+        assert "text4seg_grid:" not in path.read_text(), f"{path.name} types text4seg_grid by hand"
+    assert prompts.effective_grid(4, 16) == 64

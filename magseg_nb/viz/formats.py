@@ -10,7 +10,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch, Rectangle
 
 from magseg_nb.labels import CLASS_COLORS, CLASSES
-from magseg_nb.prompts import patch_bounds
+from magseg_nb.prompts import DEFAULT_VARIANT, patch_bounds
 
 CMAP = ListedColormap([np.array(CLASS_COLORS[c]) / 255 for c in CLASSES])
 
@@ -90,7 +90,7 @@ def show_patch_mosaic(image, tile_mask_grids, patch_layout: int, whole_grid, tit
     return fig
 
 
-def plot_token_budget(df, variant: str = "index", title: str = ""):
+def plot_token_budget(df, variant: str = DEFAULT_VARIANT, title: str = ""):
     """Answer tokens per conversation and tokens per tile against the tile's effective resolution."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     styles = {"plain": "-", "rle": "--"}
