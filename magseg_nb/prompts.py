@@ -421,11 +421,16 @@ def token_budget(
     real_tokenizer=None,
     max_patches: int = 16,
     seed: int = 0,
+    tokenizer: str = "",
+    estimate: bool = False,
 ):
     """Measured token counts per conversation and per tile, one row per setting (a pandas DataFrame).
 
     Prompt tokens include the image tokens; ``gemma3_*`` columns swap in ``image_tokens_real`` soft tokens
     per image (real gemma-3-4b-it: 256), and count answers with ``real_tokenizer`` when one is given.
+    ``tokenizer`` names the processor's tokenizer (column ``tokenizer``); ``estimate=True`` says it is not
+    the profile model's own (its weights are not here), so the counts are an estimate (column
+    ``estimate``). ``gemma3_estimate`` is True when no ``real_tokenizer`` counted the ``gemma3_*`` answers.
     """
     import pandas as pd
 
@@ -468,6 +473,26 @@ def token_budget(
                 "gemma3_answer_tokens_mean": round(real_answer, 1),
                 "gemma3_total_tokens": round(real_prompt + real_answer, 1),
                 "gemma3_tile_tokens": round(n_conv * (real_prompt + real_answer)),
+                "tokenizer": tokenizer or processor.tokenizer.name_or_path,
+                "estimate": bool(estimate),
+                "gemma3_estimate": real_tokenizer is None,
             }
         )
     return pd.DataFrame(rows)
+
+
+def budget_note(budget, model_id: str) -> str:
+    """One sentence under the token-budget table: which tokenizer counted, and whether it is an estimate."""
+    first = budget.iloc[0]
+    name = first["tokenizer"]
+    if first["estimate"]:
+        out = (f"Token counts are an estimate: made with the {name}, not with the tokenizer of {model_id}, "
+               "whose weights are not on this machine.")  # fmt: skip
+    else:
+        out = f"Token counts made with the {name}, the tokenizer of {model_id}."
+    if first["gemma3_estimate"]:
+        out += (" The gemma3_* columns put in gemma-3-4b-it's image tokens but count answers with that same "
+                "tokenizer: an estimate of the real Gemma 3.")  # fmt: skip
+    else:
+        out += " The gemma3_* columns count answers with the real Gemma 3 tokenizer."
+    return out

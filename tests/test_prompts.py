@@ -169,3 +169,33 @@ class _FakeTokenizer:
         import re
 
         return {"input_ids": [re.findall(r"[^|\n]+|[|\n]", t) for t in texts]}
+
+
+def test_token_budget_says_which_tokenizer_counted_and_when_it_is_an_estimate(tmp_path):
+    """The gpu profile without its weights here: the tiny tokenizer stands in; the table and the sentence say so."""
+    from magseg_nb import models
+
+    processor, counted_with = models.processor_for_counting("google/gemma-3-4b-it", tmp_path)
+    assert counted_with == models.TINY_TOKENIZER_NOTE
+    settings = prompts.budget_settings([16], [8], encodings=["plain"], variants=["crop"])
+    tiles = [_tile(), _tile("s0_r0_c1", seed=1)]
+    budget = prompts.token_budget(processor, tiles, settings, tokenizer=counted_with, estimate=True)
+    assert len(budget) == 2 and budget["tokenizer"].tolist() == [counted_with] * 2
+    assert budget["estimate"].tolist() == [True, True] and budget["gemma3_estimate"].tolist() == [True, True]
+    note = prompts.budget_note(budget, "google/gemma-3-4b-it")
+    assert note == (
+        f"Token counts are an estimate: made with the {counted_with}, not with the tokenizer of "
+        "google/gemma-3-4b-it, whose weights are not on this machine. The gemma3_* columns put in "
+        "gemma-3-4b-it's image tokens but count answers with that same tokenizer: an estimate of the real Gemma 3."
+    )
+    # The same counts for a profile whose model is this tokenizer's own, with answers also counted by a
+    # second tokenizer for the gemma3_* columns: neither flag is set, and the name defaults to the tokenizer's.
+    exact = prompts.token_budget(processor, tiles, settings, real_tokenizer=processor.tokenizer)
+    counts = ["prompt_tokens", "answer_tokens_mean", "gemma3_answer_tokens_mean", "tile_tokens"]
+    assert exact[counts].equals(budget[counts])
+    assert not exact["estimate"].any() and not exact["gemma3_estimate"].any()
+    assert exact["tokenizer"].iloc[0] == processor.tokenizer.name_or_path != ""
+    assert prompts.budget_note(exact, "tiny-gemma3") == (
+        f"Token counts made with the {processor.tokenizer.name_or_path}, the tokenizer of tiny-gemma3. "
+        "The gemma3_* columns count answers with the real Gemma 3 tokenizer."
+    )
