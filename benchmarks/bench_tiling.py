@@ -15,7 +15,11 @@ scene of its own. Then, in one run on the same machine:
    3-band mask GeoTIFF);
 3. the floor of step 2's tile files: the same two GeoTIFFs per tile written from arrays already in
    memory (no reads, no masks), which bounds how close to the raw read any path writing them can get;
-4. with more than one sub-scene: ``geo.prepare_scenes`` + ``geo.make_tiles`` on the sub-scenes with
+4. the rasterizer before and after the speed-up on the same scene and labels, in memory, alternated
+   (old, new, old, new, ...; ``--repeats`` pairs, medians): ``rasterize_reference.reference_rasterize``
+   (the previous ``geo.rasterize_labels``, kept verbatim) vs ``geo.rasterize_labels``; their masks and
+   reports are checked to be identical;
+5. with more than one sub-scene: ``geo.prepare_scenes`` + ``geo.make_tiles`` on the sub-scenes with
    ``workers=1`` and ``workers=2``, their tiles per second and the speed-up.
 
 It prints tiles per second and the ratios.
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +42,11 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from magseg_nb import geo, landscape
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # rasterize_reference beside this file
+
+from rasterize_reference import reference_rasterize  # noqa: E402
+
+from magseg_nb import geo, landscape  # noqa: E402
 
 
 def build_mosaic(
@@ -90,6 +100,31 @@ def write_floor(folder: Path, run01: Path, tiles: pd.DataFrame) -> float:
     return time.perf_counter() - t0
 
 
+def old_vs_new_rasterizer(image: Path, labels_path: Path, repeats: int) -> dict:
+    """Seconds of the previous and the current ``rasterize_labels`` on the same scene, alternated."""
+    with rasterio.open(image) as src:
+        data, crs, transform, shape = src.read(), src.crs, src.transform, src.shape
+    valid = ~(data == 0).all(axis=0)  # as prepare_scene: the mosaic's nodata is 0
+    del data
+    labels, _ = geo.read_labels(labels_path, crs)
+    times = {"old": [], "new": []}
+    for _ in range(repeats):
+        for name, fn in (("old", reference_rasterize), ("new", geo.rasterize_labels)):
+            t0 = time.perf_counter()
+            masks = fn(labels, shape, transform, valid)
+            times[name].append(time.perf_counter() - t0)
+            if name == "old":
+                old = masks
+    for key in ("semantic", "boundary", "instances"):
+        if not np.array_equal(getattr(old, key), getattr(masks, key)):
+            raise SystemExit(f"old and new rasterizer disagree on {key}")
+    if old.report != masks.report:
+        raise SystemExit(f"old and new rasterizer reports differ: {old.report} vs {masks.report}")
+    old_s, new_s = statistics.median(times["old"]), statistics.median(times["new"])
+    return {"rasterize_repeats": repeats, "rasterize_old_s": round(old_s, 2), "rasterize_new_s": round(new_s, 2),
+            "rasterize_old_over_new": round(old_s / new_s, 2)}  # fmt: skip
+
+
 def parallel_scenes(folder: Path, tile: int, overlap: int) -> dict:
     """Notebook 01's path on the sub-scenes with 1 and 2 worker processes; identical tiles.csv checked."""
     from magseg_nb.manifest import SceneSource
@@ -121,6 +156,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--overlap", type=int, default=32, help="tile overlap in px (default 32)")
     parser.add_argument("--res", type=float, default=0.8, help="metres per pixel (default 0.8)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="old/new rasterizer pairs (default 2)")
     parser.add_argument("--keep", help="keep the files in this folder instead of a temporary one")
     args = parser.parse_args(argv)
 
@@ -152,6 +188,7 @@ def main(argv=None) -> dict:
         full_tps = len(tiles) / (t_rasterize + t_tiles)
         t_floor = write_floor(folder / "floor", run01, tiles)
         floor_tps = len(tiles) / t_floor
+        old_new = old_vs_new_rasterizer(image, labels, args.repeats)
         parallel = (
             parallel_scenes(folder / "src", args.tile, args.overlap)
             if (folder / "src" / "sub" / "m0_1").exists()
@@ -164,7 +201,7 @@ def main(argv=None) -> dict:
             "tile_write_s": round(t_tiles, 2), "raw_read_tiles_per_s": round(raw_tps, 1),
             "tiling_rasterizing_tiles_per_s": round(full_tps, 1), "ratio_raw_over_full": round(raw_tps / full_tps, 2),
             "write_floor_tiles_per_s": round(floor_tps, 1), "ratio_raw_over_write_floor": round(raw_tps / floor_tps, 2),
-            "checksum": checksum, **parallel,
+            "checksum": checksum, **old_new, **parallel,
         }  # fmt: skip
         print(f"scene {args.size}x{args.size} px, {n} tiles of {args.tile} px (overlap {args.overlap}), "
               f"{result['n_polygons']} polygons, {result['n_fields']} fields")  # fmt: skip
@@ -174,6 +211,8 @@ def main(argv=None) -> dict:
         print(f"ratio raw / full                      : {raw_tps / full_tps:8.2f}x")
         print(f"only writing the tile files (floor)   : {floor_tps:8.1f} tiles/s, raw / floor "
               f"{raw_tps / floor_tps:.2f}x")  # fmt: skip
+        print(f"rasterizer old / new (same scene)     : {old_new['rasterize_old_over_new']:8.2f}x "
+              f"({old_new['rasterize_old_s']} s vs {old_new['rasterize_new_s']} s, median of {args.repeats})")  # fmt: skip
         if parallel:
             print(f"{parallel['n_scenes']} scenes, {parallel['n_scene_tiles']} tiles, workers=1: "
                   f"{parallel['workers1_tiles_per_s']} tiles/s ({parallel['workers1_s']} s); workers=2: "
