@@ -36,11 +36,8 @@ gradients of frozen layers (about -1/3) and gradient checkpointing recomputes th
 the hardware does roughly the same amount of work. Peaks: ``PEAK_BF16`` (dense, no sparsity) or
 ``--peak-tflops``.
 
-Wheelhouse for the GPU image (pure-Python packages it lacks, built here; see benchmarks/README.md)::
-
-    .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \\
-        -d .gpu/wheels trl==1.16.0 peft==0.21.2 accelerate==1.15.0 datasets==5.2.0 ...
-    # on the GPU machine: python3 -m pip install --no-index --no-deps .gpu/wheels/*.whl
+Wheels + inputs for the GPU image, under the 64 MiB that travel: ``benchmarks/build_gpu_bundle.py``
+(it prints the command to run there; see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -469,7 +466,28 @@ def finite(obj) -> bool:
     return True
 
 
+def check_packages() -> None:
+    """Stop in one line, before any model loads, when the GPU side lacks a package (see build_gpu_bundle.py)."""
+    import importlib.metadata as md
+
+    missing = []
+    for name in ("trl", "peft", "accelerate", "datasets", "pyarrow"):
+        try:
+            __import__(name)
+        except ImportError as err:
+            missing.append(f"{name} ({err})")
+    if missing:
+        raise SystemExit(
+            f"gpu_check needs {', '.join(missing)}: install the bundle's wheels first "
+            "(benchmarks/build_gpu_bundle.py prints the command; --pyarrow xz when the image lacks pyarrow)"
+        )
+    # datasets 5.2.0 needs pyarrow >= 24; an older one in the image fails later, deep inside TRL
+    if int(md.version("pyarrow").split(".")[0]) < 24:
+        raise SystemExit(f"pyarrow {md.version('pyarrow')} is too old for datasets (>= 24): use --pyarrow xz")
+
+
 def run(args) -> dict:
+    check_packages()
     inputs, out = Path(args.inputs), Path(args.out)
     if not (inputs / "inputs.json").exists():
         raise SystemExit(

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
@@ -125,3 +127,67 @@ def test_weights_check_before_any_stage(tmp_path, monkeypatch):
     assert profile_schema.check_profile(data, "gpu-mini.yaml") == []
     problems = profile_schema.check_profile(data, "gpu-mini.yaml", declared={})
     assert len(problems) == 1 and "common.model_id" in problems[0] and "no such folder" in problems[0]
+
+
+def _bundle_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "build_gpu_bundle", ROOT / "benchmarks" / "build_gpu_bundle.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bundle_small_build_and_the_size_check(tmp_path):
+    """Wheels from the registry (or pip's cache) + inputs of 2 tiles, pyarrow left to the image."""
+    bgb = _bundle_module()
+    bundle = tmp_path / "bundle"
+    manifest = bgb.build(bundle, tiles=2, pyarrow="image")
+    names = sorted(w.split("-")[0].lower() for w in manifest["wheels"])
+    assert names == ["accelerate", "datasets", "dill", "fsspec", "multiprocess", "peft", "trl", "xxhash"]
+    assert all((bundle / "wheels" / w).stat().st_size > 10_000 for w in manifest["wheels"])
+    assert not (bundle / "pyarrow.tar.xz").exists() and manifest["bytes"]["pyarrow_tar_xz"] == 0
+    assert json.loads((bundle / "inputs" / "inputs.json").read_text())["n_tiles"] == 2
+    on_disk = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+    assert manifest["bundle_bytes"] == on_disk
+    assert json.loads((bundle / "bundle.json").read_text())["wheels"] == manifest["wheels"]
+    assert manifest["repo_tracked_bytes"] > 1_000_000  # the tracked files travel with it
+    assert on_disk + manifest["repo_tracked_bytes"] < 64 * 2**20
+    cmd = manifest["gpu_command"]
+    assert "--target /tmp/site" in cmd and "wheels/*.whl" in cmd and "pyarrow.tar.xz" not in cmd
+    assert cmd.endswith("/inputs --out $OUT")
+    # over the limit: one line with the sizes and what to do
+    with pytest.raises(
+        bgb.BundleTooLarge, match=r"GPU bundle too large: 50\.0 MiB bundle \+ 20\.0 MiB .* > 64 MiB"
+    ):
+        bgb.check_size(50 * 2**20, 20 * 2**20, 64)
+    bgb.check_size(40 * 2**20, 20 * 2**20, 64)
+
+
+def test_wheel_to_tar_xz_keeps_every_file(tmp_path):
+    import tarfile
+    import zipfile
+
+    bgb = _bundle_module()
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pkg/__init__.py", "X = 1\n")
+        zf.writestr("pkg/libfoo.so.26", b"\x7fELF" + bytes(1000))
+        zf.writestr("pkg-1.0.dist-info/METADATA", "Name: pkg\n")
+    out = bgb.wheel_to_tar_xz(wheel, tmp_path / "pkg.tar.xz")
+    with tarfile.open(out) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert sorted(members) == ["pkg-1.0.dist-info/METADATA", "pkg/__init__.py", "pkg/libfoo.so.26"]
+        assert members["pkg/libfoo.so.26"].mode == 0o755 and members["pkg/__init__.py"].mode == 0o644
+        assert tar.extractfile("pkg/libfoo.so.26").read() == b"\x7fELF" + bytes(1000)
+
+
+@pytest.mark.slow
+def test_gpu_bundle_default_build_is_under_64_mib(tmp_path):
+    """The bundle as the README builds it (32 tiles, pyarrow as tar.xz): about 4 min here (xz)."""
+    bgb = _bundle_module()
+    manifest = bgb.build(tmp_path / "bundle")  # raises BundleTooLarge when over 64 MiB
+    assert manifest["n_tiles"] == 32 and manifest["bytes"]["pyarrow_tar_xz"] > 20 * 2**20
+    assert manifest["bundle_bytes"] + manifest["repo_tracked_bytes"] < 64 * 2**20
