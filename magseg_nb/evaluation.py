@@ -15,7 +15,7 @@ import pandas as pd
 import rasterio
 from skimage.measure import label as connected
 
-from magseg_nb import files
+from magseg_nb import files, prompts
 from magseg_nb.labels import CLASS_IDS, NODATA
 from magseg_nb.metrics import (
     HEADLINE,
@@ -27,6 +27,9 @@ from magseg_nb.metrics import (
     units_text,
 )
 
+# Every stage notebook 06 reads: 01 (truth, baselines), 02 (formats.json), 03/04 (training's eval.json),
+# 05 (predictions). Declared so that a change in any of them reruns 06.
+NEEDS = ("01_dataset_prep", "02_instruction_format", "03_sft", "04_grpo", "05_inference")
 ALL_FIELD = "all-field"  # evaluate_method's semantic= for the trivial "field everywhere" baseline
 WIRING = "wiring check, random weights"  # the label of every row computed with a random-weight model
 
@@ -358,21 +361,15 @@ def ablation_reading(ablation, metrics=("iou_field", "inst_f1", "boundary_m_f1")
 
 
 def effective_resolution(run02, tile_px: int, res_m: float):
-    """Label cells per tile side and metres per cell of each instruction format (from 02's test JSONL)."""
+    """Label cells per tile side and metres per cell of each instruction format (02's formats.json)."""
     rows = []
-    for fmt in ("magseg", "text4seg"):
-        path = Path(run02) / f"{fmt}_test.jsonl"
-        if not path.exists():
-            continue
-        with open(path) as fh:
-            first = json.loads(fh.readline() or "{}")
-        grid = int(first.get("grid", 0))
-        cells = grid * int(first.get("patch_layout", 1)) if fmt == "magseg" else grid
+    for fmt, rec in sorted(prompts.read_formats(run02).items()):
+        cells = rec["cells_per_tile_side"]
         rows.append(
             {
                 "format": fmt,
-                "grid": grid,
-                "patch_layout": first.get("patch_layout"),
+                "grid": rec["grid"],
+                "patch_layout": rec["patch_layout"],
                 "cells_per_tile_side": cells,
                 "metres_per_cell": tile_px * res_m / cells if cells else np.nan,
             }

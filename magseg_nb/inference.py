@@ -51,23 +51,15 @@ class FormatSpec:
 
 
 def format_spec(run02: Path, fmt: str) -> FormatSpec:
-    """The grid, patch layout, encoding and prompt variant of ``fmt`` in notebook 02's conversations."""
-    run02 = Path(run02)
-    files = sorted(run02.glob(f"{fmt}_*.jsonl"))
-    if not files:
+    """The grid, patch layout, encoding and prompt variant of ``fmt`` (notebook 02's formats.json)."""
+    known = prompts.read_formats(run02)
+    if fmt not in known:
         raise FileNotFoundError(
-            f"{run02} has no {fmt}_<split>.jsonl: run notebook 02_instruction_format with this format"
+            f"{Path(run02) / prompts.FORMATS_FILE} has no {fmt!r} (it has {sorted(known)}): "
+            "run notebook 02_instruction_format with this format"
         )
-    with open(files[0]) as fh:
-        row = json.loads(fh.readline())
-    variant = row.get("variant", "index")
-    return FormatSpec(
-        fmt,
-        int(row["grid"]),
-        int(row.get("patch_layout") or 1),
-        row["encoding"],
-        variant if variant in prompts.VARIANTS else "index",
-    )
+    rec = known[fmt]
+    return FormatSpec(fmt, rec["grid"], rec["patch_layout"], rec["encoding"], rec["variant"])
 
 
 @dataclass

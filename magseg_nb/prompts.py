@@ -315,7 +315,34 @@ def write_conversations(
     paths = {}
     for split, rows in sorted(by_split.items()):
         paths[split] = files.write_jsonl(out_dir / f"{fmt}_{split}.jsonl", rows)
+    record_format(out_dir, fmt, grid, encoding, patch_layout if fmt == "magseg" else 1, variant)
     return paths
+
+
+FORMATS_FILE = "formats.json"  # how each format's conversations were built; read by read_formats only
+
+
+def record_format(out_dir, fmt: str, grid: int, encoding: str, patch_layout: int, variant: str) -> Path:
+    """Add ``fmt``'s settings to ``out_dir/formats.json`` (the one record later stages read)."""
+    path = Path(out_dir) / FORMATS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    known = json.loads(path.read_text()) if path.exists() else {}
+    known[fmt] = {
+        "grid": int(grid),
+        "patch_layout": int(patch_layout),
+        "encoding": encoding,
+        "variant": variant if fmt == "magseg" else "index",
+        "cells_per_tile_side": effective_grid(patch_layout, grid),
+    }
+    return files.write_json(path, known, sort_keys=True)
+
+
+def read_formats(run02) -> dict[str, dict]:
+    """``formats.json`` of notebook 02's folder: {format: grid, patch_layout, encoding, variant, cells}."""
+    path = Path(run02) / FORMATS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run notebook 02_instruction_format (it writes it)")
+    return json.loads(path.read_text())
 
 
 def read_jsonl(path) -> list[dict]:

@@ -21,7 +21,7 @@ from rasterio.transform import from_origin
 from shapely.geometry import shape
 from skimage.measure import label
 
-from magseg_nb import geo, landscape
+from magseg_nb import geo, landscape, prompts
 from magseg_nb.labels import CLASS_IDS, CLASSES
 
 SCENES = {"vn0": ("Vietnam", (500000.0, 1200000.0)), "kh0": ("Cambodia", (450000.0, 1300000.0))}
@@ -206,6 +206,9 @@ def make_synthetic_run(run_dir: Path, variants=("magseg-sft", "magseg-grpo", "te
         tiles[tiles["split"] == "test"][["tile_id", "scene_id"]].assign(n_answers=4, n_malformed=0).to_csv(
             run05 / variant / "tiles.csv", index=False
         )
-    for folder in (run01, run05):
+    run02 = run_dir / "02_instruction_format"  # 06 reads 02's formats.json (MAgSeg 2x2 x 8, Text4Seg 16)
+    prompts.record_format(run02, "magseg", 8, "rle", 2, "crop")
+    prompts.record_format(run02, "text4seg", 16, "rle", 1, "crop")
+    for folder in (run01, run02, run_dir / "03_sft", run_dir / "04_grpo", run05):
         write_state(folder, {}, params={}, fingerprint="synthetic")
     return run_dir

@@ -20,7 +20,7 @@ FORBIDDEN = {
     "metrics": "* except labels",
     "textgrid": "* except labels",
     "rewards": "* except labels textgrid",
-    "evaluation": "* except files labels metrics",
+    "evaluation": "* except files labels metrics prompts",  # prompts: 02's formats.json reader
     **{m: RUNNER | MODELS | {"evaluation", "viz"} for m in DATA},
     **{
         m: RUNNER | MODELS | {"evaluation", "viz"}

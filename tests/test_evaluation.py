@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from rasterio.transform import from_origin
 
-from magseg_nb import evaluation, metrics
+from magseg_nb import evaluation, metrics, prompts
 from magseg_nb.labels import CLASSES
 
 from .fixtures import RES, SIZE, make_synthetic_run, write_raster
@@ -163,11 +163,8 @@ def test_analysis_tables_figures_and_report(synthetic_run, tmp_path):
 
 def test_effective_resolution_and_training_eval(tmp_path):
 
-    (tmp_path / "02_instruction_format").mkdir()
-    (tmp_path / "02_instruction_format" / "magseg_test.jsonl").write_text(
-        json.dumps({"grid": 16, "patch_layout": 4}) + "\n"
-    )
-    (tmp_path / "02_instruction_format" / "text4seg_test.jsonl").write_text(json.dumps({"grid": 64}) + "\n")
+    prompts.record_format(tmp_path / "02_instruction_format", "magseg", 16, "rle", 4, "crop")
+    prompts.record_format(tmp_path / "02_instruction_format", "text4seg", 64, "rle", 1, "crop")
     res = evaluation.effective_resolution(
         tmp_path / "02_instruction_format", tile_px=256, res_m=0.5
     ).set_index("format")

@@ -168,10 +168,12 @@ def test_limit_tiles_takes_every_scene():
 
 
 def test_format_spec_from_02(tmp_path):
-    row = {"grid": 8, "patch_layout": 4, "encoding": "rle", "variant": "mark"}
-    (tmp_path / "magseg_train.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(FileNotFoundError, match="formats.json is missing: run notebook 02"):
+        inference.format_spec(tmp_path, "magseg")
+    prompts.record_format(tmp_path, "magseg", 8, "rle", 4, "mark")
     assert inference.format_spec(tmp_path, "magseg") == inference.FormatSpec("magseg", 8, 4, "rle", "mark")
-    with pytest.raises(FileNotFoundError, match="no text4seg_<split>.jsonl: run notebook 02"):
+    assert prompts.read_formats(tmp_path)["magseg"]["cells_per_tile_side"] == 32
+    with pytest.raises(FileNotFoundError, match="has no 'text4seg' .*run notebook 02_instruction_format"):
         inference.format_spec(tmp_path, "text4seg")
 
 
