@@ -251,6 +251,19 @@ def _lock_stage(run_dir: Path, name: str) -> None:
     _STAGE_LOCKS[key] = lock.acquire(timeout=STAGE_LOCK_WAIT_S)
 
 
+def kill_descendants() -> list[int]:
+    """SIGKILL every process this one started, recursively; their PIDs."""
+    import psutil
+
+    procs = psutil.Process().children(recursive=True)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [p.pid for p in procs]
+
+
 def _die_with_runner() -> None:
     """In a kernel started by the runner, stop this kernel (and its process group) when the runner
     is gone, even after a SIGKILL that gave it no chance to shut the kernel down."""
@@ -265,6 +278,7 @@ def _die_with_runner() -> None:
         while (os.getppid() == runner) if child else _pid_alive(runner):
             time.sleep(0.2)
         print(f"the runner (PID {runner}) is gone: stopping this kernel", file=sys.stderr, flush=True)
+        kill_descendants()  # worker pools (their forkserver too) may sit outside the process group
         if os.getpgrp() == os.getpid():  # a session leader (how jupyter_client starts kernels)
             os.killpg(os.getpid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -33,9 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # A "training" stage: a checkpoint every step, weights first and trainer_state.json last (as the
 # Trainer saves them), resuming from training.last_checkpoint like notebooks 03/04.
 TRAIN_BODY = """
-import json, os, time
+import json, os, subprocess, sys, time
 from magseg_nb.training import last_checkpoint
 (stage.dir / "kernel.pid").write_text(str(os.getpid()))
+# a worker in its own session (as a pool's forkserver may be): it must not outlive a dead runner
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+(stage.dir / "worker.pid").write_text(str(worker.pid))
 ck = stage.dir / "checkpoints"
 ck.mkdir(exist_ok=True)
 resume = last_checkpoint(ck)
@@ -124,6 +127,8 @@ def test_sigkill_mid_training_then_rerun_resumes_and_force_restarts(repo):
     proc.wait(timeout=30)
     kernel = int((partial / "kernel.pid").read_text())
     _wait_for(lambda: not chain._pid_alive(kernel), timeout=10, what="the orphaned kernel to die")
+    worker = int((partial / "worker.pid").read_text())
+    _wait_for(lambda: not chain._pid_alive(worker), timeout=10, what="the kernel's worker process to die")
     time.sleep(1.0)  # a surviving kernel would finish checkpoint-3 (0.4 s) and start checkpoint-4
     assert not (partial / "checkpoints" / "checkpoint-3" / "trainer_state.json").exists()
     assert not (partial / "checkpoints" / "checkpoint-4").exists()
