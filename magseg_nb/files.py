@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +23,35 @@ def json_default(o: Any) -> Any:
     return str(o)
 
 
+@contextmanager
+def atomic(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write (file or folder, same suffix, so GDAL and pandas pick
+    the same format); renamed over ``path`` when the block succeeds, removed when it fails."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        move(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def move(src: str | Path, dest: str | Path) -> Path:
+    """Rename ``src`` to ``dest`` in one step, replacing what is there (a folder via :func:`replace_dir`)."""
+    if Path(src).is_dir():
+        return replace_dir(src, dest)
+    os.replace(src, dest)
+    return Path(dest)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to a temporary sibling, then rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def write_json(path: str | Path, obj: Any, sort_keys: bool = False) -> Path:
@@ -46,8 +67,6 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 def replace_dir(src: str | Path, dest: str | Path) -> Path:
     """Move the finished folder ``src`` to ``dest``, replacing an older ``dest``: a reader finds the
     old folder, nothing, or the whole new one, never a half-written one under ``dest``'s name."""
-    import shutil
-
     src, dest = Path(src), Path(dest)
     if dest.exists():
         old = dest.with_name(dest.name + ".old")

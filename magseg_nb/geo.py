@@ -22,7 +22,6 @@ Rules for bad input (each tested):
 from __future__ import annotations
 
 import multiprocessing
-import os
 import shutil
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -53,10 +52,6 @@ class GeoDataError(ValueError):
 # --- writing ------------------------------------------------------------------------------------------
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-
-
 def geotiff_profile(shape, dtype, crs, transform, nodata=None) -> dict:
     """The creation options of every GeoTIFF written here, for a (bands, H, W) ``shape``."""
     count, height, width = shape
@@ -74,13 +69,8 @@ def geotiff_profile(shape, dtype, crs, transform, nodata=None) -> dict:
 
 def _write_profiled(path: Path, array: np.ndarray, profile: dict) -> Path:
     """Write ``array`` (bands, H, W) with ``profile`` atomically (tmp + rename)."""
-    tmp = _tmp_name(path)
-    try:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(array.astype(profile["dtype"], copy=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with files.atomic(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(array.astype(profile["dtype"], copy=False))
     return path
 
 
@@ -101,21 +91,16 @@ def write_vector(gdf: gpd.GeoDataFrame, path, layer: str = "labels") -> Path:
     """Write a GeoPackage layer atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
+    with files.atomic(path) as tmp:
         gdf.to_file(tmp, layer=layer, driver="GPKG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
 def write_csv(df: pd.DataFrame, path) -> Path:
     """Write a CSV atomically (no index)."""
     path = Path(path)
-    tmp = _tmp_name(path)
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with files.atomic(path) as tmp:
+        df.to_csv(tmp, index=False)
     return path
 
 
@@ -371,8 +356,8 @@ def prepare_scene(
     paths["labels"] = out_dir / "labels.gpkg"
     if image_path.resolve() != paths["image"].resolve():
         if data.dtype == np.uint8 and nodata == 0 and n_bands == 3:
-            shutil.copyfile(image_path, _tmp_name(paths["image"]))
-            os.replace(_tmp_name(paths["image"]), paths["image"])
+            with files.atomic(paths["image"]) as tmp:
+                shutil.copyfile(image_path, tmp)
         else:
             write_geotiff(paths["image"], to_rgb8(data, valid), crs, transform, nodata=0)
     write_vector(labels[["class", "field_id", "geometry"]], paths["labels"], layer="labels")

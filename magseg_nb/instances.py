@@ -23,6 +23,7 @@ from rasterio.features import shapes
 from scipy import ndimage as ndi
 from skimage import filters, measure, morphology, segmentation
 
+from magseg_nb import files
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
 FIELD = CLASS_IDS["field"]
@@ -249,13 +250,10 @@ def write_fields(gdf: gpd.GeoDataFrame, out_dir: str | os.PathLike) -> dict[str,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"gpkg": out_dir / "fields.gpkg", "parquet": out_dir / "fields.parquet"}
-    tmp_gpkg = out_dir / "fields.tmp.gpkg"
-    tmp_gpkg.unlink(missing_ok=True)
-    gdf.to_file(tmp_gpkg, layer="fields", driver="GPKG")
-    os.replace(tmp_gpkg, paths["gpkg"])
-    tmp_pq = out_dir / "fields.tmp.parquet"
-    gdf.to_parquet(tmp_pq)
-    os.replace(tmp_pq, paths["parquet"])
+    with files.atomic(paths["gpkg"]) as tmp:
+        gdf.to_file(tmp, layer="fields", driver="GPKG")
+    with files.atomic(paths["parquet"]) as tmp:
+        gdf.to_parquet(tmp)
     return paths
 
 

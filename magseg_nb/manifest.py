@@ -327,7 +327,7 @@ def fetch(
                 "if you trust the new file, put its checksum into the manifest"
             )
             continue
-        os.replace(part, final)
+        files.move(part, final)
         _maybe_report(final, sha, trusted, record_checksum, log)
         return final
     raise FetchError(f"could not fetch {name} from any URL:\n" + "\n".join(failures))
@@ -377,9 +377,8 @@ def _copy_local(url: str, part: Path, size: object) -> None:
         raise FetchError(f"local file {src} does not exist (give the full path of the downloaded file)")
     if _known(size) and src.stat().st_size != int(size):
         raise FetchError(f"local file {src} has {src.stat().st_size} bytes, the manifest says {size}")
-    tmp = part.with_name(part.name + ".copy")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, part)
+    with files.atomic(part) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _looks_like_html(first: bytes) -> bool:
@@ -563,13 +562,7 @@ def unpack(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    return files.replace_dir(tmp, target)
 
 
 def _check_member(archive: Path, name: str) -> None:

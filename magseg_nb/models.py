@@ -276,7 +276,7 @@ def resolve_model(model_id: str, cache_dir: Path) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         build_tiny(tmp, info.tiny)
         try:
-            os.replace(tmp, folder)
+            os.rename(tmp, folder)  # not files.move: a folder another process finished first must stay
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
             if not _complete(folder):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -162,16 +161,17 @@ def pretrain_proxy_base(
         eval_max_examples=0,
     )
     run_sft(s, train_ds=ds)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(work / "model", dest)
+    model_dir = work / "model"  # completed here, then renamed: a found dest is always whole
     for name in ("log.csv", DONE_FILE):  # keep the pretraining's record beside the weights
         if (work / name).exists():
-            os.replace(work / name, dest / f"proxy_{name}")
+            files.move(work / name, model_dir / f"proxy_{name}")
     if (base_model / "tiny_spec.json").exists():  # models.model_info() still knows the shapes
-        shutil.copy(base_model / "tiny_spec.json", dest / "tiny_spec.json")
+        shutil.copy(base_model / "tiny_spec.json", model_dir / "tiny_spec.json")
     files.write_json(
-        dest / "proxy_pretraining.json", {**key_src, "task": PROXY_INSTRUCTION.strip(), "n_examples": len(ds)}
+        model_dir / "proxy_pretraining.json",
+        {**key_src, "task": PROXY_INSTRUCTION.strip(), "n_examples": len(ds)},
     )
+    files.replace_dir(model_dir, dest)
     shutil.rmtree(work, ignore_errors=True)
     return dest
 

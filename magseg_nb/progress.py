@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from magseg_nb import files
+
 ENV = "MAGSEG_PROGRESS_FILE"  # set by the runner for its kernels: where the status file goes
 PLAIN_EVERY_S = 30.0
 RED, BOLD, RESET = "\033[31m", "\033[1m", "\033[0m"
@@ -63,12 +65,10 @@ def write_status(task: str, step: int, total: int | None, started: float, path: 
         "updated": time.time(),
         "values": {k: v for k, v in values.items() if isinstance(v, int | float | str) and v is not None},
     }
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(record, default=str))
-        os.replace(tmp, path)
+        files.write_text(path, json.dumps(record, default=str))
     except OSError:  # progress is a courtesy: never fail a training run over it
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def read_status(path: Path | None) -> dict | None:

@@ -14,7 +14,6 @@ in one ``grid x grid`` answer. Variants say how the patch is named:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,12 +236,12 @@ def tile_records(run01, splits=("train", "val", "test"), max_per_split: int = 0)
     return out
 
 
-def _save_png(img: Image.Image, path: Path) -> None:
+def save_png(img: Image.Image, path: Path) -> None:
+    """Write an image once (kept when present: tiles are shared by formats), atomically."""
     if path.exists():
         return
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    with files.atomic(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def conversation_rows(
@@ -259,7 +258,7 @@ def conversation_rows(
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(np.asarray(tile.image, dtype=np.uint8)).convert("RGB")
     tile_png = f"images/{files.safe_id(tile.tile_id, 'tile id')}.png"
-    _save_png(image, out_dir / tile_png)
+    save_png(image, out_dir / tile_png)
     layout = patch_layout if fmt == "magseg" else 1
     rows = []
     for patch in patches(fmt, layout):
@@ -268,10 +267,10 @@ def conversation_rows(
         suffix = f"__p{patch[0]}_{patch[1]}" if patch else ""
         if fmt == "magseg" and variant == "crop_only":  # the crop replaces the tile
             paths = [f"images/{tile.tile_id}{suffix}_{variant}.png"]
-            _save_png(ex["images"][0], out_dir / paths[0])
+            save_png(ex["images"][0], out_dir / paths[0])
         elif len(ex["images"]) > 1:
             paths.append(f"images/{tile.tile_id}{suffix}_{variant}.png")
-            _save_png(ex["images"][1], out_dir / paths[1])
+            save_png(ex["images"][1], out_dir / paths[1])
         target = patch_target(tile.semantic, patch, layout, grid)
         rows.append(
             {

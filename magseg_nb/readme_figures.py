@@ -7,9 +7,10 @@ so the pictures always come from the same run as the numbers. The map screenshot
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
+
+from magseg_nb import files
 
 FIGURES = "06_metrics/figures"
 HEADLINE = ("headline.png", "per_class_iou.png")  # the first that exists
@@ -49,8 +50,7 @@ def copy_readme_figures(run_dir: Path, dest_dir: Path) -> list[Path]:
     for key, src in found.items():
         dst = dest_dir / DEST_NAMES[key]
         if not (dst.is_file() and dst.read_bytes() == src.read_bytes()):
-            tmp = dst.with_name(dst.name + ".tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            with files.atomic(dst) as tmp:
+                shutil.copyfile(src, tmp)
         written.append(dst)
     return written

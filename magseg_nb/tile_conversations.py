@@ -15,7 +15,6 @@ Per-patch MAgSeg repeats the tile image in each of its ``patch_layout**2`` conve
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,7 +75,7 @@ def tile_row(
     for (r, c), _img in zip(conv["patches"], conv["images"][1:], strict=False):
         paths.append(f"images/{tile.tile_id}__p{r}_{c}_{variant}.png")
     for img, rel in zip(conv["images"], paths, strict=True):
-        _save_png(img, out_dir / rel)
+        prompts.save_png(img, out_dir / rel)
     return {
         "id": tile.tile_id,
         "tile_id": tile.tile_id,
@@ -93,14 +92,6 @@ def tile_row(
         "gt_mask": [g.tolist() for g in conv["gt_masks"]],  # one grid per patch (row_weights takes 3-D)
         "nodata_frac": float(np.mean(np.asarray(tile.semantic) == NODATA)),
     }
-
-
-def _save_png(img: Image.Image, path: Path) -> None:
-    if path.exists():
-        return
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
-    img.save(tmp)
-    os.replace(tmp, path)
 
 
 def tiles_jsonl(run02: Path, split: str) -> Path:

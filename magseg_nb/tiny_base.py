@@ -287,9 +287,8 @@ def build(out_dir: Path, recipe: Recipe, work_dir: Path, command: str | None = N
     }
     files.write_json(tmp / RECIPE_FILE, recipe_record)
     write_sums(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+    files.replace_dir(tmp, out_dir)
     log(f"pretrained base written to {out_dir} ({t_train:.0f} s of training)")
     return out_dir
 

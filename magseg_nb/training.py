@@ -264,9 +264,8 @@ def log_callback(csv_path: Path, time_budget_s: float | None = None, verbose: bo
 
 def write_log_csv(log_history: list[dict], csv_path: Path) -> pd.DataFrame:
     df = pd.DataFrame([h for h in log_history if "step" in h])
-    tmp = Path(csv_path).with_name(Path(csv_path).name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, csv_path)
+    with files.atomic(csv_path) as tmp:
+        df.to_csv(tmp, index=False)
     return df
 
 
@@ -337,12 +336,9 @@ def atomic_checkpoints(trainer_cls):
 
 
 def _save_atomic(model, processor, dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with files.atomic(dest) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
 
 
 def _common_args(s: CommonSettings, ckpt_dir: Path) -> dict:

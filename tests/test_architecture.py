@@ -16,7 +16,7 @@ DATA = {"geo", "landscape", "manifest", "prompts", "tile_conversations"}
 FORBIDDEN = {
     "labels": "*",
     "files": "*",
-    "progress": "*",
+    "progress": "* except files",
     "metrics": "* except labels",
     "textgrid": "* except labels",
     "rewards": "* except labels textgrid",

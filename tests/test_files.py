@@ -64,3 +64,37 @@ def test_safe_path_stays_inside_its_root(tmp_path):
         files.safe_path(tmp_path, "link", "x")
     with pytest.raises(files.UnsafeNameError, match="cannot be used"):
         files.safe_path(tmp_path, "..")
+
+
+def test_atomic_renames_on_success_and_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "table.csv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="half way"):
+        with files.atomic(target) as tmp:
+            assert tmp.parent == tmp_path and tmp.suffix == ".csv" and tmp != target
+            tmp.write_text("half")
+            raise RuntimeError("half way")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+    with files.atomic(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+    folder = tmp_path / "model"
+    (folder / "old.bin").parent.mkdir()
+    (folder / "old.bin").write_text("x")
+    with files.atomic(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "weights.bin").write_text("w")
+    assert sorted(p.name for p in folder.iterdir()) == ["weights.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "table.csv"]
+
+
+def test_renames_live_in_files_and_the_stage_finish_only():
+    """Atomic writes have one owner (files); chain keeps the stage folder and notebook moves."""
+    import re
+    from pathlib import Path
+
+    pkg = Path(files.__file__).parent
+    users = sorted(
+        p.relative_to(pkg).as_posix() for p in pkg.rglob("*.py") if re.search(r"os\.replace\(", p.read_text())
+    )
+    assert users == ["chain.py", "files.py"], users
