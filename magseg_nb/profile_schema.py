@@ -197,7 +197,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "patch_layout": _int(1),
         "magseg_grid": _int(1),
         "encoding": Rule(str, choices=ENCODINGS),
-        "variant": Rule(str, choices=("index", "mark", "crop")),
+        "prompt_variant": Rule(str, choices=("index", "mark", "crop")),
         "conversation_layout": Rule(str, choices=("per_patch", "per_tile")),  # tile_conversations.LAYOUTS
         "max_tiles_per_split": _int(0),
         "budget_resolutions": Rule(list, items=_int(1), nonempty=True),
@@ -277,7 +277,7 @@ STAGES: dict[str, dict[str, Rule]] = {
     "07_resolution_study": {
         "resolutions": Rule(list, items=_int(2), nonempty=True),
         "magseg_grid": _int(1),
-        "variant": Rule(str, choices=MAGSEG_VARIANTS),
+        "prompt_variant": Rule(str, choices=MAGSEG_VARIANTS),
         "context_variants": Rule(list, items=Rule(str, choices=MAGSEG_VARIANTS), nonempty=True),
         "context_resolution": _int(2),
         "encoding": Rule(str, choices=ENCODINGS),
