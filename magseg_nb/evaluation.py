@@ -15,7 +15,7 @@ import pandas as pd
 import rasterio
 from skimage.measure import label as connected
 
-from magseg_nb import files, prompts
+from magseg_nb import files, layout, prompts
 from magseg_nb.labels import CLASS_IDS, NODATA
 from magseg_nb.metrics import (
     HEADLINE,
@@ -76,7 +76,7 @@ def evaluate_method(
     counts, fields = [], []
     for scene_id, group in tiles.groupby("scene_id", sort=True):
         folder = run01 / "scenes" / str(scene_id)
-        gt_sem, prof = read_raster(folder / "semantic.tif", "ground-truth semantic mask")
+        gt_sem, prof = read_raster(folder / layout.SCENE_FILES["semantic"], "ground-truth semantic mask")
         gt_inst, _ = read_raster(folder / "instances.tif", "ground-truth instance mask")
         pixel = abs(prof["transform"].a)
         pred_sem = pred_inst = None
@@ -129,7 +129,7 @@ def discover_methods(run01, run05, random_weight_refinement: bool = False) -> li
     methods = []
     for vdir in sorted(p for p in run05.iterdir() if p.is_dir()) if run05.exists() else []:
         fmt, _, training = vdir.name.rpartition("-")
-        tiles_csv = vdir / "tiles.csv"
+        tiles_csv = vdir / layout.TILES_CSV
         ids = set(pd.read_csv(tiles_csv)["tile_id"].astype(str)) if tiles_csv.exists() else None
         for refinement in ("coarse", "refined"):
             sem = {p.stem: p for p in sorted((vdir / refinement).glob("*.tif"))}
@@ -453,7 +453,7 @@ def methods_and_tiles(run01, run05, compare_masks: str, sam_backend: str | None)
         raise RuntimeError(
             f"no predictions in {run05} and no baseline in {run01 / 'baseline'}: run notebooks 01 and 05"
         )
-    tiles = common_tiles(pd.read_csv(run01 / "tiles.csv"), methods)
+    tiles = common_tiles(pd.read_csv(run01 / layout.TILES_CSV), methods)
     if tiles.empty:
         raise RuntimeError(
             f"no test tile is covered by every method: check {run01 / 'tiles.csv'} and 05's tiles.csv"
@@ -480,7 +480,7 @@ def evaluate_methods(run01, tiles, methods: list[dict], **tolerances) -> tuple[d
 
 def scene_resolution(run01) -> float:
     """Metres per pixel of the prepared scenes (the first row of scenes.csv; NaN without it)."""
-    path = Path(run01) / "scenes.csv"
+    path = Path(run01) / layout.SCENES_CSV
     return float(pd.read_csv(path)["res_m"].iloc[0]) if path.exists() else float("nan")
 
 

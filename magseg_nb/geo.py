@@ -37,7 +37,7 @@ import shapely
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from magseg_nb import files
+from magseg_nb import files, layout
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
 # Text classes in label files that are background ("others") in the masks.
@@ -352,8 +352,7 @@ def prepare_scene(
         )
     masks = rasterize_labels(labels, (h, w), transform, valid, presence_only)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {k: out_dir / f"{k}.tif" for k in ("image", "semantic", "boundary", "instances")}
-    paths["labels"] = out_dir / "labels.gpkg"
+    paths = {kind: out_dir / name for kind, name in layout.SCENE_FILES.items()}
     if image_path.resolve() != paths["image"].resolve():
         if data.dtype == np.uint8 and nodata == 0 and n_bands == 3:
             with files.atomic(paths["image"]) as tmp:
@@ -409,10 +408,7 @@ def prepare_scenes(sources, scenes_dir, log=print, workers: int = 1, executor=No
 
 def scene_paths(run01, scene_id: str) -> dict[str, Path]:
     """Where notebook 01 put a scene's files."""
-    folder = files.safe_path(run01, "scenes", scene_id, what="scene id")
-    names = {"image": "image.tif", "labels": "labels.gpkg", "semantic": "semantic.tif",
-             "boundary": "boundary.tif", "instances": "instances.tif"}  # fmt: skip
-    return {k: folder / v for k, v in names.items()}
+    return {kind: layout.scene_file(run01, scene_id, kind) for kind in layout.SCENE_FILES}
 
 
 # --- tiling and the spatial split ---------------------------------------------------------------------
@@ -441,12 +437,15 @@ def scan_tiles(
     """
     scene_dir = Path(scene_dir)
     rows, skipped = [], 0
-    with open_raster(scene_dir / "semantic.tif") as src:
+    with open_raster(scene_dir / layout.SCENE_FILES["semantic"]) as src:
         h, w = src.shape
         for i, r in enumerate(tile_starts(h, tile_size, overlap)):
             for j, c in enumerate(tile_starts(w, tile_size, overlap)):
                 sem = _read(
-                    src, scene_dir / "semantic.tif", indexes=1, window=Window(c, r, tile_size, tile_size)
+                    src,
+                    scene_dir / layout.SCENE_FILES["semantic"],
+                    indexes=1,
+                    window=Window(c, r, tile_size, tile_size),
                 )
                 counts = np.bincount(sem.ravel(), minlength=256)
                 n_valid = sem.size - counts[NODATA]
@@ -532,8 +531,8 @@ def write_scene_tiles(run01, scene_id: str, windows) -> int:
                 transform = srcs["image"].window_transform(win)
                 folder = files.safe_path(run01, "tiles", tile_id, what="tile id")
                 folder.mkdir(parents=True, exist_ok=True)
-                _write_profiled(folder / "image.tif", image, {**image_profile, "transform": transform})
-                _write_profiled(folder / "masks.tif", masks, {**mask_profile, "transform": transform})
+                _write_profiled(folder / layout.TILE_IMAGE, image, {**image_profile, "transform": transform})
+                _write_profiled(folder / layout.TILE_MASKS, masks, {**mask_profile, "transform": transform})
                 n += 1
         finally:
             for src in srcs.values():
@@ -606,7 +605,7 @@ def make_tiles(
         raise ValueError(f"split_mode={split_mode!r}: use 'block' or 'dataset'")
     tiles = tiles[TILE_COLUMNS].sort_values("tile_id", kind="stable").reset_index(drop=True)
     write_tiles(run01, tiles, workers, executor)
-    write_csv(tiles, run01 / "tiles.csv")
+    write_csv(tiles, run01 / layout.TILES_CSV)
     sha = write_split(tiles, run01 / "split.csv")
     per_split = {f"n_{s}": int((tiles.split == s).sum()) for s in SPLITS}
     return tiles, {**counts, **rep, "n_tiles": len(tiles), **per_split, "split_sha256": sha}
@@ -620,7 +619,7 @@ TILE_COLUMNS = ["tile_id", "scene_id", "country", "row_off", "col_off", "height"
 
 def read_tiles_table(run01) -> pd.DataFrame:
     """tiles.csv of notebook 01 (columns ``TILE_COLUMNS``)."""
-    path = Path(run01) / "tiles.csv"
+    path = Path(run01) / layout.TILES_CSV
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run notebook 01_dataset_prep first")
     return pd.read_csv(path, dtype={"tile_id": str, "scene_id": str, "block_id": str})
@@ -640,11 +639,11 @@ class Tile:
 def read_tile(run01, tile_id: str) -> Tile:
     """One tile's image and masks."""
     folder = files.safe_path(run01, "tiles", tile_id, what="tile id")
-    with open_raster(folder / "image.tif") as src:
-        image = _read(src, folder / "image.tif").transpose(1, 2, 0)
+    with open_raster(folder / layout.TILE_IMAGE) as src:
+        image = _read(src, folder / layout.TILE_IMAGE).transpose(1, 2, 0)
         crs, transform = src.crs, src.transform
-    with open_raster(folder / "masks.tif") as src:
-        masks = _read(src, folder / "masks.tif")
+    with open_raster(folder / layout.TILE_MASKS) as src:
+        masks = _read(src, folder / layout.TILE_MASKS)
     return Tile(
         tile_id, image, masks[0].astype(np.uint8), masks[1].astype(np.uint8), masks[2], crs, transform
     )

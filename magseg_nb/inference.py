@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magseg_nb import files, instances, prompts, refine, textgrid
+from magseg_nb import files, instances, layout, prompts, refine, textgrid
 from magseg_nb.labels import CLASSES, NODATA
 
 TRAININGS = (("03_sft", "sft"), ("04_grpo", "grpo"))
@@ -495,17 +495,19 @@ def run_variant(
         timings["refine_s"] += time.perf_counter() - t0
         tile_rows = res.tiles.assign(refine_s=res.tiles.tile_id.map(ref_s)) if len(res.tiles) else res.tiles
         for name, arr, nodata in (("coarse", res.coarse, NODATA), ("refined", refined, NODATA)):
-            geo.write_geotiff(out_dir / name / f"{scene_id}.tif", arr, res.crs, res.transform, nodata=nodata)
-        geo.write_geotiff(out_dir / "confidence" / f"{scene_id}.tif", prob, res.crs, res.transform)
+            geo.write_geotiff(
+                layout.mask_path(out_dir, name, scene_id), arr, res.crs, res.transform, nodata=nodata
+            )
+        geo.write_geotiff(layout.mask_path(out_dir, "confidence", scene_id), prob, res.crs, res.transform)
         records.append(tile_rows)
         answers.extend(res.answers)
         timings["infer_s"] += float(tile_rows.get("infer_s", pd.Series(dtype=float)).sum())
     table = pd.concat(records, ignore_index=True)
     inferred = table[table.status == "inferred"].drop(columns="status")
     skipped = table[table.status != "inferred"][["tile_id", "scene_id", "status"]]
-    geo.write_csv(inferred, out_dir / "tiles.csv")
+    geo.write_csv(inferred, out_dir / layout.TILES_CSV)
     geo.write_csv(skipped, out_dir / "skipped_tiles.csv")
-    files.write_jsonl(out_dir / "answers.jsonl", answers)
+    files.write_jsonl(out_dir / layout.ANSWERS, answers)
     fields = polygonize_saved(out_dir, run01, test, **(field_kw or {}))
     timings["polygonize_s"] = fields["seconds"]
     n_answers = int(inferred.n_answers.sum()) if len(inferred) else 0
@@ -557,7 +559,9 @@ def polygonize_saved(
             refined, transform, crs, scene_id, confidence=conf, tiles=scene_tiles, image=image,
             simplify_tolerance=simplify_tolerance, **watershed,
         )  # fmt: skip
-        geo.write_geotiff(variant_dir / "instances" / f"{scene_id}.tif", inst, crs, transform, dtype="int32")
+        geo.write_geotiff(
+            layout.mask_path(variant_dir, "instances", scene_id), inst, crs, transform, dtype="int32"
+        )
         frames.append(gdf)
         n_fields += len(gdf)
     crs = frames[0].crs
@@ -581,7 +585,7 @@ def stage_needs(run_dir: Path, requested) -> list[str]:
     return needs
 
 
-SAVED = ("coarse", "confidence", "refined", "answers.jsonl", "tiles.csv", "skipped_tiles.csv")
+SAVED = ("coarse", "confidence", "refined", layout.ANSWERS, layout.TILES_CSV, "skipped_tiles.csv")
 
 
 def reuse_saved(previous: Path, out_dir: Path) -> None:
@@ -623,7 +627,7 @@ def scene_outputs(variant_dir: Path, run01: Path, scene_id: str, crop: bool = Tr
         image = src.read().transpose(1, 2, 0)
     out = {"image": image, "truth": instances.read_mask(paths["semantic"])[0]}
     for name in ("coarse", "refined", "instances"):
-        out[name] = instances.read_mask(Path(variant_dir) / name / f"{scene_id}.tif")[0]
+        out[name] = instances.read_mask(layout.mask_path(Path(variant_dir), name, scene_id))[0]
     if crop:
         box = _crop_box(out["coarse"])
         out = {k: v[box] for k, v in out.items()}
@@ -658,7 +662,7 @@ def quick_scores(variant_dir: Path, run01: Path) -> pd.DataFrame:
 
 # --- the whole map scene (shown on 06's map, never scored) ---------------------------------------------
 
-WHOLE_SCENE = "whole_scene"  # 05_inference/<variant>/whole_scene/: map-only, outside coarse/ refined/
+WHOLE_SCENE = layout.WHOLE_SCENE  # 05_inference/<variant>/whole_scene/: map-only, outside coarse/ refined/
 
 
 def map_scene_ids(all_tiles: pd.DataFrame, test_tiles: pd.DataFrame, map_scenes) -> list[str]:
@@ -743,23 +747,25 @@ def run_map_scenes(
             coarse = refined = np.full(shape, NODATA, np.uint8)
             conf = prob = np.zeros(shape, np.float32)
         for name, arr in (("coarse", coarse), ("refined", refined)):
-            scored = variant_dir / name / f"{scene_id}.tif"
+            scored = layout.mask_path(variant_dir, name, scene_id)
             if scored.exists():  # the scored prediction wins where it exists
                 test_arr = instances.read_mask(scored)[0]
                 arr = np.where(test_arr != NODATA, test_arr, arr).astype(np.uint8)
-            geo.write_geotiff(out / name / f"{scene_id}.tif", arr, crs, transform, nodata=NODATA)
+            geo.write_geotiff(layout.mask_path(out, name, scene_id), arr, crs, transform, nodata=NODATA)
         conf_arr = prob if predictor is not None else conf
-        scored_conf = variant_dir / "confidence" / f"{scene_id}.tif"
-        if scored_conf.exists() and (variant_dir / "coarse" / f"{scene_id}.tif").exists():
-            test_mask = instances.read_mask(variant_dir / "coarse" / f"{scene_id}.tif")[0] != NODATA
+        scored_conf = layout.mask_path(variant_dir, "confidence", scene_id)
+        if scored_conf.exists() and (layout.mask_path(variant_dir, "coarse", scene_id)).exists():
+            test_mask = instances.read_mask(layout.mask_path(variant_dir, "coarse", scene_id))[0] != NODATA
             conf_arr = np.where(test_mask, instances.read_mask(scored_conf)[0], conf_arr)
-        geo.write_geotiff(out / "confidence" / f"{scene_id}.tif", conf_arr.astype(np.float32), crs, transform)
+        geo.write_geotiff(
+            layout.mask_path(out, "confidence", scene_id), conf_arr.astype(np.float32), crs, transform
+        )
     table = (
         pd.concat(rows, ignore_index=True)
         if rows
         else pd.DataFrame(columns=["tile_id", "scene_id", "status"])
     )
-    geo.write_csv(table, out / "tiles.csv")
+    geo.write_csv(table, out / layout.TILES_CSV)
     fields = polygonize_saved(out, run01, None, **(field_kw or {})) if scene_ids else {"fields": 0}
     return {
         "map_scenes": [str(s) for s in scene_ids],

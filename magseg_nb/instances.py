@@ -23,7 +23,7 @@ from rasterio.features import shapes
 from scipy import ndimage as ndi
 from skimage import filters, measure, morphology, segmentation
 
-from magseg_nb import files
+from magseg_nb import files, layout
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
 FIELD = CLASS_IDS["field"]
@@ -249,7 +249,7 @@ def write_fields(gdf: gpd.GeoDataFrame, out_dir: str | os.PathLike) -> dict[str,
     """Write ``fields.gpkg`` (layer "fields") and ``fields.parquet`` atomically (temp name + rename)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"gpkg": out_dir / "fields.gpkg", "parquet": out_dir / "fields.parquet"}
+    paths = {"gpkg": out_dir / layout.FIELDS_GPKG, "parquet": out_dir / layout.FIELDS_PARQUET}
     with files.atomic(paths["gpkg"]) as tmp:
         gdf.to_file(tmp, layer="fields", driver="GPKG")
     with files.atomic(paths["parquet"]) as tmp:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from magseg_nb import files, training, validation
+from magseg_nb import files, layout, training, validation
 from magseg_nb.chain import read_state, resolve_run_dir
 
 FOLDER = "seed_spread"
@@ -37,7 +37,7 @@ def run_seeds(run_dir, seeds: Sequence[int], fmt: str = "magseg", n_boot: int = 
     out = run_dir / FOLDER
     parts = [
         seed_scores(
-            run01, run02, run_dir / "03_sft" / fmt / "answers.jsonl", fmt, n_boot, params["seed"]
+            run01, run02, run_dir / "03_sft" / fmt / layout.ANSWERS, fmt, n_boot, params["seed"]
         ).assign(seed=params["seed"], steps=sft["summary"].get(f"{fmt}_steps"))
     ]
     for seed in seeds:
@@ -49,7 +49,7 @@ def run_seeds(run_dir, seeds: Sequence[int], fmt: str = "magseg", n_boot: int = 
         print(f"seed {seed}: training {fmt} for {s.max_steps} steps", flush=True)
         result = training.run_sft(s)
         parts.append(
-            seed_scores(run01, run02, Path(s.output_dir) / "answers.jsonl", fmt, n_boot, seed).assign(
+            seed_scores(run01, run02, Path(s.output_dir) / layout.ANSWERS, fmt, n_boot, seed).assign(
                 seed=seed, steps=result.get("steps")
             )
         )

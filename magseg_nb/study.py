@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magseg_nb import metrics, prompts, textgrid, training, validation
+from magseg_nb import layout, metrics, prompts, textgrid, training, validation
 from magseg_nb.labels import NODATA
 
 METRICS = (*validation.METRICS, "boundary_px_f1")
@@ -305,9 +305,7 @@ def run_setting(
     conv = write_setting(tiles, Path(stage_dir) / "conversations", s, encoding)
     out = Path(stage_dir) / "runs" / s.name
     result = train(params, s, base, conv, out)
-    frames = tile_frames(
-        conv / f"{s.fmt}_val.jsonl", out / "answers.jsonl", run01, semantics, boundary_tol_px
-    )
+    frames = tile_frames(conv / f"{s.fmt}_val.jsonl", out / layout.ANSWERS, run01, semantics, boundary_tol_px)
     record = run_record(s, result, frames, tokenizer, conv)
     return {
         "result": result,

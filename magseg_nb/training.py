@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from magseg_nb import files, rewards, textgrid
+from magseg_nb import files, layout, rewards, textgrid
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
 DONE_FILE = "train_done.json"
@@ -747,8 +747,8 @@ def evaluate_split(model, processor, s: CommonSettings, val_ds=None, train_jsonl
         train_gts=train_gts,
     )
     out = Path(s.output_dir)
-    files.write_json(out / "eval.json", report)
-    files.write_jsonl(out / "answers.jsonl", answers)
+    files.write_json(out / layout.EVAL_JSON, report)
+    files.write_jsonl(out / layout.ANSWERS, answers)
     return report
 
 

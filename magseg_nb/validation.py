@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magseg_nb import evaluation, metrics, prompts, textgrid
+from magseg_nb import evaluation, layout, metrics, prompts, textgrid
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
 MODEL, ALL_FIELD, PIXEL = "model", "all-field baseline", "pixel classifier baseline"
@@ -39,7 +39,7 @@ def read_answers(path) -> dict[str, dict]:
 
 def tile_blocks(run01) -> dict[str, str]:
     """tile_id -> block_id from notebook 01's tile table."""
-    tiles = pd.read_csv(Path(run01) / "tiles.csv", usecols=["tile_id", "block_id"])
+    tiles = pd.read_csv(Path(run01) / layout.TILES_CSV, usecols=["tile_id", "block_id"])
     return dict(zip(tiles["tile_id"].astype(str), tiles["block_id"].astype(str), strict=True))
 
 
@@ -260,7 +260,7 @@ def sft_table(run02, run03, run01, formats, n_boot: int, ci: float, seed: int):
     """Notebook 03's validation table: every format's answers, all and well-formed only, beside the
     all-field and pixel baselines on the same cells. Returns (frames per format, long table)."""
     frames = {
-        fmt: answer_frames(Path(run02) / f"{fmt}_val.jsonl", Path(run03) / fmt / "answers.jsonl", run01)
+        fmt: answer_frames(Path(run02) / f"{fmt}_val.jsonl", Path(run03) / fmt / layout.ANSWERS, run01)
         for fmt in formats
     }
     table = pd.concat(
@@ -280,8 +280,8 @@ def grpo_table(run02, run04, run03, run01, formats, n_boot: int, ci: float, seed
     frames, frames_sft, changes = {}, {}, {}
     for fmt in formats:
         val = Path(run02) / f"{fmt}_val.jsonl"
-        frames[fmt] = answer_frames(val, Path(run04) / fmt / "answers.jsonl", run01)
-        frames_sft[fmt] = answer_frames(val, Path(run03) / fmt / "answers.jsonl", run01)
+        frames[fmt] = answer_frames(val, Path(run04) / fmt / layout.ANSWERS, run01)
+        frames_sft[fmt] = answer_frames(val, Path(run03) / fmt / layout.ANSWERS, run01)
         changes[fmt] = compare(frames_sft[fmt][MODEL], frames[fmt][MODEL], n_boot, ci, seed)
     table = pd.concat(
         [

@@ -16,11 +16,12 @@ DATA = {"geo", "landscape", "manifest", "prompts", "tile_conversations"}
 FORBIDDEN = {
     "labels": "*",
     "files": "*",
+    "layout": "* except files",
     "progress": "* except files",
     "metrics": "* except labels",
     "textgrid": "* except labels",
     "rewards": "* except labels textgrid",
-    "evaluation": "* except files labels metrics prompts",  # prompts: 02's formats.json reader
+    "evaluation": "* except files labels layout metrics prompts",  # prompts: 02's formats.json reader
     **{m: RUNNER | MODELS | {"evaluation", "viz"} for m in DATA},
     **{
         m: RUNNER | MODELS | {"evaluation", "viz"}

@@ -22,7 +22,7 @@ from rasterio.features import rasterize
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 from shapely.geometry import box
 
-from magseg_nb import files
+from magseg_nb import files, layout
 from magseg_nb.evaluation import read_raster
 from magseg_nb.labels import CLASS_COLORS, CLASSES, NODATA
 from magseg_nb.metrics import scene_tables
@@ -367,7 +367,7 @@ def add_predicted_class(gdf, pred_semantic: np.ndarray, transform, class_column:
     return out
 
 
-WHOLE_SCENE = "whole_scene"  # 05_inference/<variant>/whole_scene/ (see inference.run_map_scenes)
+WHOLE_SCENE = layout.WHOLE_SCENE  # 05_inference/<variant>/whole_scene/ (see inference.run_map_scenes)
 
 
 def default_scene(variant_dir: Path, test_tiles) -> str:
@@ -380,7 +380,7 @@ def prediction_folder(variant_dir: Path, scene_id: str) -> Path:
     """Where the map reads a scene's masks and fields: the whole-scene prediction when 05 made one
     (test tiles as scored, the rest map-only), else the scored test-tile outputs."""
     whole = Path(variant_dir) / WHOLE_SCENE
-    return whole if (whole / "refined" / f"{scene_id}.tif").exists() else Path(variant_dir)
+    return whole if (layout.mask_path(whole, "refined", scene_id)).exists() else Path(variant_dir)
 
 
 def run_scene_map(
@@ -393,13 +393,13 @@ def run_scene_map(
     src = prediction_folder(variant_dir, scene_id)  # whole_scene/ when 05 predicted the whole scene
     scene = run01 / "scenes" / scene_id
     gt_inst, gt_prof = read_raster(scene / "instances.tif")
-    pred_inst, _ = read_raster(src / "instances" / f"{scene_id}.tif")
-    pred_sem, _ = read_raster(src / "refined" / f"{scene_id}.tif")
+    pred_inst, _ = read_raster(layout.mask_path(src, "instances", scene_id))
+    pred_sem, _ = read_raster(layout.mask_path(src, "refined", scene_id))
     tabs = scene_tables(
         gt_inst, pred_inst, pred_sem, iou_threshold, pixel_area_m2=gt_prof["transform"].a ** 2
     )
     gt_gdf = gpd.read_file(scene / "labels.gpkg", layer="labels")
-    pred_gdf = gpd.read_file(src / "fields.gpkg", layer="fields")
+    pred_gdf = gpd.read_file(src / layout.FIELDS_GPKG, layer="fields")
     gt_fields, pred_fields = attach_matches(gt_gdf, pred_gdf[pred_gdf["scene_id"] == scene_id], *tabs)
     gt_fields = add_predicted_class(gt_fields, pred_sem, gt_prof["transform"])
     masks = {

@@ -9,6 +9,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from magseg_nb import layout
 from magseg_nb.evaluation import read_raster
 from magseg_nb.labels import CLASS_COLORS, CLASSES, NODATA
 from magseg_nb.metrics import worst_tiles
@@ -78,7 +79,7 @@ def error_gallery(run01, tiles, scores, method: dict, by: str = "error_share", n
         with rasterio.open(scene / "image.tif") as src:
             image = np.moveaxis(src.read([1, 2, 3], window=win), 0, -1)
         sl = np.s_[t["row_off"] : t["row_off"] + t["height"], t["col_off"] : t["col_off"] + t["width"]]
-        gt = read_raster(scene / "semantic.tif")[0][sl]
+        gt = read_raster(scene / layout.SCENE_FILES["semantic"])[0][sl]
         pred = read_raster(method["semantic"][t["scene_id"]])[0][sl] if method.get("semantic") else None
         panels = [(image, str(idx)), (_colour(gt), "ground truth")]
         panels.append(
