@@ -15,15 +15,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from magseg_nb import files, profile_schema
+from magseg_nb import files, profile_schema, progress
 
 STAGES: tuple[str, ...] = (
     "01_dataset_prep",
@@ -330,7 +332,6 @@ class Stage:
     @classmethod
     def start(cls, name: str, params: dict[str, Any], needs: list[str] | tuple[str, ...] = ()) -> Stage:
         """Open a stage: check the stages it needs, prepare ``<run_dir>/<name>.partial``."""
-        from magseg_nb import progress
 
         progress.quiet_known_noise()
         name = stage_name(name)
@@ -564,8 +565,6 @@ def _logged_kernel_manager(log_path: Path):
 
     The kernel talks to the runner over IPC (Unix sockets) rather than TCP on localhost: nothing
     listens on a port, and ipykernel has no reason to warn that TCP traffic is not encrypted."""
-    import tempfile
-    import uuid
 
     from jupyter_client import AsyncKernelManager
     from traitlets import default
@@ -658,8 +657,6 @@ def run_chain(
 def _run_plan(plan: list, run_dir: Path, force: bool, log, stream=None) -> list[dict]:
     import papermill
 
-    from magseg_nb import progress
-
     stream = stream or sys.stdout
     colour = progress.interactive(stream)
     engine = _register_engine()
@@ -743,7 +740,6 @@ def _run_plan(plan: list, run_dir: Path, force: bool, log, stream=None) -> list[
 
 def final_report(records: list[dict], profile: str, colour: bool = False) -> list[str]:
     """The lines printed at the end of ``magseg-nb run`` (headline numbers, times, output paths)."""
-    from magseg_nb import progress
 
     prof = load_profile(profile)
     return progress.final_report(records, resolve_run_dir(prof["common"]["run_dir"]), repo_root(), colour)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
-from magseg_nb import chain
+from magseg_nb import chain, progress
 
 INTERRUPTED = 130  # the shell's code for a run stopped with Ctrl-C
 
@@ -19,8 +20,6 @@ def report_error(prog: str, err: BaseException, debug: bool) -> int:
         )
         return INTERRUPTED
     if debug:
-        import traceback
-
         traceback.print_exception(err)
     if isinstance(err, chain.StageError):  # expected: the message says what to do
         lines = str(err).splitlines() or [type(err).__name__]
@@ -61,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         return report_error("magseg-nb", err, args.debug)
     ran = sum(r["status"] == "ran" for r in records)
     try:
-        from magseg_nb import progress
-
         for line in chain.final_report(records, args.profile, progress.interactive(sys.stdout)):
             print(line)
     except Exception as err:  # noqa: BLE001 - the run itself succeeded; the table is a courtesy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -84,7 +85,6 @@ def replace_dir(src: str | Path, dest: str | Path) -> Path:
 
 def sha256_file(path: str | Path, algo: str = "sha256", chunk: int = 1 << 20) -> str:
     """Hex digest of a file (SHA-256 unless ``algo`` says otherwise), read in chunks."""
-    import hashlib
 
     h = hashlib.new(algo)
     with open(path, "rb") as fh:
@@ -95,7 +95,6 @@ def sha256_file(path: str | Path, algo: str = "sha256", chunk: int = 1 << 20) ->
 
 def sha256_json(obj: Any) -> str:
     """SHA-256 of ``obj`` as canonical JSON (sorted keys; unknown types as text)."""
-    import hashlib
 
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 

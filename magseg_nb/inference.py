@@ -21,6 +21,7 @@ Rules for bad input (tested):
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magseg_nb import files, instances, layout, prompts, refine, textgrid
+from magseg_nb import files, geo, instances, layout, models, prompts, refine, textgrid
 from magseg_nb.labels import CLASSES, NODATA
+from magseg_nb.rewards import mean_dice
 
 TRAININGS = (("03_sft", "sft"), ("04_grpo", "grpo"))
 MIN_WEIGHT = 1e-3  # the vote of an unparsed answer: a fill, outvoted by any parsed answer
@@ -121,7 +123,6 @@ def select_variants(found: Sequence[Variant], requested) -> list[Variant]:
 def load_variant(variant: Variant, base_model: str | None = None, device: str = "auto"):
     """(model, processor) for a variant; ``base_model`` overrides the adapter's own base (checked by
     ``models.load_model_and_processor``, which raises ``AdapterMismatchError`` naming both)."""
-    from magseg_nb import models
 
     if not variant.is_adapter:
         return models.load_model_and_processor(str(variant.weights_dir), device=device)
@@ -304,8 +305,6 @@ def scene_grid(run01: Path, scene_id: str):
     """(shape, crs, transform) of a scene's image from notebook 01."""
     import rasterio
 
-    from magseg_nb import geo
-
     path = geo.scene_paths(run01, scene_id)["image"]
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: rerun notebook 01_dataset_prep")
@@ -327,7 +326,6 @@ def infer_scene(
     log: Callable[[str], None] | None = None,
 ) -> SceneResult:
     """The coarse mask of one scene from its tiles (rows of tiles.csv, all of one scene)."""
-    from magseg_nb import geo
 
     if scene_tiles.empty:
         raise ValueError("infer_scene got no tiles: this scene has no test-split tiles to infer")
@@ -408,7 +406,6 @@ def refine_scene(
     Returns (refined uint8, probability float32, seconds per tile id). ``predictor=None`` copies the
     coarse mask and its confidence.
     """
-    from magseg_nb import geo
 
     if predictor is None:
         return coarse.copy(), confidence.copy(), {}
@@ -476,7 +473,6 @@ def run_variant(
     """Infer every test tile of ``tiles`` and write ``out_dir`` (05_inference/<variant>/):
     coarse/, confidence/, refined/, instances/ GeoTIFFs per scene, fields.gpkg + fields.parquet,
     answers.jsonl, tiles.csv (inferred tiles), skipped_tiles.csv. Returns a summary dict."""
-    from magseg_nb import geo
 
     out_dir = Path(out_dir)
     test = select_test_tiles(tiles)
@@ -536,8 +532,6 @@ def polygonize_saved(
     import geopandas as gpd
     import rasterio
 
-    from magseg_nb import geo
-
     variant_dir = Path(variant_dir)
     scenes = sorted((variant_dir / "refined").glob("*.tif"))
     if not scenes:
@@ -590,7 +584,6 @@ SAVED = ("coarse", "confidence", "refined", layout.ANSWERS, layout.TILES_CSV, "s
 
 def reuse_saved(previous: Path, out_dir: Path) -> None:
     """Copy a variant's saved masks and tables (not its instances or polygons) for ``polygonize_saved``."""
-    import shutil
 
     previous, out_dir = Path(previous), Path(out_dir)
     if not (previous / "refined").is_dir():
@@ -620,8 +613,6 @@ def scene_outputs(variant_dir: Path, run01: Path, scene_id: str, crop: bool = Tr
     """A scene's image, ground truth, coarse, refined and instance rasters, cropped to the inferred area."""
     import rasterio
 
-    from magseg_nb import geo
-
     paths = geo.scene_paths(run01, scene_id)
     with rasterio.open(paths["image"]) as src:
         image = src.read().transpose(1, 2, 0)
@@ -637,7 +628,6 @@ def scene_outputs(variant_dir: Path, run01: Path, scene_id: str, crop: bool = Tr
 def quick_scores(variant_dir: Path, run01: Path) -> pd.DataFrame:
     """Per scene: mean Dice of the coarse and the refined mask against the ground truth, on the
     inferred pixels (a first look; notebook 06 scores properly), and the share of pixels SAM changed."""
-    from magseg_nb.rewards import mean_dice
 
     rows = []
     for path in sorted((Path(variant_dir) / "coarse").glob("*.tif")):
@@ -723,7 +713,6 @@ def run_map_scenes(
     ``<variant_dir>/coarse|refined/`` (read from there, so the map shows what was scored) and the
     map-only prediction elsewhere; instances/ and fields.gpkg are drawn from that; tiles.csv lists the
     map-only tiles. The scored rasters and tiles.csv of the variant are not touched."""
-    from magseg_nb import geo
 
     variant_dir = Path(variant_dir)
     out = variant_dir / WHOLE_SCENE
@@ -777,7 +766,6 @@ def run_map_scenes(
 
 def reuse_map_scenes(previous: Path, variant_dir: Path) -> bool:
     """``polygonize_only``: keep the whole-scene map prediction of the last run (True when there was one)."""
-    import shutil
 
     src = Path(previous) / WHOLE_SCENE
     if not (src / "refined").is_dir():

@@ -37,7 +37,8 @@ from scipy.spatial import cKDTree
 from skimage.measure import label as connected_label
 from skimage.transform import resize
 
-from magseg_nb import files
+from magseg_nb import files, geo
+from magseg_nb.manifest import SceneSource
 
 # Pixel kinds inside the generator (the GeoPackage stores them as text classes).
 OTHERS, FIELD, TREE, WATER, ROAD, BUILDING = range(6)
@@ -561,7 +562,6 @@ def generate_scene(
 
 def write_scene(scene: Scene, out_dir: Path) -> dict[str, Path]:
     """Write ``image.tif`` (RGB uint8, nodata 0) and ``labels.gpkg`` (layer "labels") into ``out_dir``."""
-    from magseg_nb import geo
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -599,7 +599,6 @@ def generate_sources(
     log=print,
 ) -> list:
     """Generate and write every scene; returns ``manifest.SceneSource`` rows, like a downloaded dataset."""
-    from magseg_nb.manifest import SceneSource
 
     if isinstance(difficulty, dict):
         difficulty = Difficulty(**difficulty)

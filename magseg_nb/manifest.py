@@ -12,12 +12,14 @@ refuses a file whose checksum nobody has recorded unless told to record it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import shutil
 import sys
 import tarfile
+import traceback
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +30,9 @@ import numpy as np
 import requests
 import yaml
 
-from magseg_nb import files
+from magseg_nb import files, geo
 from magseg_nb.files import UnsafeNameError, safe_id, safe_path
+from magseg_nb.geo import BACKGROUND_CLASSES  # the label vocabulary geo.read_labels accepts
 from magseg_nb.labels import CLASSES
 
 UNKNOWN = "unknown"
@@ -168,7 +171,6 @@ def _validate_dataset(path: Path, where: str, item: dict) -> None:
         raise ManifestError(f"{path}: {where}.labels.format: expected 'gpkg' or 'raster', got {fmt!r}")
     _require(path, f"{where}.labels", labels, "class_field", str)
     class_map = _require(path, f"{where}.labels", labels, "class_map", dict)
-    from magseg_nb.geo import BACKGROUND_CLASSES  # the label vocabulary geo.read_labels accepts
 
     allowed = set(CLASSES) | set(BACKGROUND_CLASSES)
     for src, dst in class_map.items():
@@ -783,7 +785,6 @@ def _rgb_image(image: Path, bands: list[int], derived_dir: Path) -> Path:
             lo, hi = np.percentile(valid, [2, 98])
             scaled = (band.filled(lo) - lo) / max(hi - lo, 1e-6) * 255.0
             rgb[i] = np.clip(scaled, 0, 255).astype(np.uint8)
-    from magseg_nb import geo
 
     return geo.write_geotiff(out, rgb, profile["crs"], profile["transform"])
 
@@ -819,7 +820,6 @@ def _polygonize_instances(mask: Path, out: Path) -> tuple[Path, int]:
     gdf = gpd.GeoDataFrame(columns, geometry=geoms, crs=crs)  # may be empty: a chip without fields
     # One row per field even when a field's pixels are not 4-connected.
     gdf = gdf.dissolve(by="field_id", as_index=False)[["class", "field_id", "geometry"]] if len(gdf) else gdf
-    from magseg_nb import geo
 
     return geo.write_vector(gdf, out, layer="labels"), len(gdf)
 
@@ -829,7 +829,6 @@ def _polygonize_instances(mask: Path, out: Path) -> tuple[Path, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m magseg_nb.manifest check|dataset|model ...`` (see --help)."""
-    import argparse
 
     parser = argparse.ArgumentParser(prog="python -m magseg_nb.manifest", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -876,8 +875,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - the top of the program: one clear message
         if args.debug:
-            import traceback
-
             traceback.print_exception(exc)
         expected = (ManifestError, FetchError, UnpackError, UnsafeNameError, FileNotFoundError)
         text = str(exc) if isinstance(exc, expected) else f"{type(exc).__name__}: {exc}"

@@ -263,7 +263,7 @@ def resolve_model(model_id: str, cache_dir: Path) -> str:
     """
     info = REGISTRY.get(model_id)
     if info is not None and info.pretrained:
-        from magseg_nb import tiny_base
+        from magseg_nb import tiny_base  # inside: tiny_base builds with training, which imports models
 
         # Shipped in the repository: every file must match SHA256SUMS (else one line saying how to rebuild).
         return str(tiny_base.verify(tiny_base.ROOT / info.pretrained))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from magseg_nb import files
+from magseg_nb import files, prompts
 from magseg_nb.training import DONE_FILE, SFTSettings, load_split, run_sft
 
 # Colour codes of the proxy task: hue family x brightness, written as letters (one token each, and
@@ -70,7 +70,6 @@ def proxy_example(row: dict) -> dict:
     whole tile for Text4Seg), so pretraining teaches the model to read the image at that layout;
     the LoRA SFT then has to learn which colours and textures are which class.
     """
-    from magseg_nb import prompts
 
     grid = len(row["gt_mask"])
     tile = row["images"][0]

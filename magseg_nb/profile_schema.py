@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from magseg_nb import models
 from magseg_nb.files import UnsafeNameError, safe_id
 from magseg_nb.textgrid import ENCODINGS
 
@@ -385,7 +386,6 @@ def check_profile(
 
 
 def _weights(path: Any, model_id: str) -> list[str]:
-    from magseg_nb import models
 
     problem = models.weights_problem(model_id)
     return [f"{path}: common.model_id: {problem}"] if problem else []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import math
 import os
 import re
@@ -96,7 +97,6 @@ class _DropNoise:
 
 def quiet_known_noise() -> None:
     """Targeted filters for known harmless third-party messages (every other warning still shows)."""
-    import logging
 
     for category, message in KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message, category=getattr(builtins, category))

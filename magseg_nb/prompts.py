@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from magseg_nb import files, textgrid
+from magseg_nb import files, geo, textgrid
 from magseg_nb.labels import CLASSES, NODATA
 
 FORMATS = ("magseg", "text4seg")
@@ -218,7 +218,6 @@ class TileRecord:
 
 def tile_records(run01, splits=("train", "val", "test"), max_per_split: int = 0) -> list[TileRecord]:
     """Notebook 01's tiles as TileRecords (the first ``max_per_split`` of each split; 0 = all)."""
-    from magseg_nb import geo
 
     table = geo.read_tiles_table(run01)
     unknown = set(table["split"]) - set(splits)

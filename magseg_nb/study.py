@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magseg_nb import layout, metrics, prompts, textgrid, training, validation
+from magseg_nb import geo, layout, metrics, prompts, textgrid, training, validation
 from magseg_nb.labels import NODATA
 
 METRICS = (*validation.METRICS, "boundary_px_f1")
@@ -106,7 +106,6 @@ def select_tiles(table: pd.DataFrame, split: str, n: int, seed: int = 0) -> list
 
 def study_tiles(run01, n_train: int, n_val: int, seed: int = 0) -> list[prompts.TileRecord]:
     """The training and validation tiles every run of the study uses (see :func:`select_tiles`)."""
-    from magseg_nb import geo
 
     table = geo.read_tiles_table(run01)
     chosen = select_tiles(table, "train", n_train, seed) + select_tiles(table, "val", n_val, seed)
@@ -125,7 +124,6 @@ def budget_note(steps: int, batch_size: int, tiles, run01, reference_steps) -> s
     """The run's training budget in words, shown with its tables (a reduced budget is never silent).
 
     ``reference_steps``: notebook 03's ``max_steps`` (an int, or format -> steps)."""
-    from magseg_nb import geo
 
     table = geo.read_tiles_table(run01)
     if isinstance(reference_steps, dict):

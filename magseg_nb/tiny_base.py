@@ -19,9 +19,11 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from magseg_nb import files
+from magseg_nb import files, geo, landscape, models, pretraining, prompts, training
+from magseg_nb.pretraining import PROXY_CODES
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAINED_DIR = ROOT / "pretrained" / "tiny-gemma3-proxy"
@@ -147,7 +149,6 @@ def build_conversations(recipe: Recipe, work: Path, log=print) -> list[Path]:
     Every tile is used whatever its split (the proxy task reads no labels, and these landscapes are not
     the profiles'); one file per (seed, format).
     """
-    from magseg_nb import geo, landscape, prompts
 
     jsonls = []
     for seed, diff_name in zip(recipe.seeds, recipe.difficulties, strict=True):
@@ -192,7 +193,6 @@ def count_rows(path: Path) -> int:
 
 
 def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
     for name in (
@@ -217,7 +217,6 @@ def build(out_dir: Path, recipe: Recipe, work_dir: Path, command: str | None = N
 
     ``work_dir`` holds the generated landscapes, conversations and the trainer's checkpoints (not shipped).
     """
-    from magseg_nb import models, pretraining, training
 
     t_start = time.time()
     out_dir, work_dir = Path(out_dir), Path(work_dir)
@@ -311,8 +310,6 @@ def decode_codes(text: str, grid: int):
     """A run-length colour-code answer (``a *3| b *5`` rows) as a (grid, grid) int array of 0..7, or
     None when it is not a well-formed grid of that shape."""
     import numpy as np
-
-    from magseg_nb.pretraining import PROXY_CODES
 
     rows = [r for r in text.strip().split("\n") if r.strip()]
     if len(rows) != grid:

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from magseg_nb import files, layout, rewards, textgrid
+from magseg_nb import files, layout, models, progress, prompts, rewards, textgrid
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
+from magseg_nb.tile_conversations import MultiTurnCollator
 
 DONE_FILE = "train_done.json"
 
@@ -176,7 +177,6 @@ def _is_main() -> bool:
 
 def load_split(jsonl: str | Path, max_examples: int | None = None, seed: int = 0):
     """A conversations file as a datasets.Dataset (optionally a seeded random subset)."""
-    from magseg_nb import prompts
 
     path = Path(jsonl)
     if not path.exists():
@@ -224,8 +224,6 @@ def log_callback(csv_path: Path, time_budget_s: float | None = None, verbose: bo
     its log) and stops training, with a checkpoint, after an optional time budget. Under the runner it
     also writes a small status file at every step (``magseg_nb.progress``) for the live progress line."""
     from transformers import TrainerCallback
-
-    from magseg_nb import progress
 
     folder = Path(csv_path).parent
     task = f"training {folder.parent.name.removesuffix('.partial')}/{folder.name}"
@@ -391,7 +389,6 @@ def sft_collator(ds, processor):
     a collator that puts the loss on every answer and its <end_of_turn>, as TRL's does for one."""
     if "messages" not in ds.column_names:
         return None
-    from magseg_nb.tile_conversations import MultiTurnCollator
 
     return MultiTurnCollator(processor)
 
@@ -459,7 +456,6 @@ def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None) -> dict:
     A rerun with the same settings whose adapter is complete skips training; an interrupted one
     resumes from the last checkpoint. ``train_ds``/``val_ds`` replace the JSONL files when given.
     """
-    from magseg_nb import models
 
     s = _settings(SFTSettings, cfg if isinstance(cfg, SFTSettings) else dict(cfg))
 
@@ -553,7 +549,6 @@ def _read_done(out: Path, s) -> dict | None:
 
 
 def _load_trained(base_model, dest: Path, full: bool = False):
-    from magseg_nb import models
 
     if full:
         return models.load_model_and_processor(str(dest))
@@ -582,7 +577,6 @@ def reward_functions(weights: dict[str, float]) -> tuple[list, list[float]]:
 
 def run_grpo(cfg: dict | GRPOSettings, train_ds=None, val_ds=None) -> dict:
     """GRPO of the SFT adapter ``adapter_dir`` on ``base_model`` with the Dice + format rewards."""
-    from magseg_nb import models
 
     s = _settings(GRPOSettings, cfg if isinstance(cfg, GRPOSettings) else dict(cfg))
     if not s.adapter_dir or not (Path(s.adapter_dir) / "adapter_config.json").exists():
@@ -695,7 +689,6 @@ def evaluate(
     model, processor, ds, *, max_new_tokens=None, batch_size=16, train_gts=None
 ) -> tuple[dict, list[dict]]:
     """Greedy answers for every row of ``ds``, decoded and scored against gt_mask, with the baselines."""
-    from magseg_nb import models
 
     refs = [rewards.completion_text(c) for c in ds["completion"]] if "completion" in ds.column_names else []
     if max_new_tokens is None:

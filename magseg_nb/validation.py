@@ -11,12 +11,13 @@ the patches of one tile, and the overlapping tiles of one block, are not indepen
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from magseg_nb import evaluation, layout, metrics, prompts, textgrid
+from magseg_nb import evaluation, layout, metrics, pixel_baseline, prompts, textgrid
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
 MODEL, ALL_FIELD, PIXEL = "model", "all-field baseline", "pixel classifier baseline"
@@ -51,7 +52,6 @@ def answer_frames(val_jsonl, answers_jsonl, run01) -> dict[str, pd.DataFrame]:
     classifier. ``valid`` is the model answer's well-formedness, on every scorer's rows, so that the
     well-formed subset selects the same rows for all of them.
     """
-    from magseg_nb import pixel_baseline
 
     answers = read_answers(answers_jsonl)
     blocks = tile_blocks(run01)
@@ -213,7 +213,6 @@ def change_sentences(
 def repair_kinds(answers_jsonl) -> pd.Series:
     """Share of answers with each kind of repair the decoder made (numbers and labels replaced by N,
     e.g. "row N: N cells, expected N"), most frequent first: why answers are not well-formed."""
-    import re
 
     answers = list(read_answers(answers_jsonl).values())
     kinds: dict[str, int] = {}

@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch, Rectangle
 
+from magseg_nb import geo
 from magseg_nb.labels import CLASS_COLORS, CLASSES
 from magseg_nb.viz import save  # noqa: F401  (re-exported: notebooks call viz.<module>.save)
 
@@ -162,8 +163,6 @@ def scene_preview(image_path, max_side: int = 256) -> np.ndarray:
 def plot_baseline_scene(run01, scene_id: str, crop: int = 384) -> plt.Figure:
     """The top-left ``crop`` px of a scene: image, true fields, the watershed baseline's fields."""
     import rasterio
-
-    from magseg_nb import geo
 
     paths = geo.scene_paths(run01, scene_id)
     win = rasterio.windows.Window(0, 0, crop, crop)
