@@ -172,6 +172,31 @@ def test_section(run_dir: Path) -> list[str]:
     return lines + [""]
 
 
+STUDY_COLUMNS = {  # 07's runs.csv column -> README heading
+    "run": "run",
+    "resolution": "cells / tile side",
+    "steps": "steps",
+    "well_formed": "well-formed",
+    "answer_tokens_per_tile": "answer tokens / tile",
+    "train_seconds": "train s",
+    "generate_seconds_per_tile": "generate s / tile",
+}
+
+
+def study_section(run_dir: Path) -> list[str]:
+    """Notebook 07: its runs (budget, cost) and the findings it generated from the intervals."""
+    state = read_state(run_dir / "07_resolution_study")
+    runs_csv = run_dir / "07_resolution_study" / "runs.csv"
+    if not state or not runs_csv.exists():
+        return []
+    runs = pd.read_csv(runs_csv)
+    runs = runs[[c for c in STUDY_COLUMNS if c in runs.columns]].rename(columns=STUDY_COLUMNS)
+    lines = ["### Resolution study and context ablation (notebook 07)", ""]
+    lines += [evaluation.markdown_table(runs, index=False), ""]
+    lines += _bullets(state["summary"].get("findings", []))
+    return lines + [""]
+
+
 def seeds_section(run_dir: Path) -> list[str]:
     path = run_dir / "seed_spread" / "seed_spread.csv"
     if not path.exists():
@@ -266,7 +291,7 @@ def results_section(
         f"({int(times['seconds'].sum()) if len(times) else 0} s in all)."
     )
     body = [head, ""]
-    for part in (validation_section, grpo_section, test_section, seeds_section):
+    for part in (validation_section, grpo_section, test_section, study_section, seeds_section):
         body += part(run_dir)
     body += checks_section(check_dirs)
     body += figures_section(figures, readme_dir or repo_root())

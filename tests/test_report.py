@@ -135,3 +135,22 @@ def test_robustness_runs_get_one_row_each(run_dir, tmp_path):
     table = "\n".join(lines)
     assert lines[0].startswith("### Other landscapes") and table.count("| check-seed1 | 1 |") == 1
     assert "0.871 [0.821, 0.911]" in table and "50.0 %" in table and "0.031 [0.012, 0.050]" in table
+
+
+def test_the_study_section_shows_runs_and_generated_findings(run_dir):
+    study = run_dir / "07_resolution_study"
+    finding = (
+        "mdice, MAgSeg - Text4Seg per effective resolution: 8 cells +0.014 [-0.078, +0.093] (not resolved)"
+    )
+    write_state(study, {"findings": ["REDUCED BUDGET: 40 steps", finding]})
+    pd.DataFrame(
+        {"run": ["magseg_r8_crop", "text4seg_r8"], "fmt": ["magseg", "text4seg"], "resolution": [8, 8],
+         "steps": [40, 40], "well_formed": [0.5, 0.25], "answer_tokens_per_tile": [100.0, 72.5],
+         "train_seconds": [49.2, 33.4], "generate_seconds_per_tile": [0.3, 0.212]}
+    ).to_csv(study / "runs.csv", index=False)  # fmt: skip
+    text = report.results_section(run_dir)
+    block = text.split("### Resolution study and context ablation (notebook 07)")[1]
+    assert "| magseg_r8_crop | 8 | 40 | 0.500 | 100.000 | 49.200 | 0.300 |" in block
+    assert "| run | cells / tile side | steps | well-formed |" in block
+    assert f"- {finding}" in block and "- REDUCED BUDGET: 40 steps" in block
+    assert report.study_section(run_dir.parent / "none") == []
