@@ -154,11 +154,12 @@ def rank_records(out: Path) -> list[dict]:
 
 def only_main_writes(writes: dict) -> None:
     assert sorted(writes) == [0, 1], f"audit records from ranks {sorted(writes)}"
-    allowed = ("ranks/rank1.json", "ranks/rank1.json.tmp", "ranks")
+    allowed = ("ranks/rank1.json", "ranks")
+    tmp = re.compile(r"ranks/\.rank1\.\d+\.tmp\.json")  # files.atomic's temporary sibling
     # the Trainer saves each process's RNG state into the checkpoint (it creates the folder for it)
     # (into the staging folder: training.atomic_checkpoints renames it once every rank has written)
     ckpt = re.compile(r"checkpoints/(\.saving(/checkpoint-\d+(/rng_state_1\.pth)?)?|checkpoint-\d+)")
-    extra = [p for p in writes[1] if p not in allowed and not ckpt.fullmatch(p)]
+    extra = [p for p in writes[1] if p not in allowed and not ckpt.fullmatch(p) and not tmp.fullmatch(p)]
     assert extra == [], f"rank 1 wrote {extra}"
     main = writes[0]
     assert "log.csv" in main and any(p.startswith("adapter") for p in main), main
