@@ -2,7 +2,7 @@
 with the same results as an uninterrupted run.
 
     .venv/bin/python scripts/kill_drill.py --profile smoke            # a few minutes
-    .venv/bin/python scripts/kill_drill.py --profile demo --after 60  # the demo (about twice its time)
+    .venv/bin/python scripts/kill_drill.py --profile demo --after 60 --stages 03 05 07 --reference-dir runs/demo
 
 For each stage: start ``magseg-nb run``, wait until the stage's ``.partial`` folder exists (plus
 ``--after`` seconds, or its first checkpoint for 03/04), SIGKILL the runner (no clean-up of any kind)
@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--after", type=float, default=5.0, help="seconds inside a stage before the kill")
     ap.add_argument("--stages", nargs="*", default=list(chain.STAGES), help="stages to kill inside")
     ap.add_argument("--no-reference", action="store_true", help="skip the uninterrupted comparison run")
+    ap.add_argument("--reference-dir", help="compare with this finished run folder instead of running one")
     ap.add_argument("--out", default="runs/kill-drill")
     a = ap.parse_args(argv)
     out = ROOT / a.out
@@ -125,9 +126,13 @@ def main(argv=None) -> int:
         report = {"profile": a.profile, "after_s": a.after, "kills": rows, "final_rc": rc}
         report["all_stages_done"] = all((run_dir / s / chain.STATE_FILE).exists() for s in chain.STAGES)
         report["leftover_partials"] = sorted(p.name for p in run_dir.glob(f"*{chain.PARTIAL_SUFFIX}"))
-        if not a.no_reference:
-            ref_dir = out / "reference"
-            ref_rc = run_to_end(drill_profile(a.profile, ref_dir, out / "reference.yaml"), log)
+        if a.reference_dir or not a.no_reference:
+            ref_dir = Path(a.reference_dir) if a.reference_dir else out / "reference"
+            ref_rc = (
+                0
+                if a.reference_dir
+                else run_to_end(drill_profile(a.profile, ref_dir, out / "reference.yaml"), log)
+            )
             s_k, s_r = summaries(run_dir), summaries(ref_dir)
             a_k, a_r = answer_files(run_dir), answer_files(ref_dir)
             report["reference_rc"] = ref_rc
