@@ -454,6 +454,18 @@ def limit_tiles(tiles: pd.DataFrame, n: int) -> pd.DataFrame:
     return ordered.assign(_rank=rank).sort_values(["_rank", "scene_id"]).head(n).drop(columns="_rank")
 
 
+def predict_scene(model, processor, run01, scene_tiles, spec: FormatSpec, predictor=None, sam_kw=None, **kw):
+    """One scene's coarse mask (``infer_scene`` with ``kw``) refined on its inferred tiles.
+    Returns (SceneResult, refined, refined confidence, refine seconds per tile, refine seconds)."""
+    res = infer_scene(model, processor, run01, scene_tiles, spec, **kw)
+    inferred = res.tiles[res.tiles.status == "inferred"] if len(res.tiles) else res.tiles
+    t0 = time.perf_counter()
+    refined, prob, ref_s = refine_scene(
+        run01, inferred, res.coarse, res.confidence, predictor, **(sam_kw or {})
+    )
+    return res, refined, prob, ref_s, time.perf_counter() - t0
+
+
 def run_variant(
     model,
     processor,
@@ -479,16 +491,12 @@ def run_variant(
     records, answers, timings = [], [], {"infer_s": 0.0, "refine_s": 0.0, "polygonize_s": 0.0}
     for scene_id, scene_tiles in test.groupby("scene_id", sort=True):
         scene_id = str(scene_id)
-        res = infer_scene(
-            model, processor, run01, scene_tiles, spec, batch_size, max_new_tokens,
-            max_nodata_frac=max_nodata_frac, generate=generate, log=log,
+        res, refined, prob, ref_s, refine_s = predict_scene(
+            model, processor, run01, scene_tiles, spec, predictor, sam_kw,
+            batch_size=batch_size, max_new_tokens=max_new_tokens, max_nodata_frac=max_nodata_frac,
+            generate=generate, log=log,
         )  # fmt: skip
-        inferred = res.tiles[res.tiles.status == "inferred"] if len(res.tiles) else res.tiles
-        t0 = time.perf_counter()
-        refined, prob, ref_s = refine_scene(
-            run01, inferred, res.coarse, res.confidence, predictor, **(sam_kw or {})
-        )
-        timings["refine_s"] += time.perf_counter() - t0
+        timings["refine_s"] += refine_s
         tile_rows = res.tiles.assign(refine_s=res.tiles.tile_id.map(ref_s)) if len(res.tiles) else res.tiles
         for name, arr, nodata in (("coarse", res.coarse, NODATA), ("refined", refined, NODATA)):
             geo.write_geotiff(
@@ -722,14 +730,11 @@ def run_map_scenes(
         scene_tiles = extra[extra["scene_id"].astype(str) == scene_id]
         shape, crs, transform = scene_grid(run01, scene_id)
         if len(scene_tiles):
-            res = infer_scene(
-                model, processor, run01, scene_tiles, spec, batch_size, max_new_tokens,
-                max_nodata_frac=max_nodata_frac, generate=generate, log=log,
+            res, refined, prob, _, _ = predict_scene(
+                model, processor, run01, scene_tiles, spec, predictor, sam_kw,
+                batch_size=batch_size, max_new_tokens=max_new_tokens, max_nodata_frac=max_nodata_frac,
+                generate=generate, log=log,
             )  # fmt: skip
-            inferred = res.tiles[res.tiles.status == "inferred"] if len(res.tiles) else res.tiles
-            refined, prob, _ = refine_scene(
-                run01, inferred, res.coarse, res.confidence, predictor, **(sam_kw or {})
-            )
             coarse, conf = res.coarse, res.confidence
             rows.append(res.tiles)
         else:
