@@ -448,9 +448,7 @@ def _local_manifest(tmp_path: Path, name: str, dataset: str, archives: dict[str,
     for f in spec["files"]:
         if f["name"] in archives:
             arc = archives[f["name"]]
-            files.append(
-                dict(f, urls=[arc.as_uri()], sha256=sha256_file(arc), size_bytes=arc.stat().st_size)
-            )
+            files.append(dict(f, urls=[arc.as_uri()], sha256=sha256_file(arc), size_bytes=arc.stat().st_size))
     spec["files"] = files
     out = tmp_path / name
     out.write_text(yaml.safe_dump(data))
