@@ -86,9 +86,6 @@ def collect_params(namespace: dict[str, Any]) -> dict[str, Any]:
     return dict(sorted(out.items()))
 
 
-_hash_json = files.sha256_json
-
-
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in _VERSIONED:
@@ -360,7 +357,7 @@ class Stage:
         stage = cls(name, run_dir, dict(params), inputs, time.time())
         partial = stage.dir
         marker = partial / ".params.json"
-        key = _hash_json({"params": stage.params, "inputs": inputs})
+        key = files.sha256_json({"params": stage.params, "inputs": inputs})
         if partial.exists():
             try:
                 old = json.loads(marker.read_text()) if marker.exists() else {}
@@ -422,7 +419,7 @@ class Stage:
         # The fingerprint covers content only (sizes and hashes, not file times), so a rerun that
         # writes the same bytes leaves the stages after it cached.
         content = {rel: {k: e[k] for k in ("size", "sha256") if k in e} for rel, e in outputs.items()}
-        state["fingerprint"] = _hash_json(
+        state["fingerprint"] = files.sha256_json(
             {**{k: state[k] for k in ("stage", "params", "inputs")}, "outputs": content}
         )
         files.write_json(partial / RESULTS_FILE, self.results(summary or {}, finished), sort_keys=True)
@@ -533,7 +530,7 @@ def _code_fingerprint(nb_path: Path) -> str:
 
 
 def run_key(stage: str, params: dict, nb_path: Path) -> str:
-    return _hash_json({"stage": stage, "params": params, "code": _code_fingerprint(nb_path)})
+    return files.sha256_json({"stage": stage, "params": params, "code": _code_fingerprint(nb_path)})
 
 
 def is_up_to_date(run_dir: Path, stage: str, key: str) -> tuple[bool, str]:

@@ -660,8 +660,6 @@ def quick_scores(variant_dir: Path, run01: Path) -> pd.DataFrame:
 
 # --- the whole map scene (shown on 06's map, never scored) ---------------------------------------------
 
-WHOLE_SCENE = layout.WHOLE_SCENE  # 05_inference/<variant>/whole_scene/: map-only, outside coarse/ refined/
-
 
 def map_scene_ids(all_tiles: pd.DataFrame, test_tiles: pd.DataFrame, map_scenes) -> list[str]:
     """Scenes to predict whole for the map: "first" (the first scene of the inferred test tiles, the
@@ -723,7 +721,7 @@ def run_map_scenes(
     map-only tiles. The scored rasters and tiles.csv of the variant are not touched."""
 
     variant_dir = Path(variant_dir)
-    out = variant_dir / WHOLE_SCENE
+    out = variant_dir / layout.WHOLE_SCENE
     extra = map_only_tiles(all_tiles, test_tiles, scene_ids)
     t0, rows = time.perf_counter(), []
     for scene_id in [str(s) for s in scene_ids]:
@@ -772,8 +770,8 @@ def run_map_scenes(
 def reuse_map_scenes(previous: Path, variant_dir: Path) -> bool:
     """``polygonize_only``: keep the whole-scene map prediction of the last run (True when there was one)."""
 
-    src = Path(previous) / WHOLE_SCENE
+    src = Path(previous) / layout.WHOLE_SCENE
     if not (src / "refined").is_dir():
         return False
-    shutil.copytree(src, Path(variant_dir) / WHOLE_SCENE, dirs_exist_ok=True)
+    shutil.copytree(src, Path(variant_dir) / layout.WHOLE_SCENE, dirs_exist_ok=True)
     return True

@@ -8,7 +8,6 @@ answer's layout without seeing a label. ``scripts/build_tiny_base.py`` builds th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -136,7 +135,7 @@ def pretrain_proxy_base(
         "seed": seed,
         "codes": PROXY_INSTRUCTION + PROXY_CODES,
     }
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:10]
+    key = files.sha256_json(key_src)[:10]
     dest = Path(models_dir) / f"{base_model.name}-proxy-{key}"
     if (dest / "config.json").exists():
         print(f"proxy-pretrained base found: {dest}", flush=True)
@@ -177,12 +176,12 @@ def pretrain_proxy_base(
 
 def _file_fingerprint(path: Path) -> str:
     st = path.stat()
-    return f"{path.name}:{st.st_size}:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+    return f"{path.name}:{st.st_size}:{files.sha256_file(path)[:16]}"
 
 
 def _folder_fingerprint(folder: Path) -> str:
     cfg = folder / "config.json"
-    return hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg.exists() else str(folder)
+    return files.sha256_file(cfg)[:16] if cfg.exists() else str(folder)
 
 
 NOTEBOOK_PARAMS = {  # notebook 03's parameter -> pretrain_proxy_base's keyword

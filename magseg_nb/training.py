@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -150,9 +149,7 @@ def grpo_settings(params: dict, fmt: str, base_model, run02, adapter_dir, output
 
 
 def settings_hash(settings) -> str:
-    return hashlib.sha256(
-        json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str).encode()
-    ).hexdigest()[:12]
+    return files.sha256_json(dataclasses.asdict(settings))[:12]
 
 
 # --- helpers --------------------------------------------------------------------------------------

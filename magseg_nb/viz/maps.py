@@ -367,19 +367,16 @@ def add_predicted_class(gdf, pred_semantic: np.ndarray, transform, class_column:
     return out
 
 
-WHOLE_SCENE = layout.WHOLE_SCENE  # 05_inference/<variant>/whole_scene/ (see inference.run_map_scenes)
-
-
 def default_scene(variant_dir: Path, test_tiles) -> str:
     """The scene 05 predicted whole for the map, else the first scene with scored test tiles."""
-    whole = sorted((Path(variant_dir) / WHOLE_SCENE / "refined").glob("*.tif"))
+    whole = sorted((Path(variant_dir) / layout.WHOLE_SCENE / "refined").glob("*.tif"))
     return whole[0].stem if whole else str(test_tiles["scene_id"].iloc[0])
 
 
 def prediction_folder(variant_dir: Path, scene_id: str) -> Path:
     """Where the map reads a scene's masks and fields: the whole-scene prediction when 05 made one
     (test tiles as scored, the rest map-only), else the scored test-tile outputs."""
-    whole = Path(variant_dir) / WHOLE_SCENE
+    whole = Path(variant_dir) / layout.WHOLE_SCENE
     return whole if (layout.mask_path(whole, "refined", scene_id)).exists() else Path(variant_dir)
 
 
