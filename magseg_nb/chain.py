@@ -263,6 +263,9 @@ def kill_descendants() -> list[int]:
     return [p.pid for p in procs]
 
 
+_WATCH_RUNNER_LINE = "import magseg_nb.chain as _m; _m._die_with_runner(); del _m"
+
+
 def _die_with_runner() -> None:
     """In a kernel started by the runner, stop this kernel (and its process group) when the runner
     is gone, even after a SIGKILL that gave it no chance to shut the kernel down."""
@@ -272,6 +275,8 @@ def _die_with_runner() -> None:
     runner = int(pid)
     _WATCHED.add(runner)
     child = os.getppid() == runner
+
+    import psutil  # noqa: F401 - imported now: the kill below must not wait for an import
 
     def watch() -> None:
         while (os.getppid() == runner) if child else _pid_alive(runner):
@@ -578,6 +583,12 @@ def _logged_kernel_manager(log_path: Path):
             return os.path.join(tempfile.gettempdir(), f"magseg-kernel-{uuid.uuid4().hex[:12]}")
 
         async def _async_launch_kernel(self, kernel_cmd, **kw):
+            # Without JPY_PARENT_PID ("independent"), ipykernel's own parent poller does not run: it
+            # would os._exit the kernel within a second of the runner's death, racing the watch
+            # that first kills the kernel's children (seen in CI: a worker outlived its kernel).
+            # The kernel starts that watch itself, from its first line.
+            kw["independent"] = True
+            kernel_cmd = [*kernel_cmd, f"--IPKernelApp.exec_lines={_WATCH_RUNNER_LINE}"]
             with open(log_path, "ab") as log:  # the kernel keeps its own copy of the descriptor
                 kw["stdout"] = kw["stderr"] = log
                 return await super()._async_launch_kernel(kernel_cmd, **kw)

@@ -2,7 +2,7 @@
 
 ``magseg_nb.report`` calls :func:`copy_readme_figures` when it rewrites the README's results section,
 so the pictures always come from the same run as the numbers. The map screenshot is the one notebook
-06 takes with headless Chromium (``viz.maps.browser_check``) as ``06_metrics/figures/map.png``.
+06 takes with headless Chromium (``viz.browser.browser_check``) as ``06_metrics/figures/map.png``.
 """
 
 from __future__ import annotations

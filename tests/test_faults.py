@@ -160,6 +160,42 @@ def test_sigkill_mid_training_then_rerun_resumes_and_force_restarts(repo):
     assert [p.name for p in (repo / "runs").iterdir()] == ["t"]
 
 
+def test_a_kernel_killed_before_its_stage_starts_dies_with_the_runner(tmp_path, monkeypatch):
+    """The runner's watch runs from the kernel's first line (not only from ``Stage.start``), and
+    ipykernel's own parent poller, which would ``os._exit`` the kernel before the watch kills its
+    children, is off."""
+    import nbformat
+
+    root = tmp_path / "repo"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "profiles").mkdir()
+    (root / "pyproject.toml").write_text("[project]\nname='x'\n")
+    probe = root / "probe.json"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(PARAMS, metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "import json, os, threading, time\n"
+            f"open({str(probe)!r}, 'w').write(json.dumps({{'pid': os.getpid(), "
+            "'jpy': os.environ.get('JPY_PARENT_PID'), "
+            "'threads': [t.name for t in threading.enumerate()]}))\n"
+            "time.sleep(600)"
+        ),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, root / "notebooks" / "01_dataset_prep.ipynb")
+    _write_profile(root, "t", seed=1)
+    monkeypatch.chdir(root)
+    proc = _runner(root, "--profile", "t")
+    _wait_for(probe.exists, what="the kernel's first cell")
+    time.sleep(0.2)  # the file is written in one call; let it close
+    seen = json.loads(probe.read_text())
+    proc.kill()
+    proc.wait(timeout=30)
+    assert seen["jpy"] is None and "magseg-runner-watch" in seen["threads"]
+    _wait_for(lambda: not chain._pid_alive(seen["pid"]), timeout=10, what="the orphaned kernel to die")
+
+
 def test_incomplete_checkpoints_are_skipped_and_removed(tmp_path, capsys):
     ck = tmp_path / "checkpoints"
     for step, state in ((2, {"global_step": 2}), (4, None), (6, "{half"), (8, {"global_step": 7})):

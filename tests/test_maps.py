@@ -120,8 +120,8 @@ def test_a_raster_without_crs_is_refused(tmp_path):
 @needs_chromium
 def test_headless_chromium_shows_the_layers_and_saves_a_screenshot(saved_map):
     shot = saved_map["out"] / "map.png"
-    # (0.575, 0.46): the middle of a field (a click on its edge may miss it by a pixel)
-    res, img = open_in_browser(saved_map["path"], shot, click=(0.575, 0.46), wait_s=6.0)
+    # the middle of the field just up and right of the scene centre (fields are ~45 px, gaps 5 px)
+    res, img = open_in_browser(saved_map["path"], shot, click=(0.5175, 0.4656), wait_s=6.0)
     # The layer switcher asks the map itself: every layer exists, coarse starts hidden.
     assert res["layers"] == {
         "imagery": True,
@@ -385,7 +385,8 @@ def test_a_demo_size_map_is_under_3_mb(demo_size_map):
 @pytest.mark.browser
 @needs_chromium
 def test_a_demo_size_map_opens_with_popups_and_dashed_test_tiles(demo_size_map):
-    res, img = open_in_browser(demo_size_map["path"], demo_size_map["tmp"] / "map.png", click=(0.5, 0.5))
+    # a field inside the scored test tile below right of the centre
+    res, img = open_in_browser(demo_size_map["path"], demo_size_map["tmp"] / "map.png", click=(0.56, 0.55))
     assert res["layers"] == {
         "imagery": True,
         "coarse": False,

@@ -46,7 +46,7 @@ def browser_check(
 
     Returns ``layers`` ({name: visible} from the page's layer switcher, which asks the map itself),
     ``canvas`` (a MapLibre canvas exists), ``popup`` (text of the popup after clicking at the
-    fractional position ``click``), ``errors`` (uncaught page exceptions), and writes a PNG.
+    fractional position ``click`` of the map's canvas), ``errors`` (uncaught page exceptions), and writes a PNG.
     """
 
     if not Path(chromium).exists():
@@ -109,7 +109,15 @@ def browser_check(
         canvas = bool(evaluate("!!document.querySelector('canvas.maplibregl-canvas')"))
         popup = None
         if click is not None:
-            x, y = click[0] * size[0], click[1] * size[1]
+            # fractions of the map's canvas, wherever the page placed it
+            box = json.loads(
+                evaluate(
+                    "JSON.stringify((c => c ? [c.left, c.top, c.width, c.height] : [0, 0, innerWidth, "
+                    "innerHeight])(document.querySelector('canvas.maplibregl-canvas')"
+                    "?.getBoundingClientRect()))"
+                )
+            )
+            x, y = box[0] + click[0] * box[2], box[1] + click[1] * box[3]
             # On a busy machine the vector tiles may still be loading: click again until a popup
             # shows or ``wait_s`` more seconds have passed.
             deadline = time.time() + wait_s

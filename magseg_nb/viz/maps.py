@@ -285,7 +285,7 @@ def scene_map(
         },
         position="bottom-right",
     )
-    m.fit_bounds([[bounds[0], bounds[1]], [bounds[2], bounds[3]]])
+    m.fit_bounds([[bounds[0], bounds[1]], [bounds[2], bounds[3]]], {"animate": False})
     return m
 
 
@@ -295,11 +295,17 @@ def network_loads(html: str) -> list[str]:
     return [html[max(0, m.start() - 40) : m.end() + 60] for m in _NETWORK.finditer(html)]
 
 
+PAGE_STYLE = "<style>html, body {margin: 0; overflow: hidden}</style>"
+
+
 def save_offline_html(m, path: Path, title: str = "MAgSeg predictions") -> Path:
     """Write the map as one self-contained HTML file (atomic) and check it loads nothing remote."""
     html = m.to_html(title=html_lib.escape(title), height="100vh")  # the template does not escape
     # leafmap leaves the CDN MapLibre tags commented out (the bundle already holds MapLibre): drop them.
     html = re.sub(r"<!--.*?-->", "", html, flags=re.S)
+    # The map div is 100vh tall; with the body's default 8 px margin the page scrolls and a
+    # scrollbar narrows and shifts the map.
+    html = html.replace("</title>", "</title>\n" + PAGE_STYLE, 1)
     problems = network_loads(html)
     if problems:
         raise ValueError(f"the map for {path} would load resources from the network: {problems[:3]}")
