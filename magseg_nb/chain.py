@@ -583,12 +583,16 @@ def _logged_kernel_manager(log_path: Path):
             return os.path.join(tempfile.gettempdir(), f"magseg-kernel-{uuid.uuid4().hex[:12]}")
 
         async def _async_launch_kernel(self, kernel_cmd, **kw):
-            # Without JPY_PARENT_PID ("independent"), ipykernel's own parent poller does not run: it
-            # would os._exit the kernel within a second of the runner's death, racing the watch
-            # that first kills the kernel's children (seen in CI: a worker outlived its kernel).
-            # The kernel starts that watch itself, from its first line.
-            kw["independent"] = True
-            kernel_cmd = [*kernel_cmd, f"--IPKernelApp.exec_lines={_WATCH_RUNNER_LINE}"]
+            # ipykernel's own parent poller would os._exit the kernel within a second of the runner's
+            # death, racing the watch that first kills the kernel's children (seen in CI: a worker
+            # outlived its kernel). parent_handle=1 ("the parent is init") is ipykernel's way to run
+            # no poller while keeping the rest of its with-a-parent behaviour; the kernel starts the
+            # watch itself, from its first line.
+            kernel_cmd = [
+                *kernel_cmd,
+                "--IPKernelApp.parent_handle=1",
+                f"--IPKernelApp.exec_lines={_WATCH_RUNNER_LINE}",
+            ]
             with open(log_path, "ab") as log:  # the kernel keeps its own copy of the descriptor
                 kw["stdout"] = kw["stderr"] = log
                 return await super()._async_launch_kernel(kernel_cmd, **kw)

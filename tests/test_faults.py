@@ -176,8 +176,9 @@ def test_a_kernel_killed_before_its_stage_starts_dies_with_the_runner(tmp_path, 
         nbformat.v4.new_code_cell(PARAMS, metadata={"tags": ["parameters"]}),
         nbformat.v4.new_code_cell(
             "import json, os, threading, time\n"
+            "from ipykernel.kernelapp import IPKernelApp\n"
             f"open({str(probe)!r}, 'w').write(json.dumps({{'pid': os.getpid(), "
-            "'jpy': os.environ.get('JPY_PARENT_PID'), "
+            "'poller': IPKernelApp.instance().poller is not None, "
             "'threads': [t.name for t in threading.enumerate()]}))\n"
             "time.sleep(600)"
         ),
@@ -192,7 +193,7 @@ def test_a_kernel_killed_before_its_stage_starts_dies_with_the_runner(tmp_path, 
     seen = json.loads(probe.read_text())
     proc.kill()
     proc.wait(timeout=30)
-    assert seen["jpy"] is None and "magseg-runner-watch" in seen["threads"]
+    assert seen["poller"] is False and "magseg-runner-watch" in seen["threads"]
     _wait_for(lambda: not chain._pid_alive(seen["pid"]), timeout=10, what="the orphaned kernel to die")
 
 

@@ -1,0 +1,120 @@
+"""One SFT or GRPO variant on a finished run's conversations, scored like notebooks 03/04 (the
+experiments of docs/experiments.md).
+
+Trains one format's adapter with ``training.run_sft`` (or, with ``--grpo-from ADAPTER``,
+``training.run_grpo`` from that SFT adapter) from the settings dataclasses' defaults, which are the
+demo's, with the overrides given, on ``RUN/02_instruction_format``; scores every validation answer per
+class with block intervals beside the pixel classifier, and, with ``--against``, the paired change
+against another run's answers on the same conversations.
+
+    .venv/bin/python scripts/sft_experiment.py --run-dir runs/demo --out runs/exp/steps2400 \
+        --set max_steps=2400 --against runs/exp/sft600
+    .venv/bin/python scripts/sft_experiment.py --run-dir runs/demo --out runs/exp/grpo8 \
+        --grpo-from runs/exp/sft600/adapter --set num_generations=8 --against runs/exp/sft600
+
+Needs ``magseg-nb run --profile demo --to 02`` (or any run up to 02) first. Writes only under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from magseg_nb import files, layout, models, tile_conversations, training, validation
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``key=value`` pairs, values read as YAML (``2400``, ``1e-3``, ``true``, ``[a, b]``)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected key=value (for example max_steps=2400)")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", type=Path, required=True, help="a run folder with 01 and 02 finished")
+    p.add_argument("--out", type=Path, required=True, help="where the adapter, answers and scores go")
+    p.add_argument("--format", default="magseg", choices=["magseg", "text4seg"])
+    p.add_argument("--model-id", default="tiny-gemma3-proxy")
+    p.add_argument("--layout", default="per_patch", help="conversation_layout (per_patch or per_tile)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an SFTSettings field")
+    p.add_argument("--grpo-from", type=Path, metavar="ADAPTER", help="run GRPO from this SFT adapter")
+    p.add_argument(
+        "--against", type=Path, help="a folder with answers.jsonl of the same format to compare with"
+    )
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    run01 = args.run_dir / "01_dataset_prep"
+    run02 = args.run_dir / "02_instruction_format"
+    for need in (run01, run02):
+        if not (need / "state.json").exists():
+            raise SystemExit(
+                f"{need} is not a finished stage: run `magseg-nb run --profile demo --to 02` first"
+            )
+    params = {"seed": args.seed, **parse_overrides(args.set)}
+    base = models.resolve_model(args.model_id, args.run_dir / "models")
+    t0 = time.perf_counter()
+    if args.grpo_from:
+        settings = training.grpo_settings(params, args.format, base, run02, args.grpo_from, args.out)
+        result = training.run_grpo(settings)
+    else:
+        settings = training.sft_settings(params, args.format, base, run02, args.out)
+        settings.train_jsonl = str(tile_conversations.train_jsonl(run02, args.format, args.layout))
+        result = training.run_sft(settings)
+    seconds = time.perf_counter() - t0
+
+    val = run02 / f"{args.format}_val.jsonl"
+    frames = validation.answer_frames(val, args.out / layout.ANSWERS, run01)
+    table = validation.score_frames(frames, args.n_boot, 0.95, args.seed)
+    print(validation.wide(table.query("answers == 'all'")).to_string())
+    print(f"well-formed answers: {validation.valid_share(frames):.1%}")
+    summary = {
+        "overrides": params,
+        "format": args.format,
+        "stage": "grpo" if args.grpo_from else "sft",
+        "steps_done": result.get("steps"),
+        "seconds": round(seconds, 1),
+        "well_formed": validation.valid_share(frames),
+        "scores": {
+            f"{validation.SHORT[s]}_{m}": round(float(v), 4)
+            for (s, m), v in table.query("answers == 'all'").set_index(["scorer", "metric"])["value"].items()
+        },
+    }
+    log = args.out / "log.csv"
+    if args.grpo_from and log.exists():
+        zero_std = pd.read_csv(log).get("frac_reward_zero_std")
+        summary["groups_all_equal_rewards"] = None if zero_std is None else round(float(zero_std.mean()), 3)
+        print(f"groups with all-equal rewards: {summary['groups_all_equal_rewards']}")
+    if args.against:
+        ref = validation.answer_frames(val, args.against / layout.ANSWERS, run01)
+        diff = validation.compare(
+            ref[validation.MODEL], frames[validation.MODEL], args.n_boot, 0.95, args.seed
+        )
+        lines = validation.change_sentences(diff, "this run", str(args.against))
+        print("\n".join(lines))
+        summary["against"] = {"reference": str(args.against), "changes": lines}
+    files.write_json(args.out / "experiment.json", summary)
+    print(json.dumps({k: summary[k] for k in ("steps_done", "seconds", "well_formed")}))
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
