@@ -123,17 +123,25 @@ def study_tiles(run01, n_train: int, n_val: int, seed: int = 0) -> list[prompts.
 def budget_note(steps: int, batch_size: int, tiles, run01, reference_steps) -> str:
     """The run's training budget in words, shown with its tables (a reduced budget is never silent).
 
-    ``reference_steps``: notebook 03's ``max_steps`` (an int, or format -> steps)."""
+    ``reference_steps``: this run's notebook 03 ``max_steps`` (an int, or format -> steps). A run whose
+    03 trained less than the demo's recipe (the study profile runs it for one step) is compared with
+    the recipe, and says so."""
 
     table = geo.read_tiles_table(run01)
     if isinstance(reference_steps, dict):
         reference_steps = max(reference_steps.values())
+    recipe = training.SFTSettings.max_steps
     n = {s: sum(t.split == s for t in tiles) for s in ("train", "val")}
     total = {s: int((table["split"] == s).sum()) for s in ("train", "val")}
-    reduced = steps < reference_steps or n["train"] < total["train"] or n["val"] < total["val"]
+    reduced = steps < max(reference_steps, recipe) or n["train"] < total["train"] or n["val"] < total["val"]
     head = "REDUCED BUDGET: " if reduced else "Budget: "
+    ref = (
+        f"notebook 03 trains {reference_steps}"
+        if reference_steps >= recipe
+        else f"this run's notebook 03 trained {reference_steps}, the demo's {recipe}"
+    )
     text = (
-        f"{head}{steps} optimizer steps per run (batch {batch_size}; notebook 03 trains {reference_steps}), "
+        f"{head}{steps} optimizer steps per run (batch {batch_size}; {ref}), "
         f"{n['train']} of {total['train']} training tiles, {n['val']} of {total['val']} validation tiles."
     )
     if reduced:
