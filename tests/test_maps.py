@@ -56,6 +56,7 @@ def test_map_is_one_offline_file_with_every_layer(saved_map):
     html = saved_map["path"].read_text()
     assert maps.network_loads(html) == []
     assert "unpkg.com" not in html and "<script src" not in html and "<link rel" not in html
+    assert html.count(maps.PAGE_STYLE) == 1  # no page margin: the 100vh map does not scroll
     for layer in ("imagery", "coarse", "refined", "ground truth", "predicted"):
         assert f'"id": "{layer}"' in html, layer
     assert html.count('"type": "image", "url": "data:image/png;base64,') == 2  # class masks: lossless
