@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from magseg_nb import files, profile_schema, progress
@@ -252,8 +253,6 @@ def _lock_stage(run_dir: Path, name: str) -> None:
 
 def kill_descendants() -> list[int]:
     """SIGKILL every process this one started, recursively; their PIDs."""
-    import psutil
-
     procs = psutil.Process().children(recursive=True)
     for proc in procs:
         try:
@@ -268,15 +267,14 @@ _WATCH_RUNNER_LINE = "import magseg_nb.chain as _m; _m._die_with_runner(); del _
 
 def _die_with_runner() -> None:
     """In a kernel started by the runner, stop this kernel (and its process group) when the runner
-    is gone, even after a SIGKILL that gave it no chance to shut the kernel down."""
+    is gone, even after a SIGKILL that gave it no chance to shut the kernel down. The runner's kernel
+    manager runs this as the kernel's first line (``_WATCH_RUNNER_LINE``)."""
     pid = os.environ.get(RUNNER_ENV, "")
     if not pid.isdigit() or int(pid) == os.getpid() or int(pid) in _WATCHED:
         return
     runner = int(pid)
     _WATCHED.add(runner)
     child = os.getppid() == runner
-
-    import psutil  # noqa: F401 - imported now: the kill below must not wait for an import
 
     def watch() -> None:
         while (os.getppid() == runner) if child else _pid_alive(runner):
@@ -340,7 +338,6 @@ class Stage:
         if "run_dir" not in params:
             raise StageError("the parameters cell must define run_dir (for example 'runs/demo')")
         run_dir = resolve_run_dir(params["run_dir"])
-        _die_with_runner()
         _lock_stage(run_dir, name)
         inputs = {}
         for need in needs:
