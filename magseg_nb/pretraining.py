@@ -1,9 +1,10 @@
 """Label-free proxy pretraining of the tiny Gemma 3: a stand-in for Gemma 3's own pretraining.
 
-The proxy task asks for the colour codes (a-h: hue family x brightness) of the same cells a label grid
-would describe, on the training conversations' images, so the model learns to read the image at the
-answer's layout without seeing a label. ``scripts/build_tiny_base.py`` builds the shipped base with it
-(``magseg_nb.tiny_base``); notebook 03 can run it on the fly (``pretrain_steps``).
+The proxy task asks for the colour and texture codes (a-p: hue family x brightness x smooth/textured)
+of the same cells a label grid would describe, on the training conversations' images, so the model
+learns to read the image at the answer's layout without seeing a label. ``scripts/build_tiny_base.py``
+builds the shipped base with it (``magseg_nb.tiny_base``); notebook 03 can run it on the fly
+(``pretrain_steps``).
 """
 
 from __future__ import annotations
@@ -18,14 +19,23 @@ import numpy as np
 from magseg_nb import files, prompts
 from magseg_nb.training import DONE_FILE, SFTSettings, load_split, run_sft
 
-# Colour codes of the proxy task: hue family x brightness, written as letters (one token each, and
+# Codes of the proxy task: hue family x brightness x texture, written as letters (one token each, and
 # never a class name, so the pretraining sees no labels).
-PROXY_CODES = "abcdefgh"
-PROXY_INSTRUCTION = "Colour codes (a-h) of the cells, same layout as the grid asked for below.\n"
+PROXY_CODES = "abcdefghijklmnop"
+PROXY_INSTRUCTION = "Colour and texture codes (a-p) of the cells, same layout as the grid asked for below.\n"
+# A cell whose grey levels vary by at least this much (standard deviation, 0-255 scale) is "textured".
+# Why: colour alone gives tree crowns and many crop fields the same code (dark green); texture is the
+# generic image statistic that tells them apart (on the demo's training cells: median 9.0 for tree
+# cells, 3.3 for field cells, 3.2 for water; measured once to choose this value, see docs/experiments.md).
+TEXTURED_STD = 6.0
 
 
-def colour_codes(cell_rgb: np.ndarray) -> np.ndarray:
-    """(h,w,3) mean RGB per cell -> (h,w) code 0..7: hue family (grey, green, blue, warm) x dark/bright."""
+def colour_codes(cell_rgb: np.ndarray, cell_std: np.ndarray | None = None) -> np.ndarray:
+    """(h,w,3) mean RGB (+ (h,w) grey-level std) per cell -> (h,w) code 0..15.
+
+    Code = 4 x hue family (grey, green, blue, warm) + 2 x bright + textured (std >= ``TEXTURED_STD``);
+    without ``cell_std`` every cell counts as smooth.
+    """
     rgb = cell_rgb.astype(float)
     spread = rgb.max(-1) - rgb.min(-1)
     family = np.select(
@@ -34,7 +44,8 @@ def colour_codes(cell_rgb: np.ndarray) -> np.ndarray:
         default=3,
     )
     bright = rgb.mean(-1) >= 110
-    return (family * 2 + bright).astype(int)
+    textured = np.zeros(bright.shape, bool) if cell_std is None else np.asarray(cell_std) >= TEXTURED_STD
+    return (family * 4 + bright * 2 + textured).astype(int)
 
 
 def cell_means(image, box: tuple[int, int, int, int], grid: int) -> np.ndarray:
@@ -43,6 +54,18 @@ def cell_means(image, box: tuple[int, int, int, int], grid: int) -> np.ndarray:
 
     small = image.convert("RGB").resize((grid, grid), Image.Resampling.BOX, box=box)
     return np.asarray(small)
+
+
+def cell_stds(image, box: tuple[int, int, int, int], grid: int) -> np.ndarray:
+    """(grid, grid) standard deviation of the grey levels in each cell of ``box`` (as ``cell_means``)."""
+    from PIL import Image
+
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    means = []
+    for values in (grey, grey**2):
+        small = Image.fromarray(values, mode="F").resize((grid, grid), Image.Resampling.BOX, box=box)
+        means.append(np.asarray(small, dtype=np.float64))
+    return np.sqrt(np.maximum(means[1] - means[0] ** 2, 0.0))
 
 
 def encode_codes(codes: np.ndarray, encoding: str) -> str:
@@ -63,7 +86,7 @@ def encode_codes(codes: np.ndarray, encoding: str) -> str:
 
 
 def proxy_example(row: dict) -> dict:
-    """The label-free proxy version of one conversation: same images and prompt, colour codes as answer.
+    """The label-free proxy version of one conversation: same images and prompt, codes as answer.
 
     The answer describes the same cells the real answer labels (the marked patch for MAgSeg, the
     whole tile for Text4Seg), so pretraining teaches the model to read the image at that layout;
@@ -79,7 +102,7 @@ def proxy_example(row: dict) -> dict:
             (tile.height, tile.width), patch, int(row["patch_layout"])
         )
         box = (left, top, right, bottom)
-    codes = colour_codes(cell_means(tile, box, grid))
+    codes = colour_codes(cell_means(tile, box, grid), cell_stds(tile, box, grid))
     prompt = json.loads(json.dumps(row["prompt"]))  # deep copy
     for part in prompt[-1]["content"]:
         if part.get("type") == "text":
@@ -118,7 +141,7 @@ def pretrain_proxy_base(
     time_budget_s: float | None = None,
     logging_steps: int = 25,
 ) -> Path:
-    """Full fine-tune of a randomly initialised tiny model on the label-free colour-code task.
+    """Full fine-tune of a randomly initialised tiny model on the label-free colour/texture-code task.
 
     Saved like a real checkpoint in ``models_dir/<name>-proxy-<hash>/`` and reused when present (the
     hash covers the base, the data files and these settings). Why: LoRA on a random base learns the
@@ -201,6 +224,6 @@ def pretrain_from_params(base_model, params: dict, train_jsonls, models_dir) -> 
 
 
 def describe(row: dict) -> str:
-    """One proxy conversation as text: the question's last part, then the colour-code answer."""
+    """One proxy conversation as text: the question's last part, then the code answer."""
     question = row["prompt"][0]["content"][-1]["text"]
     return f"{question}\n---\n{row['completion'][0]['content'][0]['text']}"

@@ -2,8 +2,8 @@
 
 The tiny model of the CPU demo is randomly initialised; LoRA on it learns the field class and little
 else. This module builds a stand-in for Gemma 3's own pretraining: a full fine-tune of the random tiny
-model on the repository's label-free proxy task (``pretraining.proxy_dataset``: the colour codes of each
-grid cell, no class labels) over generated landscapes with *other seeds* than any profile uses, in the
+model on the repository's label-free proxy task (``pretraining.proxy_dataset``: the colour and texture
+codes of each grid cell, no class labels) over generated landscapes with *other seeds* than any profile uses, in the
 demo's conversation layout (both formats). The result is saved like a hub checkpoint in
 ``pretrained/tiny-gemma3-proxy/`` with ``RECIPE.json`` (how it was made) and ``SHA256SUMS`` (every
 file's hash), and ``models.resolve_model("tiny-gemma3-proxy")`` verifies the hashes before handing the
@@ -75,13 +75,13 @@ class Recipe:
     scenes_per_country: int = 1
     scene_size: int = 1024
     res_m: float = 0.8
-    # The layout the shipped base was pretrained at (2x2 patches of 8x8 cells); the demo now asks
-    # 4x4 patches of 4x4 cells (docs/experiments.md) and the base adapts to it during SFT.
+    # The demo's layout (4x4 patches of 4x4 cells, docs/experiments.md), so the proxy answers describe
+    # the very cells the labels will.
     tile_size: int = 128
     tile_overlap: int = 32
     split_block_size: int = 256
-    patch_layout: int = 2
-    magseg_grid: int = 8
+    patch_layout: int = 4
+    magseg_grid: int = 4
     text4seg_grid: int = 16
     encoding: str = "rle"
     variant: str = "crop"
@@ -260,7 +260,13 @@ def build(out_dir: Path, recipe: Recipe, work_dir: Path, command: str | None = N
     recipe_record = {
         "model_id": "tiny-gemma3-proxy",
         "what": "tiny Gemma 3 (TinySpec defaults) after a full fine-tune on the label-free proxy task "
-        "(colour codes a-h of each grid cell; pretraining.proxy_dataset), a stand-in for Gemma 3's pretraining",
+        f"(colour and texture codes {PROXY_CODES[0]}-{PROXY_CODES[-1]} of each grid cell; "
+        "pretraining.proxy_dataset), a stand-in for Gemma 3's pretraining",
+        "proxy_task": {
+            "instruction": pretraining.PROXY_INSTRUCTION.strip(),
+            "codes": PROXY_CODES,
+            "textured_std": pretraining.TEXTURED_STD,
+        },
         "command": command or BUILD_COMMAND,
         "recipe": dataclasses.asdict(recipe),
         "difficulty_settings": {name: DIFFICULTY_MIX[name] for name in recipe.difficulties},
@@ -307,7 +313,7 @@ def _final_loss(log_csv: Path) -> float | None:
 
 
 def decode_codes(text: str, grid: int):
-    """A run-length colour-code answer (``a *3| b *5`` rows) as a (grid, grid) int array of 0..7, or
+    """A run-length colour-code answer (``a *3| b *5`` rows) as a (grid, grid) int array of code indices, or
     None when it is not a well-formed grid of that shape."""
     import numpy as np
 

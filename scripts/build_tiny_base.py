@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--countries", nargs="+", default=d.countries)
     p.add_argument("--scenes-per-country", type=int, default=d.scenes_per_country)
     p.add_argument("--scene-size", type=int, default=d.scene_size)
+    p.add_argument("--patch-layout", type=int, default=d.patch_layout, help="MAgSeg patches per tile side")
+    p.add_argument("--magseg-grid", type=int, default=d.magseg_grid, help="MAgSeg cells per patch side")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.learning_rate)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         countries=args.countries,
         scenes_per_country=args.scenes_per_country,
         scene_size=args.scene_size,
+        patch_layout=args.patch_layout,
+        magseg_grid=args.magseg_grid,
         steps=args.steps,
         learning_rate=args.lr,
         warmup_steps=args.warmup_steps,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magseg_nb import files, models, pretraining, prompts, tiny_base, training
+from magseg_nb import chain, files, models, pretraining, prompts, tiny_base, training
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "pretrained" / "tiny-gemma3-proxy"
@@ -46,6 +46,17 @@ def test_shipped_recipe_and_registry_entry():
     assert 0 not in recipe["recipe"]["seeds"] and len(recipe["recipe"]["seeds"]) >= 2
     assert len(set(recipe["recipe"]["difficulties"])) >= 2 and len(recipe["recipe"]["countries"]) >= 2
     assert recipe["recipe"]["lr_scheduler"] == "cosine"
+    # pretrained at the demo's layout, on the proxy task this code builds
+    demo02 = chain.load_profile("demo")["stages"]["02_instruction_format"]
+    assert (recipe["recipe"]["patch_layout"], recipe["recipe"]["magseg_grid"]) == (
+        demo02["patch_layout"],
+        demo02["magseg_grid"],
+    )
+    assert recipe["proxy_task"] == {
+        "instruction": pretraining.PROXY_INSTRUCTION.strip(),
+        "codes": pretraining.PROXY_CODES,
+        "textured_std": pretraining.TEXTURED_STD,
+    }
     assert recipe["steps_done"] == recipe["recipe"]["steps"] >= 1000
     assert recipe["command"].startswith("OMP_NUM_THREADS=1 .venv/bin/python scripts/build_tiny_base.py")
     for key in ("n_examples", "packages", "date", "wall_seconds", "machine"):
@@ -110,27 +121,23 @@ def test_build_script_end_to_end(tmp_path):
 
 
 def test_shipped_base_writes_colour_codes(proxy_rows):
-    """Pretrained: greedy answers to unseen proxy prompts are colour-code grids (a random base writes noise).
+    """Pretrained: greedy answers to unseen proxy prompts are code grids (a random base writes noise).
 
-    Measured on the shipped base (2000 steps): every run is ``<a-h> *<n>``, rows mostly hold 8 cells,
-    but answers often stop after 6-7 rows, so only some decode as a full 8x8 grid; those agree with the
-    true codes on about 45 % of the cells (chance 1/8).
+    Measured on the shipped base (2000 steps, 4x4 cells, 16 codes) on 16 such prompts: every run is
+    ``<a-p> *<n>``, every answer a full 4x4 grid, agreeing with the true codes on 37 % of the cells
+    (chance 1/16).
     """
     ds = prompts.load_conversations(proxy_rows, limit=8)
     proxy = [pretraining.proxy_example(row) for row in ds]
     model, processor = models.load_model_and_processor(models.resolve_model("tiny-gemma3-proxy", ROOT))
-    answers = models.generate(model, processor, proxy, max_new_tokens=300, batch_size=8)
-    truth = [tiny_base.decode_codes(p["completion"][0]["content"][0]["text"], 8) for p in proxy]
-    assert all(t is not None and t.shape == (8, 8) for t in truth)
+    answers = models.generate(model, processor, proxy, max_new_tokens=100, batch_size=8)
+    truth = [tiny_base.decode_codes(p["completion"][0]["content"][0]["text"], 4) for p in proxy]
+    assert all(t is not None and t.shape == (4, 4) for t in truth)
     runs = [r.strip() for a in answers for row in a.split("\n") for r in row.split("|")]
-    assert np.mean([re.fullmatch(r"[a-h] \*[1-8]", r) is not None for r in runs]) >= 0.95, answers
-    rows = [row for a in answers for row in a.split("\n")]
-    assert all(len(a.split("\n")) >= 6 for a in answers), answers
-    row_cells = [sum(int(n) for n in re.findall(r"\*(\d+)", row)) for row in rows]
-    assert np.mean([c == 8 for c in row_cells]) >= 0.5, row_cells
-    got = [tiny_base.decode_codes(a, 8) for a in answers]
+    assert np.mean([re.fullmatch(r"[a-p] \*[1-4]", r) is not None for r in runs]) >= 0.95, answers
+    got = [tiny_base.decode_codes(a, 4) for a in answers]
     full = [(g == t).mean() for g, t in zip(got, truth, strict=True) if g is not None]
-    assert len(full) >= 1 and np.mean(full) > 0.3, (full, answers)
+    assert len(full) >= 6 and np.mean(full) > 0.2, (full, answers)
 
 
 def test_lora_sft_runs_on_the_shipped_base(proxy_rows, tmp_path):

@@ -54,10 +54,28 @@ def test_baselines_all_field_and_majority():
 
 def test_colour_codes_and_encoding():
     rgb = np.array([[[128, 128, 128], [30, 120, 40]], [[40, 110, 220], [230, 200, 60]]])
-    codes = pretraining.colour_codes(rgb)
-    assert codes.tolist() == [[1, 2], [5, 7]]  # grey bright, green dark, blue bright, warm bright
+    # grey bright, green dark, blue bright, warm bright; all smooth without a std
+    assert pretraining.colour_codes(rgb).tolist() == [[2, 4], [10, 14]]
+    textured = pretraining.colour_codes(rgb, np.array([[0.0, 6.0], [5.9, 30.0]]))
+    assert textured.tolist() == [[2, 5], [10, 15]]  # std >= TEXTURED_STD adds 1
+    assert pretraining.PROXY_CODES[15] == "p" and len(pretraining.PROXY_CODES) == 16
     assert pretraining.encode_codes(np.array([[0, 0, 1], [2, 2, 2]]), "rle") == "a *2| b *1\nc *3"
     assert pretraining.encode_codes(np.array([[0, 1]]), "plain") == "a|b"
+
+
+def test_cell_stds_are_the_grey_level_spread_of_each_cell():
+    grey = np.zeros((8, 8), np.uint8)
+    grey[:4, :4] = 100  # flat cell
+    grey[:4, 4:] = np.array([[90, 110] * 2] * 4)  # +-10 checkerboard-like columns: std 10
+    grey[4:, :] = np.arange(8, dtype=np.uint8)[None, :] * 20  # a ramp: cells of 0,20,40,60 and 80..140
+    image = Image.fromarray(np.stack([grey] * 3, -1))
+    std = pretraining.cell_stds(image, (0, 0, 8, 8), 2)
+    assert std.shape == (2, 2)
+    assert std[0, 0] == pytest.approx(0.0, abs=1e-3) and std[0, 1] == pytest.approx(10.0, abs=1e-3)
+    assert std[1, 0] == pytest.approx(np.std([0, 20, 40, 60]), abs=1e-3)
+    # a box selects part of the image, split the same way as cell_means
+    assert pretraining.cell_stds(image, (4, 0, 8, 4), 1)[0, 0] == pytest.approx(10.0, abs=1e-3)
+    assert pretraining.cell_means(image, (4, 0, 8, 4), 1)[0, 0].tolist() == [100, 100, 100]
 
 
 def test_proxy_example_describes_the_patch_without_labels():
@@ -74,12 +92,12 @@ def test_proxy_example_describes_the_patch_without_labels():
     }
     ex = pretraining.proxy_example(row)
     answer = ex["completion"][0]["content"][0]["text"]
-    assert answer == "f|f\nf|f"
+    assert answer == "k|k\nk|k"  # blue, bright, smooth
     assert not any(name in answer for name in CLASSES)
     assert ex["prompt"][0]["content"][1]["text"].startswith(pretraining.PROXY_INSTRUCTION)
     assert row["prompt"][0]["content"][1]["text"] == "Segment."  # the original is not modified
     whole = pretraining.proxy_example({**row, "patch_row": None, "patch_col": None, "patch_layout": 1})
-    assert whole["completion"][0]["content"][0]["text"] == "a|a\na|f"
+    assert whole["completion"][0]["content"][0]["text"] == "a|a\na|k"
 
 
 def test_settings_reject_unknown_keys_and_bad_batches(tmp_path):
