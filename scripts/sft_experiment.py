@@ -11,6 +11,12 @@ against another run's answers on the same conversations.
         --set max_steps=2400 --against runs/exp/sft600
     .venv/bin/python scripts/sft_experiment.py --run-dir runs/demo --out runs/exp/grpo8 \
         --grpo-from runs/exp/sft600/adapter --set num_generations=8 --against runs/exp/sft600
+    .venv/bin/python scripts/sft_experiment.py ... --grpo-from ADAPTER --reward pooled     # the aligned reward
+    .venv/bin/python scripts/sft_experiment.py ... --grpo-from ADAPTER --freeze-saved-modules
+
+The two GRPO variants are experiments (docs/experiments.md), not package features: ``--reward pooled``
+registers :func:`pooled_dice_reward` for this run only; ``--freeze-saved-modules`` trains the LoRA
+matrices only (the SFT's trained embeddings, LM head and norm stay as they are).
 
 Needs ``magseg-nb run --profile demo --to 02`` (or any run up to 02) first. Writes only under --out.
 """
@@ -23,10 +29,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
-from magseg_nb import files, layout, models, tile_conversations, training, validation
+from magseg_nb import files, layout, models, rewards, tile_conversations, training, validation
+from magseg_nb.labels import CLASSES, NODATA
+
+# The pooled reward's Dice level D: a cell written as class c pays (2 [right] - D) / share of c, the
+# first-order change of c's pooled Dice 2TP / (P + G) when one more cell is written as c (D ~ 0.5).
+POOLED_D = 0.5
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -46,6 +58,52 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def class_shares(train_jsonl: Path) -> np.ndarray:
+    """Share of each class among the labelled cells of a conversations file (``gt_mask``)."""
+    counts = np.zeros(len(CLASSES))
+    with open(train_jsonl) as fh:
+        for line in fh:
+            g = np.asarray(json.loads(line)["gt_mask"]).ravel()
+            counts += np.bincount(g[g != NODATA], minlength=len(CLASSES))[: len(CLASSES)]
+    return counts / counts.sum()
+
+
+def pooled_dice_reward_for(shares: np.ndarray):
+    """A TRL reward scoring each answer by its first-order contribution to the pooled per-class Dice.
+
+    A cell written as class c earns ``(2 [c is right] - POOLED_D) / shares[c]``; the sum is divided by
+    the all-right answer's, so a perfect answer scores 1.0 (a poor one may score below 0).
+    """
+    weight = 1.0 / np.maximum(np.asarray(shares, float), 1e-3)
+
+    def pooled_dice_reward(prompts=None, completions=(), gt_mask=None, **kwargs) -> list[float]:
+        rewards._check_lengths(completions, gt_mask)
+        out = []
+        for completion, gt in zip(completions, gt_mask, strict=True):
+            gt = np.asarray(gt)
+            keep = gt != NODATA
+            g = gt[keep]
+            p = np.clip(np.asarray(rewards.decode_completion(completion, gt).mask)[keep], 0, len(CLASSES) - 1)
+            if g.size == 0:
+                out.append(1.0)
+                continue
+            got = ((2.0 * (p == g) - POOLED_D) * weight[p]).sum()
+            out.append(float(got / ((2.0 - POOLED_D) * weight[g]).sum()))
+        return out
+
+    return pooled_dice_reward
+
+
+def freeze_saved_modules(model) -> int:
+    """Stop training PEFT's ``modules_to_save`` copies (embeddings, LM head, norm); returns how many weights."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if "modules_to_save" in name and param.requires_grad:
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, required=True, help="a run folder with 01 and 02 finished")
@@ -58,6 +116,8 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--against", type=Path, help="a folder with answers.jsonl of the same format to compare with"
     )
+    p.add_argument("--reward", choices=["demo", "pooled"], default="demo", help="GRPO: the Dice reward")
+    p.add_argument("--freeze-saved-modules", action="store_true", help="GRPO: train the LoRA matrices only")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -70,6 +130,24 @@ def main(argv=None) -> dict:
                 f"{need} is not a finished stage: run `magseg-nb run --profile demo --to 02` first"
             )
     params = {"seed": args.seed, **parse_overrides(args.set)}
+    if (args.reward != "demo" or args.freeze_saved_modules) and not args.grpo_from:
+        raise SystemExit("--reward and --freeze-saved-modules are GRPO variants: give --grpo-from ADAPTER")
+    if args.reward == "pooled":
+        shares = class_shares(run02 / f"{args.format}_train.jsonl")
+        rewards.REWARD_FUNCS["pooled"] = pooled_dice_reward_for(shares)  # this process only
+        weights = params.get("reward_weights") or {"dice": 1.0, "format": 0.2}
+        params["reward_weights"] = {("pooled" if k == "dice" else k): v for k, v in weights.items()}
+        print("pooled reward, class shares:", dict(zip(CLASSES, shares.round(3), strict=True)), flush=True)
+    if args.freeze_saved_modules:
+        attach = models._attach_adapter
+
+        def attach_lora_only(model, base, adapter_dir, trainable):
+            model = attach(model, base, adapter_dir, trainable)
+            if trainable:
+                print(f"froze {freeze_saved_modules(model)} modules_to_save weights", flush=True)
+            return model
+
+        models._attach_adapter = attach_lora_only
     base = models.resolve_model(args.model_id, args.run_dir / "models")
     t0 = time.perf_counter()
     if args.grpo_from:
@@ -88,6 +166,7 @@ def main(argv=None) -> dict:
     print(f"well-formed answers: {validation.valid_share(frames):.1%}")
     summary = {
         "overrides": params,
+        "variant": {"reward": args.reward, "freeze_saved_modules": args.freeze_saved_modules},
         "format": args.format,
         "stage": "grpo" if args.grpo_from else "sft",
         "steps_done": result.get("steps"),

@@ -4,9 +4,13 @@ training and scoring it calls are tested in test_training / test_validation)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from magseg_nb.labels import NODATA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,4 +38,59 @@ def test_a_run_without_stage_02_is_refused_before_any_training(tmp_path):
         SystemExit, match=r"02_instruction_format is not a finished stage: run `magseg-nb run"
     ):
         script.main(["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+GT = [[1, 1, 1, 1], [1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 1, 1]]  # 12 field cells, 4 tree cells
+
+
+def test_pooled_reward_values_by_hand():
+    script = _script()
+    reward = script.pooled_dice_reward_for(np.array([0.25, 0.5, 0.125, 0.125]))  # weights 4, 2, 8, 8
+    answers = {
+        "field *4\nfield *2| tree *2\nfield *2| tree *2\nfield *4": 1.0,  # right: 1.5 * (12*2 + 4*8) = 84
+        "field *4\nfield *4\nfield *4\nfield *4": 32 / 84,  # 1.5*2*12 - 0.5*2*4
+        "tree *4\ntree *4\ntree *4\ntree *4": 0.0,  # 1.5*8*4 - 0.5*8*12
+        "field *2| tree *2\nfield *2| tree *2\nfield *2| tree *2\nfield *2| tree *2": 56 / 84,
+    }
+    got = reward(completions=list(answers), gt_mask=[GT] * len(answers))
+    assert got == pytest.approx(list(answers.values()))
+    nodata = [row[:] for row in GT]
+    nodata[0][0] = NODATA  # left out of both sums
+    assert reward(completions=["tree *4\ntree *4\ntree *4\ntree *4"], gt_mask=[nodata]) == pytest.approx(
+        [(48 - 0.5 * 8 * 11) / (1.5 * (11 * 2 + 32))]
+    )
+    with pytest.raises(ValueError, match="1 completions but 2 gt_mask values"):
+        reward(completions=["field *4"], gt_mask=[GT, GT])
+
+
+def test_class_shares_leave_nodata_out(tmp_path):
+    script = _script()
+    path = tmp_path / "train.jsonl"
+    rows = [{"gt_mask": GT}, {"gt_mask": [[0, 3], [NODATA, 3]]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert script.class_shares(path) == pytest.approx(np.array([1, 12, 4, 2]) / 19)
+
+
+def test_freeze_saved_modules_stops_only_those_weights():
+    import torch
+
+    script = _script()
+    model = torch.nn.Module()
+    model.lora_A = torch.nn.Linear(3, 2)
+    model.embed = torch.nn.Module()
+    model.embed.modules_to_save = torch.nn.Linear(4, 5)
+    assert script.freeze_saved_modules(model) == 4 * 5 + 5
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["lora_A.bias", "lora_A.weight"]
+
+
+def test_grpo_variants_need_grpo_from(tmp_path):
+    script = _script()
+    run = tmp_path / "run"
+    for stage in ("01_dataset_prep", "02_instruction_format"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "state.json").write_text("{}")
+    with pytest.raises(SystemExit, match="GRPO variants: give --grpo-from ADAPTER"):
+        script.main(["--run-dir", str(run), "--out", str(tmp_path / "out"), "--reward", "pooled"])
     assert not (tmp_path / "out").exists()
