@@ -593,10 +593,13 @@ def test_ctrl_c_prints_one_line_and_keeps_the_last_good_notebook(repo):
     chain.run_chain("t", log=lambda *_: None)
     nbs = run / "notebooks"
     good = (nbs / "01_dataset_prep.ipynb").read_text()
-    _write_profile(repo, "t", seed=3)
+    # 50 steps: the stage is still running when the signal lands, however late a loaded machine
+    # schedules this process after it saw checkpoint-2 (with 4 steps the run could finish first).
+    _write_profile(repo, "t", seed=3, steps=50)
     proc = _runner(repo, "--profile", "t")
     partial = run / "01_dataset_prep.partial"
     _wait_for(_half_written(partial, 2), what="checkpoint-2")
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == cli.INTERRUPTED
