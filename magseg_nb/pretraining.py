@@ -30,11 +30,10 @@ PROXY_INSTRUCTION = "Colour and texture codes (a-p) of the cells, same layout as
 TEXTURED_STD = 6.0
 
 
-def colour_codes(cell_rgb: np.ndarray, cell_std: np.ndarray | None = None) -> np.ndarray:
-    """(h,w,3) mean RGB (+ (h,w) grey-level std) per cell -> (h,w) code 0..15.
+def colour_codes(cell_rgb: np.ndarray, cell_std: np.ndarray) -> np.ndarray:
+    """(h,w,3) mean RGB and (h,w) grey-level std per cell -> (h,w) code 0..15.
 
-    Code = 4 x hue family (grey, green, blue, warm) + 2 x bright + textured (std >= ``TEXTURED_STD``);
-    without ``cell_std`` every cell counts as smooth.
+    Code = 4 x hue family (grey, green, blue, warm) + 2 x bright + textured (std >= ``TEXTURED_STD``).
     """
     rgb = cell_rgb.astype(float)
     spread = rgb.max(-1) - rgb.min(-1)
@@ -44,7 +43,7 @@ def colour_codes(cell_rgb: np.ndarray, cell_std: np.ndarray | None = None) -> np
         default=3,
     )
     bright = rgb.mean(-1) >= 110
-    textured = np.zeros(bright.shape, bool) if cell_std is None else np.asarray(cell_std) >= TEXTURED_STD
+    textured = np.asarray(cell_std) >= TEXTURED_STD
     return (family * 4 + bright * 2 + textured).astype(int)
 
 

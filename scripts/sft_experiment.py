@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
     if args.reward == "pooled":
         shares = class_shares(run02 / f"{args.format}_train.jsonl")
         rewards.REWARD_FUNCS["pooled"] = pooled_dice_reward_for(shares)  # this process only
-        weights = params.get("reward_weights") or {"dice": 1.0, "format": 0.2}
+        weights = params.get("reward_weights") or training.GRPOSettings().reward_weights
         params["reward_weights"] = {("pooled" if k == "dice" else k): v for k, v in weights.items()}
         print("pooled reward, class shares:", dict(zip(CLASSES, shares.round(3), strict=True)), flush=True)
     if args.freeze_saved_modules:

@@ -54,8 +54,8 @@ def test_baselines_all_field_and_majority():
 
 def test_colour_codes_and_encoding():
     rgb = np.array([[[128, 128, 128], [30, 120, 40]], [[40, 110, 220], [230, 200, 60]]])
-    # grey bright, green dark, blue bright, warm bright; all smooth without a std
-    assert pretraining.colour_codes(rgb).tolist() == [[2, 4], [10, 14]]
+    # grey bright, green dark, blue bright, warm bright; all smooth
+    assert pretraining.colour_codes(rgb, np.zeros((2, 2))).tolist() == [[2, 4], [10, 14]]
     textured = pretraining.colour_codes(rgb, np.array([[0.0, 6.0], [5.9, 30.0]]))
     assert textured.tolist() == [[2, 5], [10, 15]]  # std >= TEXTURED_STD adds 1
     assert pretraining.PROXY_CODES[15] == "p" and len(pretraining.PROXY_CODES) == 16
