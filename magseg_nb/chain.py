@@ -519,7 +519,8 @@ def notebook_path(stage: str) -> Path:
 
 
 def _code_fingerprint(nb_path: Path) -> str:
-    """Hash of the notebook's cell sources and the package's source: editing either reruns a stage."""
+    """Hash of the notebook's cell sources, the package's source and the shipped pretrained weights'
+    SHA256SUMS: editing any of them (or rebuilding a shipped base) reruns a stage."""
     import nbformat
 
     nb = nbformat.read(nb_path, as_version=4)
@@ -527,6 +528,8 @@ def _code_fingerprint(nb_path: Path) -> str:
     for cell in nb.cells:
         digest.update(cell.source.encode())
     for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    for path in sorted((repo_root() / "pretrained").glob("*/SHA256SUMS")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -541,7 +544,7 @@ def is_up_to_date(run_dir: Path, stage: str, key: str) -> tuple[bool, str]:
     if state is None:
         return False, "no finished output"
     if state.get("run_key") != key:
-        return False, "parameters, notebook or package code changed"
+        return False, "parameters, notebook, package code or a shipped pretrained base changed"
     problem = output_problem(run_dir / stage, state)
     if problem:
         return False, f"output changed: {problem}"

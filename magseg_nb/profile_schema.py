@@ -197,7 +197,8 @@ STAGES: dict[str, dict[str, Rule]] = {
     "02_instruction_format": {
         "patch_layout": _int(1),
         "magseg_grid": _int(1),
-        "encoding": Rule(str, choices=ENCODINGS),
+        "magseg_encoding": Rule(str, choices=ENCODINGS),
+        "text4seg_encoding": Rule(str, choices=ENCODINGS),
         "prompt_variant": Rule(str, choices=("index", "mark", "crop")),
         "conversation_layout": Rule(str, choices=("per_patch", "per_tile")),  # tile_conversations.LAYOUTS
         "max_tiles_per_split": _int(0),

@@ -83,7 +83,10 @@ class Recipe:
     patch_layout: int = 4
     magseg_grid: int = 4
     text4seg_grid: int = 16
-    encoding: str = "rle"
+    # Plain MAgSeg grids (the demo's: every cell at a fixed token offset, docs/experiments.md); Text4Seg
+    # keeps its R-RLE (a plain 16x16 answer is 512 tokens).
+    magseg_encoding: str = "plain"
+    text4seg_encoding: str = "rle"
     variant: str = "crop"
     # Proxy pretraining (full fine-tune of the random tiny model)
     steps: int = 2000
@@ -173,12 +176,12 @@ def build_conversations(recipe: Recipe, work: Path, log=print) -> list[Path]:
             run01, scenes, recipe.tile_size, recipe.tile_overlap, recipe.split_block_size, everything, seed
         )
         tiles = [dataclasses.replace(t, split="train") for t in prompts.tile_records(run01)]
-        for fmt, grid, layout in (
-            ("magseg", recipe.magseg_grid, recipe.patch_layout),
-            ("text4seg", recipe.text4seg_grid, 1),
+        for fmt, grid, layout, encoding in (
+            ("magseg", recipe.magseg_grid, recipe.patch_layout, recipe.magseg_encoding),
+            ("text4seg", recipe.text4seg_grid, 1, recipe.text4seg_encoding),
         ):
             variant = recipe.variant if fmt == "magseg" else "index"
-            paths = prompts.write_conversations(tiles, run02, fmt, grid, recipe.encoding, layout, variant)
+            paths = prompts.write_conversations(tiles, run02, fmt, grid, encoding, layout, variant)
             jsonls.append(paths["train"])
         log(f"seed {seed} ({diff_name}): {len(scenes)} scenes, {len(tiles)} tiles, {time.time() - t0:.0f} s")
     return jsonls
@@ -313,8 +316,8 @@ def _final_loss(log_csv: Path) -> float | None:
 
 
 def decode_codes(text: str, grid: int):
-    """A run-length colour-code answer (``a *3| b *5`` rows) as a (grid, grid) int array of code indices, or
-    None when it is not a well-formed grid of that shape."""
+    """A colour-code answer (plain ``a|a|b`` or run-length ``a *3| b *5`` rows) as a (grid, grid) int array
+    of code indices, or None when it is not a well-formed grid of that shape."""
     import numpy as np
 
     rows = [r for r in text.strip().split("\n") if r.strip()]
@@ -325,7 +328,8 @@ def decode_codes(text: str, grid: int):
         cells = []
         for run in row.split("|"):
             letter, star, count = run.strip().partition(" *")
-            if letter not in PROXY_CODES or not star or not count.isdigit():
+            count = count if star else "1"  # a plain cell
+            if len(letter) != 1 or letter not in PROXY_CODES or not count.isdigit():
                 return None
             cells += [PROXY_CODES.index(letter)] * int(count)
         if len(cells) != grid:

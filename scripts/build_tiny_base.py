@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from magseg_nb import tiny_base  # noqa: E402
+from magseg_nb import textgrid, tiny_base  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scene-size", type=int, default=d.scene_size)
     p.add_argument("--patch-layout", type=int, default=d.patch_layout, help="MAgSeg patches per tile side")
     p.add_argument("--magseg-grid", type=int, default=d.magseg_grid, help="MAgSeg cells per patch side")
+    p.add_argument("--magseg-encoding", default=d.magseg_encoding, choices=textgrid.ENCODINGS)
+    p.add_argument("--text4seg-encoding", default=d.text4seg_encoding, choices=textgrid.ENCODINGS)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.learning_rate)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         scene_size=args.scene_size,
         patch_layout=args.patch_layout,
         magseg_grid=args.magseg_grid,
+        magseg_encoding=args.magseg_encoding,
+        text4seg_encoding=args.text4seg_encoding,
         steps=args.steps,
         learning_rate=args.lr,
         warmup_steps=args.warmup_steps,

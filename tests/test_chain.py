@@ -281,3 +281,17 @@ def test_untouched_outputs_are_not_rehashed_but_an_in_place_edit_is(tmp_path, mo
     again = chain.Stage.start("01", {"run_dir": str(tmp_path / "r")})
     (again.dir / "mask.bin").write_bytes(b"\x00" * 64)
     assert chain.read_state(again.finish())["fingerprint"] == state["fingerprint"]
+
+
+def test_a_rebuilt_shipped_base_reruns_the_stages(repo):
+    """The shipped weights are data the stages read: a new SHA256SUMS (a rebuilt base) reruns them."""
+    assert [r["status"] for r in chain.run_chain("t", log=lambda *_: None)] == ["ran", "ran"]
+    sums = repo / "pretrained" / "tiny-base" / "SHA256SUMS"
+    sums.parent.mkdir(parents=True)
+    sums.write_text("0" * 64 + "  model.safetensors\n")
+    key = chain.run_key("01_dataset_prep", {}, chain.notebook_path("01_dataset_prep"))
+    assert chain.run_chain("t", log=lambda *_: None)[0]["status"] == "ran"
+    assert [r["status"] for r in chain.run_chain("t", log=lambda *_: None)] == ["skipped", "skipped"]
+    sums.write_text("1" * 64 + "  model.safetensors\n")
+    assert key != chain.run_key("01_dataset_prep", {}, chain.notebook_path("01_dataset_prep"))
+    assert [r["status"] for r in chain.run_chain("t", log=lambda *_: None)] == ["ran", "ran"]

@@ -522,8 +522,8 @@ BAD_PROFILES = [
     ),
     ("stages:\n  04: {max_steps: 0}\n", "stages.04_grpo.max_steps is 0; allowed: an integer >= 1"),
     (
-        "stages:\n  02: {encoding: zip}\n",
-        "stages.02_instruction_format.encoding is 'zip'; allowed: one of 'plain', 'rle'",
+        "stages:\n  02: {magseg_encoding: zip}\n",
+        "stages.02_instruction_format.magseg_encoding is 'zip'; allowed: one of 'plain', 'rle'",
     ),
     (
         "stages:\n  05: {sam_backend: vit_x}\n",

@@ -53,3 +53,19 @@ def test_the_resolution_study_trained_and_scored_every_run(smoke_run):
     assert findings[1].startswith("mdice, MAgSeg - Text4Seg per effective resolution: 4 cells ")
     assert any(f.startswith("Without the tile (crop_only)") for f in findings)
     assert {p.name for p in (folder / "figures").iterdir()} == {"resolution.png", "context.png"}
+
+
+def test_each_format_writes_its_own_encoding(smoke_run):
+    """The profile's 02 encodings reach the conversations and formats.json (MAgSeg plain, Text4Seg R-RLE)."""
+    from magseg_nb import prompts
+
+    run02 = stage_dir(smoke_run, "02_instruction_format")
+    formats = prompts.read_formats(run02)
+    assert (formats["magseg"]["encoding"], formats["text4seg"]["encoding"]) == ("plain", "rle")
+    summary = json.loads((run02 / "state.json").read_text())["summary"]
+    assert summary["encoding"] == {"magseg": "plain", "text4seg": "rle"}
+    for fmt, star in (("magseg", False), ("text4seg", True)):
+        rows = prompts.read_jsonl(run02 / f"{fmt}_train.jsonl")
+        answers = [r["completion"][0]["content"][0]["text"] for r in rows]
+        assert answers and all((" *" in a) == star for a in answers), answers[:2]
+        assert all(r["encoding"] == formats[fmt]["encoding"] for r in rows)

@@ -48,10 +48,8 @@ def test_shipped_recipe_and_registry_entry():
     assert recipe["recipe"]["lr_scheduler"] == "cosine"
     # pretrained at the demo's layout, on the proxy task this code builds
     demo02 = chain.load_profile("demo")["stages"]["02_instruction_format"]
-    assert (recipe["recipe"]["patch_layout"], recipe["recipe"]["magseg_grid"]) == (
-        demo02["patch_layout"],
-        demo02["magseg_grid"],
-    )
+    keys = ("patch_layout", "magseg_grid", "magseg_encoding", "text4seg_encoding")
+    assert {k: recipe["recipe"][k] for k in keys} == {k: demo02[k] for k in keys}
     assert recipe["proxy_task"] == {
         "instruction": pretraining.PROXY_INSTRUCTION.strip(),
         "codes": pretraining.PROXY_CODES,
@@ -123,9 +121,9 @@ def test_build_script_end_to_end(tmp_path):
 def test_shipped_base_writes_colour_codes(proxy_rows):
     """Pretrained: greedy answers to unseen proxy prompts are code grids (a random base writes noise).
 
-    Measured on the shipped base (2000 steps, 4x4 cells, 16 codes) on 16 such prompts: every run is
-    ``<a-p> *<n>``, every answer a full 4x4 grid, agreeing with the true codes on 37 % of the cells
-    (chance 1/16).
+    Measured on the shipped base (2000 steps, plain 4x4 grids, 16 codes) on 16 such prompts: every cell
+    is one code letter, every answer a full 4x4 grid, agreeing with the true codes on 55 % of the cells
+    (chance 1/16; the previous base, R-RLE answers: 37 %).
     """
     ds = prompts.load_conversations(proxy_rows, limit=8)
     proxy = [pretraining.proxy_example(row) for row in ds]
@@ -133,11 +131,11 @@ def test_shipped_base_writes_colour_codes(proxy_rows):
     answers = models.generate(model, processor, proxy, max_new_tokens=100, batch_size=8)
     truth = [tiny_base.decode_codes(p["completion"][0]["content"][0]["text"], 4) for p in proxy]
     assert all(t is not None and t.shape == (4, 4) for t in truth)
-    runs = [r.strip() for a in answers for row in a.split("\n") for r in row.split("|")]
-    assert np.mean([re.fullmatch(r"[a-p] \*[1-4]", r) is not None for r in runs]) >= 0.95, answers
+    cells = [c.strip() for a in answers for row in a.split("\n") for c in row.split("|")]
+    assert np.mean([re.fullmatch(r"[a-p]", c) is not None for c in cells]) >= 0.95, answers  # plain grids
     got = [tiny_base.decode_codes(a, 4) for a in answers]
     full = [(g == t).mean() for g, t in zip(got, truth, strict=True) if g is not None]
-    assert len(full) >= 6 and np.mean(full) > 0.2, (full, answers)
+    assert len(full) >= 6 and np.mean(full) > 0.35, (full, answers)
 
 
 def test_lora_sft_runs_on_the_shipped_base(proxy_rows, tmp_path):
@@ -188,3 +186,12 @@ def test_shipped_base_predicts_colour_codes_far_better_than_random(proxy_rows, t
     nll_random = np.mean([_answer_nll(*random_base, ex) for ex in proxy])
     assert nll_random > 5.0  # about ln(vocab): knows nothing
     assert nll_shipped < 1.0, nll_shipped
+
+
+def test_decode_codes_reads_both_encodings_and_refuses_bad_grids():
+    assert tiny_base.decode_codes("a|b|c|d\na|a|a|a\np|o|n|m\na|b|c|d", 4)[2].tolist() == [15, 14, 13, 12]
+    assert tiny_base.decode_codes("a *2| b *2\nc *4\nd *4\ne *1| f *3", 4)[3].tolist() == [4, 5, 5, 5]
+    assert tiny_base.decode_codes("a|b|c\na|a|a|a\np|o|n|m\na|b|c|d", 4) is None  # a short row
+    assert tiny_base.decode_codes("a||c|d\na|a|a|a\np|o|n|m\na|b|c|d", 4) is None  # an empty cell
+    assert tiny_base.decode_codes("q|b|c|d\na|a|a|a\np|o|n|m\na|b|c|d", 4) is None  # not a code
+    assert tiny_base.decode_codes("a|b|c|d\na|a|a|a\np|o|n|m", 4) is None  # a missing row
