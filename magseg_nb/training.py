@@ -148,8 +148,40 @@ def grpo_settings(params: dict, fmt: str, base_model, run02, adapter_dir, output
     )
 
 
+# Files above this size count by name and size only: hashing a real checkpoint's gigabytes on every
+# run would cost minutes, and a changed real checkpoint changes its size or its SHA256SUMS anyway.
+HASH_FILES_UP_TO = 64 << 20
+
+
+def input_identity(path_or_id: str) -> str:
+    """What a settings path points at: a file's SHA-256; a folder's ``SHA256SUMS`` or its files
+    (hashed up to ``HASH_FILES_UP_TO``, larger ones by size); a hub id as itself."""
+    if not path_or_id:
+        return ""
+    path = Path(path_or_id)
+    if path.is_file():
+        return files.sha256_file(path)
+    if not path.is_dir():
+        return str(path_or_id)
+    if (path / "SHA256SUMS").is_file():
+        return files.sha256_file(path / "SHA256SUMS")
+    entries = {}
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        size = f.stat().st_size
+        entries[f.name] = files.sha256_file(f) if size <= HASH_FILES_UP_TO else f"{size} bytes"
+    return files.sha256_json(entries)
+
+
+def inputs_hash(settings) -> str:
+    """Identity of the base model, training rows and starting adapter the settings name."""
+    names = ("base_model", "train_jsonl", "adapter_dir")
+    return files.sha256_json({n: input_identity(getattr(settings, n, "")) for n in names})[:12]
+
+
 def settings_hash(settings) -> str:
-    return files.sha256_json(dataclasses.asdict(settings))[:12]
+    """The settings and what they point at: a rebuilt base or rewritten conversations under the same
+    path are new settings (a finished adapter of the old ones is not reused)."""
+    return files.sha256_json({**dataclasses.asdict(settings), "inputs": inputs_hash(settings)})[:12]
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -435,6 +467,7 @@ def _run(s: CommonSettings, dest_name: str, train, train_ds=None, val_ds=None, f
     t0 = time.time()
     model = processor = None
     if done is None:
+        _drop_checkpoints_of_other_inputs(out / "checkpoints", inputs_hash(s))
         train_ds = (
             train_ds if train_ds is not None else load_split(s.train_jsonl, s.max_train_examples, s.seed)
         )
@@ -445,6 +478,23 @@ def _run(s: CommonSettings, dest_name: str, train, train_ds=None, val_ds=None, f
     else:
         print(f"{dest} is complete for these settings; skipping training", flush=True)
     return _result(s, dest, done, model, processor, val_ds, full)
+
+
+INPUTS_STAMP = "INPUTS"  # in checkpoints/: inputs_hash of the run that wrote them
+
+
+def _drop_checkpoints_of_other_inputs(ckpt_dir: Path, stamp: str) -> None:
+    """Resuming continues a run with the same inputs (more steps may be asked for); checkpoints of another
+    base model, other rows or another starting adapter are removed, never resumed."""
+    if not _is_main():
+        return
+    marker = ckpt_dir / INPUTS_STAMP
+    if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        if not marker.is_file() or marker.read_text().strip() != stamp:
+            print(f"warning: removing {ckpt_dir}: its checkpoints come from other inputs", flush=True)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    files.write_text(marker, stamp + "\n")
 
 
 def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None) -> dict:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from magseg_nb import pretraining, prompts, textgrid, training
+from magseg_nb import files, pretraining, prompts, textgrid, training
 from magseg_nb.labels import CLASS_COLORS, CLASSES, NODATA
 
 
@@ -227,3 +227,41 @@ def test_pretrain_sft_resume_and_grpo_on_the_tiny_model(convs, tmp_path):
     model, _ = models.load_model_and_processor(str(pre), adapter_dir=str(gout / "adapter"))
     assert model is not None
     assert textgrid.decode("", (2, 2)).report.valid is False
+
+
+def test_settings_hash_follows_what_the_paths_point_at(tmp_path):
+    """A rebuilt base or rewritten conversations under the same path are new settings; a hub id counts
+    as itself (measured bug: a seed study reused adapters of the previous base after a rebuild)."""
+    rows = tmp_path / "train.jsonl"
+    rows.write_text('{"id": 1}\n')
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights-1")
+    s = training.SFTSettings(base_model=str(base), train_jsonl=str(rows), output_dir=str(tmp_path / "o"))
+    h0 = training.settings_hash(s)
+    assert training.settings_hash(s) == h0  # stable
+    rows.write_text('{"id": 2}\n')
+    h1 = training.settings_hash(s)
+    assert h1 != h0
+    (base / "model.safetensors").write_bytes(b"weights-2")
+    h2 = training.settings_hash(s)
+    assert h2 not in (h0, h1)
+    (base / "SHA256SUMS").write_text("abc  model.safetensors\n")  # a shipped base: its sums decide
+    assert training.input_identity(str(base)) == files.sha256_file(base / "SHA256SUMS")
+    assert training.input_identity("google/gemma-3-4b-it") == "google/gemma-3-4b-it"
+    assert training.input_identity("") == ""
+
+
+def test_checkpoints_of_other_inputs_are_removed_not_resumed(tmp_path, capsys):
+    ck = tmp_path / "checkpoints"
+    (ck / "checkpoint-2").mkdir(parents=True)
+    (ck / training.INPUTS_STAMP).write_text("aaa\n")
+    training._drop_checkpoints_of_other_inputs(ck, "aaa")  # the same inputs: resume stays possible
+    assert (ck / "checkpoint-2").is_dir() and capsys.readouterr().out == ""
+    training._drop_checkpoints_of_other_inputs(ck, "bbb")
+    assert not (ck / "checkpoint-2").exists() and (ck / training.INPUTS_STAMP).read_text() == "bbb\n"
+    assert f"warning: removing {ck}: its checkpoints come from other inputs" in capsys.readouterr().out
+    (ck / "checkpoint-4").mkdir()
+    (ck / training.INPUTS_STAMP).unlink()  # unstamped checkpoints (another version): not trusted
+    training._drop_checkpoints_of_other_inputs(ck, "bbb")
+    assert not (ck / "checkpoint-4").exists()
