@@ -81,6 +81,43 @@ def test_demo_profile_matches_notebook_defaults():
         assert not differ, f"{stage}: demo profile vs notebook default (profile, notebook): {differ}"
 
 
+# Profiles that describe themselves as the demo with a few changes: what each may change. A change to
+# the demo's data or recipe then reaches them too, or this test names the copy left behind.
+DEMO_VARIANTS = {
+    "demo-long": {"03_sft": {"max_steps"}},
+    "check-seed1": {"common": {"seed"}, "03_sft": {"formats"}},
+    "check-seed2": {"common": {"seed"}, "03_sft": {"formats"}},
+    "check-hard": {
+        "01_dataset_prep": {
+            "bund_visibility",
+            "bund_gap_frac",
+            "same_crop_prob",
+            "within_field_variance",
+            "haze",
+            "cloud_shadows",
+            "noise",
+        },
+        "03_sft": {"formats"},
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEMO_VARIANTS))
+def test_demo_variants_differ_from_the_demo_only_where_they_say(name):
+    demo = yaml.safe_load((ROOT / "profiles" / "demo.yaml").read_text())
+    other = yaml.safe_load((ROOT / "profiles" / f"{name}.yaml").read_text())
+    allowed = DEMO_VARIANTS[name]
+    sections = {"common": (demo["common"], other["common"])}
+    # Stages a variant leaves out (notebook 07) are not run; those it keeps must match the demo's.
+    sections |= {st: (demo["stages"][st] or {}, v or {}) for st, v in other["stages"].items()}
+    for section, (a, b) in sections.items():
+        differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)} - {"profile", "run_dir"}
+        assert differ <= allowed.get(section, set()), (
+            f"{name}.yaml {section} differs from demo.yaml in {differ - allowed.get(section, set())}"
+        )
+    assert other["common"]["profile"] == name and other["common"]["run_dir"] == f"runs/{name}"
+
+
 MAX_CELL_LINES = 16  # a code cell longer than this holds logic that belongs in magseg_nb
 
 
