@@ -43,8 +43,14 @@ def run_seeds(run_dir, seeds: Sequence[int], fmt: str = "magseg", n_boot: int = 
     for seed in seeds:
         if seed == params["seed"]:
             continue
+        # the steps the stage trained this format for (Text4Seg's came from MAgSeg's tokens)
+        steps = sft["summary"].get(f"{fmt}_steps_planned") or params["max_steps"]
         s = training.sft_settings(
-            {**params, "seed": seed}, fmt, sft["summary"]["base_model"], run02, out / f"seed_{seed}" / fmt
+            {**params, "seed": seed, "max_steps": steps},
+            fmt,
+            sft["summary"]["base_model"],
+            run02,
+            out / f"seed_{seed}" / fmt,
         )
         print(f"seed {seed}: training {fmt} for {s.max_steps} steps", flush=True)
         result = training.run_sft(s)

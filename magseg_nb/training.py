@@ -75,6 +75,9 @@ class CommonSettings:
 class SFTSettings(CommonSettings):
     """LoRA SFT (or a full fine-tune with ``full_finetune``) on prompt/completion conversations."""
 
+    # 1.4 epochs of the demo's MAgSeg rows; 600 steps left tree and others under 0.85 Dice and every
+    # doubling up to 4800 gained (docs/experiments.md)
+    max_steps: int = 1200
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -808,21 +811,79 @@ def eval_table(evals: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def steps_for_tokens(target_tokens: int, tokens_seen: int, steps: int) -> int:
-    """Steps a run needs to see ``target_tokens`` at the tokens per step it showed (``tokens_seen`` in
-    ``steps``): the budget of a comparison at equal training tokens rather than equal steps."""
-    if not tokens_seen or not steps:
-        raise ValueError("a run without tokens_seen/steps cannot set an equal-token budget")
-    return max(1, round(target_tokens * steps / tokens_seen))
+def tokens_per_step(s: SFTSettings, train_ds=None, chunk: int = 64) -> float:
+    """Training tokens per optimizer step of ``s``, counted as the SFT trainer counts them (its
+    ``num_tokens``: the collator's attention mask, so prompt, image and answer tokens, no padding), over
+    one pass of the rows training would draw. Each epoch's short last batch counts as a step, as the
+    trainer's data loader makes it one."""
+    from transformers import AutoProcessor
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    rows = train_ds if train_ds is not None else load_split(s.train_jsonl, s.max_train_examples, s.seed)
+    rows = balanced_rows(rows, s.class_balance, s.seed)
+    processor = AutoProcessor.from_pretrained(s.base_model)
+    collate = sft_collator(rows, processor) or DataCollatorForVisionLanguageModeling(
+        processor=processor, completion_only_loss=True
+    )
+    ds = sft_dataset(rows)
+    tokens = 0
+    for i in range(0, len(ds), chunk):
+        batch = collate([ds[j] for j in range(i, min(i + chunk, len(ds)))])
+        tokens += int(batch["attention_mask"].sum())
+    steps_per_epoch = -(-len(ds) // s.batch_size) / s.grad_accum
+    return tokens / steps_per_epoch
 
 
-def run_sft_equal_tokens(
-    params: dict, fmt: str, reference: dict, result: dict, base, run02, output_dir
-) -> dict:
-    """Train ``fmt`` again for as many tokens as the ``reference`` run saw (its result dicts from
-    :func:`run_sft`), with every other setting as in ``params``; returns the new run's result."""
-    steps = steps_for_tokens(reference["tokens_seen"], result["tokens_seen"], result["steps"])
-    return run_sft(sft_settings({**params, "max_steps": steps}, fmt, base, run02, output_dir))
+def steps_for_tokens(target_tokens: int | None, per_step: float) -> int:
+    """Optimizer steps that see ``target_tokens`` at ``per_step`` tokens a step (:func:`tokens_per_step`):
+    the budget of a comparison at equal training tokens rather than equal steps."""
+    if not target_tokens or not per_step or per_step <= 0:
+        raise ValueError(
+            f"an equal-token budget needs the reference run's tokens_seen (got {target_tokens}) "
+            f"and positive tokens per step (got {per_step})"
+        )
+    return max(1, round(target_tokens / per_step))
+
+
+def equal_token_steps(s: SFTSettings, target_tokens: int | None, train_ds=None) -> int:
+    """The steps that give run ``s`` as many training tokens as a reference run saw; says so."""
+    per_step = tokens_per_step(s, train_ds)
+    steps = steps_for_tokens(target_tokens, per_step)
+    print(
+        f"{Path(s.train_jsonl).name}: {per_step:.0f} tokens per step -> {steps} steps "
+        f"for the reference run's {target_tokens} tokens",
+        flush=True,
+    )
+    return steps
+
+
+def check_format_steps(
+    max_steps, formats: Sequence[str], equal_tokens: bool, reference: str = "magseg"
+) -> None:
+    """Refuse step settings that contradict each other: with ``equal_tokens`` the formats after the
+    ``reference`` format get their steps from its tokens, so ``max_steps`` may not name them."""
+    if not equal_tokens or reference not in formats or not isinstance(max_steps, dict):
+        return
+    named = sorted(f for f in max_steps if f != reference and f in formats)
+    if named:
+        raise ValueError(
+            f"max_steps names steps for {named}, but equal_tokens sets them from {reference}'s training "
+            f"tokens: give max_steps as {reference}'s steps only, or set equal_tokens: false"
+        )
+
+
+def training_order(formats: Sequence[str], reference: str = "magseg") -> list[str]:
+    """``formats`` with the reference format first (the others may take their budget from it)."""
+    return sorted(formats, key=lambda f: f != reference)
+
+
+def budget_line(results: dict[str, dict], equal_tokens: bool) -> str:
+    """How the formats' training budgets compare, in one line, from their run results."""
+    runs = ", ".join(f"{k} {r.get('steps')} steps, {r.get('tokens_seen')} tokens" for k, r in results.items())
+    steps = {r.get("steps") for r in results.values()}
+    if equal_tokens:
+        return f"At equal training tokens ({runs}):"
+    return f"At equal steps ({runs}):" if len(steps) == 1 else f"At unequal steps ({runs}):"
 
 
 RUN_COLUMNS = ("steps_planned", "steps", "stopped_early", "tokens_seen", "train_seconds", "n_train")
@@ -836,14 +897,15 @@ def runs_table(results: dict[str, dict]) -> pd.DataFrame:
     return table[["run", "steps_planned", "steps_done", *RUN_COLUMNS[2:]]]
 
 
-def steps_warnings(table: pd.DataFrame) -> list[str]:
-    """Sentences flagging runs cut short and comparisons at unequal steps (empty when all is even)."""
+def steps_warnings(table: pd.DataFrame, equal_steps: bool = True) -> list[str]:
+    """Sentences flagging runs cut short and, where the runs should have trained ``equal_steps``,
+    comparisons at unequal steps (empty when all is even)."""
     out = [
         f"{r.run} stopped early: {r.steps_done} of {r.steps_planned} steps (a time budget fired)."
         for r in table.itertuples()
         if r.stopped_early
     ]
-    if table["steps_done"].nunique() > 1:
+    if equal_steps and table["steps_done"].nunique() > 1:
         done = ", ".join(f"{r.run} {r.steps_done}" for r in table.itertuples())
         out.append(
             f"The runs did not train for the same number of steps ({done}): compare them with that in mind."

@@ -84,7 +84,6 @@ def test_demo_profile_matches_notebook_defaults():
 # Profiles that describe themselves as the demo with a few changes: what each may change. A change to
 # the demo's data or recipe then reaches them too, or this test names the copy left behind.
 DEMO_VARIANTS = {
-    "demo-long": {"03_sft": {"max_steps"}},
     "check-seed1": {"common": {"seed"}, "03_sft": {"formats"}},
     "check-seed2": {"common": {"seed"}, "03_sft": {"formats"}},
     "check-hard": {

@@ -229,6 +229,32 @@ def test_pretrain_sft_resume_and_grpo_on_the_tiny_model(convs, tmp_path):
     assert textgrid.decode("", (2, 2)).report.valid is False
 
 
+def test_tokens_per_step_counts_what_the_trainer_counts(convs, tmp_path):
+    from magseg_nb import models
+
+    base = models.resolve_model("tiny-gemma3", tmp_path / "models")
+    cfg = dict(
+        base_model=str(base),
+        train_jsonl=str(convs / "text4seg_train.jsonl"),
+        output_dir=str(tmp_path / "t4s"),
+        max_steps=2,
+        batch_size=4,
+        save_steps=2,
+        logging_steps=1,
+        eval_max_examples=0,
+    )
+    s = training.SFTSettings(**cfg)
+    per_step = training.tokens_per_step(s)
+    # 6 training rows at batch 4: one epoch is 2 steps (4 rows, then 2), so 2 steps see every row once.
+    res = training.run_sft(cfg)
+    assert res["tokens_seen"] == pytest.approx(2 * per_step)
+    assert training.equal_token_steps(s, 2 * res["tokens_seen"]) == 4
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl holds no conversations"):
+        training.tokens_per_step(training.SFTSettings(**{**cfg, "train_jsonl": str(empty)}))
+
+
 def test_settings_hash_follows_what_the_paths_point_at(tmp_path):
     """A rebuilt base or rewritten conversations under the same path are new settings; a hub id counts
     as itself (measured bug: a seed study reused adapters of the previous base after a rebuild)."""

@@ -113,6 +113,8 @@ def test_steps_planned_and_done_are_flagged():
     assert "did not train for the same number of steps (magseg 373, text4seg 600)" in notes[1]
     even = {k: {**v, "steps": 600, "steps_planned": 600, "stopped_early": False} for k, v in results.items()}
     assert training.steps_warnings(training.runs_table(even)) == []
+    # runs meant to differ in steps (equal tokens) are only flagged when cut short
+    assert training.steps_warnings(table, equal_steps=False) == [notes[0]]
 
 
 def test_grpo_steps_table_says_when_kl_was_not_computed():
@@ -183,8 +185,33 @@ def test_answer_diversity_exposes_a_collapsed_model(tmp_path):
 
 
 def test_equal_token_budget():
-    # MAgSeg saw 1,291,860 tokens in 600 steps, Text4Seg 1,696,335 in 600: equal tokens = 457 steps.
-    assert training.steps_for_tokens(1_291_860, 1_696_335, 600) == 457
-    assert training.steps_for_tokens(10, 1_000, 3) == 1
-    with pytest.raises(ValueError, match="equal-token budget"):
-        training.steps_for_tokens(10, None, 3)
+    # MAgSeg saw 2,649,600 tokens; a Text4Seg step holds 2,826.8 (419 rows of 357.6 tokens in 53 steps).
+    assert training.steps_for_tokens(2_649_600, 2826.8) == 937
+    assert training.steps_for_tokens(10, 1_000.0) == 1
+    with pytest.raises(ValueError, match="reference run's tokens_seen \\(got None\\)"):
+        training.steps_for_tokens(None, 3.0)
+    with pytest.raises(ValueError, match="positive tokens per step"):
+        training.steps_for_tokens(10, 0.0)
+
+
+def test_format_steps_that_contradict_equal_tokens_are_refused():
+    training.check_format_steps(1200, ["magseg", "text4seg"], True)
+    training.check_format_steps({"magseg": 1200, "text4seg": 600}, ["magseg", "text4seg"], False)
+    training.check_format_steps({"magseg": 1200, "text4seg": 600}, ["magseg"], True)  # no Text4Seg run
+    with pytest.raises(ValueError, match=r"max_steps names steps for \['text4seg'\].*equal_tokens: false"):
+        training.check_format_steps({"magseg": 1200, "text4seg": 600}, ["magseg", "text4seg"], True)
+    assert training.training_order(["text4seg", "magseg"]) == ["magseg", "text4seg"]
+    assert training.training_order(["text4seg"]) == ["text4seg"]
+
+
+def test_budget_line_says_how_the_formats_trained():
+    results = {
+        "magseg": {"steps": 1200, "tokens_seen": 2_649_600},
+        "text4seg": {"steps": 937, "tokens_seen": 2_650_076},
+    }
+    assert training.budget_line(results, True) == (
+        "At equal training tokens (magseg 1200 steps, 2649600 tokens, text4seg 937 steps, 2650076 tokens):"
+    )
+    assert training.budget_line(results, False).startswith("At unequal steps (magseg 1200 steps")
+    even = {k: {**v, "steps": 600} for k, v in results.items()}
+    assert training.budget_line(even, False).startswith("At equal steps (")
