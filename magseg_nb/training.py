@@ -51,7 +51,9 @@ class CommonSettings:
     output_dir: str = ""
     val_jsonl: str | None = None
     learning_rate: float = 0.002  # the tiny model needs more than Gemma 3 LoRA's usual 2e-4
-    max_steps: int = 600
+    # SFT: 1.4 epochs of the demo's MAgSeg rows; 600 steps left tree and others under 0.85 Dice and every
+    # doubling up to 4800 gained (docs/experiments.md). GRPOSettings sets its own.
+    max_steps: int = 1200
     batch_size: int = 8  # per device
     grad_accum: int = 1
     warmup_steps: int = 20
@@ -75,9 +77,6 @@ class CommonSettings:
 class SFTSettings(CommonSettings):
     """LoRA SFT (or a full fine-tune with ``full_finetune``) on prompt/completion conversations."""
 
-    # 1.4 epochs of the demo's MAgSeg rows; 600 steps left tree and others under 0.85 Dice and every
-    # doubling up to 4800 gained (docs/experiments.md)
-    max_steps: int = 1200
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05

@@ -131,10 +131,42 @@ def test_robustness_runs_get_one_row_each(run_dir, tmp_path):
     write_state(
         other / "04_grpo", {"magseg_grpo_change_mdice": 0.031, "magseg_grpo_change_mdice_ci": [0.012, 0.05]}
     )
+    pd.DataFrame(
+        [
+            (
+                "vs classical watershed",
+                "watershed baseline",
+                "magseg-sft refined",
+                "inst_f1",
+                0.104,
+                0.026,
+                0.187,
+            ),
+            ("vs classical watershed", "watershed baseline", "magseg-grpo refined", "inst_f1", 0.2, 0.1, 0.3),
+            ("Refinement", "magseg-sft coarse", "magseg-sft refined", "iou_field", 0.015, 0.009, 0.023),
+        ],
+        columns=["question", "method_a", "method_b", "metric", "diff", "lo", "hi"],
+    ).to_csv(other / "06_metrics" / "ablation.csv", index=False)
+    pixel = {"dice_field": 0.95, "dice_tree": 0.9, "dice_water": 0.581, "dice_others": 0.93, "mdice": 0.84}
+    model = pd.read_csv(other / "03_sft" / "eval_table.csv").query("scorer == 'model'")
+    pd.concat(
+        [
+            model,
+            _long([({"format": "magseg", "scorer": "pixel classifier baseline", "answers": "all"}, pixel)]),
+        ]
+    ).to_csv(other / "03_sft" / "eval_table.csv", index=False)
     lines = report.checks_section([other, tmp_path / "missing"])
     table = "\n".join(lines)
     assert lines[0].startswith("### Other landscapes") and table.count("| check-seed1 | 1 |") == 1
     assert "0.871 [0.821, 0.911]" in table and "50.0 %" in table and "0.031 [0.012, 0.050]" in table
+    row = next(line for line in table.splitlines() if line.startswith("| check-seed1"))
+    assert row.endswith("| 0.104 [0.026, 0.187] | 0.015 [0.009, 0.023] |")  # the SFT row, not GRPO's
+    assert "| 0.950 / 0.900 / 0.581 / 0.930 (0.840) |" in row  # the baseline per class, not only its mean
+    # a run that stopped before notebook 06 says so instead of leaving the columns out
+    assert report.changes_on_test_tiles(run_dir) == {
+        "test field-instance F1 vs watershed": "n/a",
+        "test field IoU, refined - coarse": "n/a",
+    }
 
 
 def test_the_study_section_shows_runs_and_generated_findings(run_dir):
