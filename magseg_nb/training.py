@@ -242,6 +242,12 @@ def balanced_rows(ds, power: float, seed: int = 0):
     return ds.select(np.sort(idx))
 
 
+def training_rows(s: CommonSettings, train_ds=None):
+    """The rows a run trains on: ``train_ds`` or its JSONL (seeded subset), redrawn by ``class_balance``."""
+    rows = train_ds if train_ds is not None else load_split(s.train_jsonl, s.max_train_examples, s.seed)
+    return balanced_rows(rows, s.class_balance, s.seed)
+
+
 def _quiet(trainer):
     """Our log callback prints a rounded line per log; drop the trainer's own unrounded printer."""
     from transformers.trainer_callback import PrinterCallback
@@ -470,10 +476,7 @@ def _run(s: CommonSettings, dest_name: str, train, train_ds=None, val_ds=None, f
     model = processor = None
     if done is None:
         _drop_checkpoints_of_other_inputs(out / "checkpoints", inputs_hash(s))
-        train_ds = (
-            train_ds if train_ds is not None else load_split(s.train_jsonl, s.max_train_examples, s.seed)
-        )
-        train_ds = balanced_rows(train_ds, s.class_balance, s.seed)
+        train_ds = training_rows(s, train_ds)
         trainer, processor = train(train_ds, out)
         done = _save_trained(trainer, processor, dest, s, t0, len(train_ds))
         model = trainer.model
@@ -818,8 +821,7 @@ def tokens_per_step(s: SFTSettings, train_ds=None, chunk: int = 64) -> float:
     from transformers import AutoProcessor
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    rows = train_ds if train_ds is not None else load_split(s.train_jsonl, s.max_train_examples, s.seed)
-    rows = balanced_rows(rows, s.class_balance, s.seed)
+    rows = training_rows(s, train_ds)
     processor = AutoProcessor.from_pretrained(s.base_model)
     collate = sft_collator(rows, processor) or DataCollatorForVisionLanguageModeling(
         processor=processor, completion_only_loss=True
