@@ -24,13 +24,14 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from magseg_nb import files, geo, instances, layout, models, prompts, refine, textgrid
+from magseg_nb import views as views_mod
 from magseg_nb.labels import CLASSES, NODATA
 from magseg_nb.rewards import mean_dice
 
@@ -210,14 +211,45 @@ def predict_tiles(
     batch_size: int = 8,
     max_new_tokens: int = 256,
     generate: Callable | None = None,
+    test_views: int = 1,
 ) -> list[TilePrediction]:
-    """Tile masks for several tiles with one batched greedy generation over all their prompts."""
+    """Tile masks for several tiles with one batched greedy generation over all their prompts.
+
+    With ``test_views`` > 1 every tile is also answered flipped/turned and the views vote per cell
+    (:mod:`magseg_nb.views`): the mask is the vote's; answers, reports and confidence stay the plain
+    view's (what the model wrote for the tile as it is)."""
     if generate is None:
         from magseg_nb.models import generate
+    views = views_mod.view_ids(test_views)
+    patches = tile_patches(spec)
+    layout_ = spec.patch_layout if spec.fmt == "magseg" else 1
     examples = [ex for img in images for ex in tile_examples(img, spec)]
+    for v in views[1:]:
+        examples += [
+            views_mod.view_example(
+                img, spec.fmt, spec.grid, spec.encoding, p, layout_, spec.prompt_variant, v
+            )
+            for img in images
+            for p in patches
+        ]
     answers = generate(model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    n = len(tile_patches(spec))
-    return [assemble_tile(img.shape, spec, answers[i * n : (i + 1) * n]) for i, img in enumerate(images)]
+    n, per_view = len(patches), len(images) * len(patches)
+    out = []
+    for i, img in enumerate(images):
+        pred = assemble_tile(img.shape, spec, answers[i * n : (i + 1) * n])
+        if len(views) > 1:
+            voted = [
+                views_mod.voted_answer(
+                    [answers[k * per_view + i * n + j] for k in range(len(views))],
+                    views,
+                    (spec.grid, spec.grid),
+                    spec.encoding,
+                )[1]  # fmt: skip
+                for j in range(n)
+            ]
+            pred = replace(pred, mask=assemble_tile(img.shape, spec, voted).mask)
+        out.append(pred)
+    return out
 
 
 def predict_tile(
@@ -232,10 +264,13 @@ def predict_tile(
     batch_size: int = 8,
     max_new_tokens: int = 256,
     generate: Callable | None = None,
+    test_views: int = 1,
 ) -> TilePrediction:
     """The (H, W) class mask of one tile (every patch for MAgSeg, the whole tile for Text4Seg)."""
     spec = FormatSpec(fmt, grid, patch_layout, encoding, variant)
-    return predict_tiles(model, processor, [tile_image], spec, batch_size, max_new_tokens, generate)[0]
+    return predict_tiles(
+        model, processor, [tile_image], spec, batch_size, max_new_tokens, generate, test_views
+    )[0]
 
 
 def answer_budget(processor, spec: FormatSpec, run02: Path | None = None, margin: float = 1.25) -> int:
@@ -324,6 +359,7 @@ def infer_scene(
     max_nodata_frac: float = 1.0,
     generate: Callable | None = None,
     log: Callable[[str], None] | None = None,
+    test_views: int = 1,
 ) -> SceneResult:
     """The coarse mask of one scene from its tiles (rows of tiles.csv, all of one scene)."""
 
@@ -349,7 +385,9 @@ def infer_scene(
         if not chunk:
             continue
         t0 = time.perf_counter()
-        preds = predict_tiles(model, processor, images, spec, batch_size, max_new_tokens, generate)
+        preds = predict_tiles(
+            model, processor, images, spec, batch_size, max_new_tokens, generate, test_views
+        )
         seconds = (time.perf_counter() - t0) / len(chunk)
         for t, pred in zip(chunk, preds, strict=True):
             votes.add(int(t.row_off), int(t.col_off), pred.mask, pred.confidence)
@@ -481,6 +519,7 @@ def run_variant(
     max_nodata_frac: float = 1.0,
     generate: Callable | None = None,
     log: Callable[[str], None] | None = print,
+    test_views: int = 1,
 ) -> dict:
     """Infer every test tile of ``tiles`` and write ``out_dir`` (05_inference/<variant>/):
     coarse/, confidence/, refined/, instances/ GeoTIFFs per scene, fields.gpkg + fields.parquet,
@@ -494,7 +533,7 @@ def run_variant(
         res, refined, prob, ref_s, refine_s = predict_scene(
             model, processor, run01, scene_tiles, spec, predictor, sam_kw,
             batch_size=batch_size, max_new_tokens=max_new_tokens, max_nodata_frac=max_nodata_frac,
-            generate=generate, log=log,
+            generate=generate, log=log, test_views=test_views,
         )  # fmt: skip
         timings["refine_s"] += refine_s
         tile_rows = res.tiles.assign(refine_s=res.tiles.tile_id.map(ref_s)) if len(res.tiles) else res.tiles
@@ -712,6 +751,7 @@ def run_map_scenes(
     max_nodata_frac: float = 1.0,
     generate: Callable | None = None,
     log: Callable[[str], None] | None = print,
+    test_views: int = 1,
 ) -> dict:
     """Predict the non-test tiles of ``scene_ids`` for the map, into ``<variant_dir>/whole_scene/``.
 
@@ -731,7 +771,7 @@ def run_map_scenes(
             res, refined, prob, _, _ = predict_scene(
                 model, processor, run01, scene_tiles, spec, predictor, sam_kw,
                 batch_size=batch_size, max_new_tokens=max_new_tokens, max_nodata_frac=max_nodata_frac,
-                generate=generate, log=log,
+                generate=generate, log=log, test_views=test_views,
             )  # fmt: skip
             coarse, conf = res.coarse, res.confidence
             rows.append(res.tiles)

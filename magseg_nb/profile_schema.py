@@ -141,6 +141,7 @@ SCHEDULERS = (
     "cosine_with_min_lr",
     "warmup_stable_decay",
 )
+TEST_VIEWS = Rule(int, choices=(1, 4, 8))  # views.VIEW_COUNTS (a test keeps them equal)
 _TRAIN = {
     "formats": Rule(list, items=Rule(str, choices=FORMATS), nonempty=True),
     "learning_rate": POSITIVE,
@@ -153,6 +154,7 @@ _TRAIN = {
     "time_budget_s": _num(1e-9, none=True),
     "eval_max_examples": _int(0, none=True),
     "eval_batch_size": _int(1),
+    "test_views": TEST_VIEWS,
     "n_boot": _int(1),  # bootstrap replicates of the validation intervals
     "ci": _num(1e-9, 0.999999),
 }
@@ -242,6 +244,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "device": Rule(str, nonempty=True),
         "batch_size": _int(1),
         "prefix_cache": BOOL,
+        "test_views": TEST_VIEWS,
         "max_new_tokens": _int(0),
         "max_tiles": _int(0),
         "max_nodata_frac": _num(1e-9, 1),

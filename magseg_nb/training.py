@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from magseg_nb import files, layout, models, progress, prompts, rewards, textgrid
+from magseg_nb import views as views_mod
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 from magseg_nb.tile_conversations import MultiTurnCollator
 
@@ -71,6 +72,9 @@ class CommonSettings:
     eval_max_examples: int | None = None  # validation rows scored after training (None: all; 0: skip)
     eval_batch_size: int = 16
     max_new_tokens: int | None = None  # None: from the longest reference answer in the validation set
+    # Validation answers voted over flipped/turned views of each tile (magseg_nb.views): 1 (off), 4 or 8.
+    # Off in the demo: 8 views cost 8x the generation (docs/experiments.md has the gain and the cost).
+    test_views: int = 1
 
 
 @dataclass
@@ -737,11 +741,43 @@ def answer_budget(processor, completions: Sequence[str], margin: float = 1.25) -
     return int(max(lengths, default=16) * margin) + 8
 
 
-def evaluate(
-    model, processor, ds, *, max_new_tokens=None, batch_size=16, train_gts=None
-) -> tuple[dict, list[dict]]:
-    """Greedy answers for every row of ``ds``, decoded and scored against gt_mask, with the baselines."""
+def view_answers(
+    model, processor, ds, views: Sequence[int], *, max_new_tokens, batch_size
+) -> list[list[str]]:
+    """Greedy answers of every row of ``ds`` in each extra view (``views[1:]``), one list per view.
 
+    A row's tile image is its first image; its patch, grid, encoding and prompt variant are its columns
+    (rows of notebook 02's JSONL)."""
+    out = []
+    for v in views[1:]:
+        examples = [
+            views_mod.view_example(
+                r["images"][0],
+                r["format"],
+                r["grid"],
+                r["encoding"],
+                None if r.get("patch_row") is None else (r["patch_row"], r["patch_col"]),
+                r.get("patch_layout") or 1,
+                r.get("variant") or prompts.DEFAULT_VARIANT,
+                v,
+            )  # fmt: skip
+            for r in ds
+        ]
+        out.append(
+            models.generate(model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        )
+    return out
+
+
+def evaluate(
+    model, processor, ds, *, max_new_tokens=None, batch_size=16, train_gts=None, test_views: int = 1
+) -> tuple[dict, list[dict]]:
+    """Greedy answers for every row of ``ds``, decoded and scored against gt_mask, with the baselines.
+
+    With ``test_views`` > 1 each row is also answered in flipped/turned views and the views vote per cell
+    (:mod:`magseg_nb.views`); the scores are the voted grids', the well-formed share the plain answers'."""
+
+    views = views_mod.view_ids(test_views)
     refs = [rewards.completion_text(c) for c in ds["completion"]] if "completion" in ds.column_names else []
     if max_new_tokens is None:
         max_new_tokens = answer_budget(processor, refs) if refs else 512
@@ -749,25 +785,35 @@ def evaluate(
     t0 = time.time()
     model.eval()
     texts = models.generate(model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    extra = view_answers(model, processor, ds, views, max_new_tokens=max_new_tokens, batch_size=batch_size)
     seconds = time.time() - t0
     gts = [np.asarray(g) for g in ds["gt_mask"]]
     decoded = [textgrid.decode(t, shape=g.shape) for t, g in zip(texts, gts, strict=True)]
-    scores = score_masks(gts, [d.mask for d in decoded], [d.report.valid for d in decoded])
+    masks, answer_texts = [d.mask for d in decoded], list(texts)
+    if len(views) > 1:
+        encodings = ds["encoding"]
+        for i, g in enumerate(gts):
+            masks[i], answer_texts[i] = views_mod.voted_answer(
+                [texts[i], *(e[i] for e in extra)], views, g.shape, encodings[i]
+            )
+    scores = score_masks(gts, masks, [d.report.valid for d in decoded])
     ids = ds["id"] if "id" in ds.column_names else list(range(len(ds)))
     answers = [
         {
             "id": i,
-            "answer": t,
+            "answer": a,
             "valid": d.report.valid,
             "repairs": d.report.repairs,
-            "mean_dice": rewards.mean_dice(g, d.mask),
+            "mean_dice": rewards.mean_dice(g, m),
+            **({"plain_answer": t, "views": len(views)} if len(views) > 1 else {}),
         }
-        for i, t, d, g in zip(ids, texts, decoded, gts, strict=True)
+        for i, a, t, d, g, m in zip(ids, answer_texts, texts, decoded, gts, masks, strict=True)
     ]
     report = {
         "model": scores,
         "baselines": baselines(gts, train_gts),
         "max_new_tokens": max_new_tokens,
+        "test_views": len(views),
         "generate_seconds": round(seconds, 1),
     }
     return report, answers
@@ -790,6 +836,7 @@ def evaluate_split(model, processor, s: CommonSettings, val_ds=None, train_jsonl
         max_new_tokens=s.max_new_tokens,
         batch_size=s.eval_batch_size,
         train_gts=train_gts,
+        test_views=s.test_views,
     )
     out = Path(s.output_dir)
     files.write_json(out / layout.EVAL_JSON, report)

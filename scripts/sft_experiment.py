@@ -13,6 +13,8 @@ against another run's answers on the same conversations.
         --grpo-from runs/exp/sft600/adapter --set num_generations=8 --against runs/exp/sft600
     .venv/bin/python scripts/sft_experiment.py ... --grpo-from ADAPTER --reward pooled     # the aligned reward
     .venv/bin/python scripts/sft_experiment.py ... --grpo-from ADAPTER --freeze-saved-modules
+    .venv/bin/python scripts/sft_experiment.py --run-dir runs/demo --out runs/exp/views8 \
+        --score-only runs/exp/s1200/adapter --set test_views=8 --against runs/exp/s1200   # no training
 
 The two GRPO variants are experiments (docs/experiments.md), not package features: ``--reward pooled``
 registers :func:`pooled_dice_reward` for this run only; ``--freeze-saved-modules`` trains the LoRA
@@ -33,7 +35,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from magseg_nb import files, layout, models, rewards, tile_conversations, training, validation
+from magseg_nb import files, inference, layout, models, rewards, tile_conversations, training, validation
 from magseg_nb.labels import CLASSES, NODATA
 
 # The pooled reward's Dice level D: a cell written as class c pays (2 [right] - D) / share of c, the
@@ -114,6 +116,12 @@ def main(argv=None) -> dict:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an SFTSettings field")
     p.add_argument("--grpo-from", type=Path, metavar="ADAPTER", help="run GRPO from this SFT adapter")
     p.add_argument(
+        "--score-only",
+        type=Path,
+        metavar="ADAPTER",
+        help="no training: score this adapter (with --set test_views=N)",
+    )
+    p.add_argument(
         "--against", type=Path, help="a folder with answers.jsonl of the same format to compare with"
     )
     p.add_argument("--reward", choices=["demo", "pooled"], default="demo", help="GRPO: the Dice reward")
@@ -132,6 +140,8 @@ def main(argv=None) -> dict:
     params = {"seed": args.seed, **parse_overrides(args.set)}
     if (args.reward != "demo" or args.freeze_saved_modules) and not args.grpo_from:
         raise SystemExit("--reward and --freeze-saved-modules are GRPO variants: give --grpo-from ADAPTER")
+    if args.score_only and args.grpo_from:
+        raise SystemExit("--score-only scores an adapter as it is: leave out --grpo-from")
     if args.reward == "pooled":
         shares = class_shares(run02 / f"{args.format}_train.jsonl")
         rewards.REWARD_FUNCS["pooled"] = pooled_dice_reward_for(shares)  # this process only
@@ -150,7 +160,15 @@ def main(argv=None) -> dict:
         models._attach_adapter = attach_lora_only
     base = models.resolve_model(args.model_id, args.run_dir / "models")
     t0 = time.perf_counter()
-    if args.grpo_from:
+    if args.score_only:
+        settings = training.sft_settings(params, args.format, base, run02, args.out)
+        model, processor = models.load_model_and_processor(
+            inference.adapter_base(args.score_only), adapter_dir=args.score_only
+        )
+        args.out.mkdir(parents=True, exist_ok=True)
+        ev = training.evaluate_split(model, processor, settings)
+        result = {"steps": None, "eval": ev}
+    elif args.grpo_from:
         settings = training.grpo_settings(params, args.format, base, run02, args.grpo_from, args.out)
         result = training.run_grpo(settings)
     else:
@@ -168,7 +186,7 @@ def main(argv=None) -> dict:
         "overrides": params,
         "variant": {"reward": args.reward, "freeze_saved_modules": args.freeze_saved_modules},
         "format": args.format,
-        "stage": "grpo" if args.grpo_from else "sft",
+        "stage": "score" if args.score_only else "grpo" if args.grpo_from else "sft",
         "steps_done": result.get("steps"),
         "seconds": round(seconds, 1),
         "well_formed": validation.valid_share(frames),

@@ -94,3 +94,15 @@ def test_grpo_variants_need_grpo_from(tmp_path):
     with pytest.raises(SystemExit, match="GRPO variants: give --grpo-from ADAPTER"):
         script.main(["--run-dir", str(run), "--out", str(tmp_path / "out"), "--reward", "pooled"])
     assert not (tmp_path / "out").exists()
+
+
+def test_score_only_refuses_grpo_from(tmp_path):
+    script = _script()
+    run = tmp_path / "run"
+    for stage in ("01_dataset_prep", "02_instruction_format"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "state.json").write_text("{}")
+    argv = ["--run-dir", str(run), "--out", str(tmp_path / "out"), "--score-only", "a", "--grpo-from", "b"]
+    with pytest.raises(SystemExit, match="--score-only scores an adapter as it is: leave out --grpo-from"):
+        script.main(argv)
+    assert not (tmp_path / "out").exists()
