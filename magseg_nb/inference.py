@@ -562,6 +562,7 @@ def run_variant(
         "malformed": int(inferred.n_malformed.sum()) if len(inferred) else 0,
         "unparsed": int(inferred.n_unparsed.sum()) if len(inferred) else 0,
         "fields": fields["fields"],
+        "test_views": test_views,
         **{k: round(v, 3) for k, v in timings.items()},
     }
 

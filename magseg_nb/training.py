@@ -758,9 +758,11 @@ def view_answers(
                 r["encoding"],
                 None if r.get("patch_row") is None else (r["patch_row"], r["patch_col"]),
                 r.get("patch_layout") or 1,
-                r.get("variant") or prompts.DEFAULT_VARIANT,
+                r["variant"]
+                if r["format"] == "magseg"
+                else prompts.DEFAULT_VARIANT,  # Text4Seg rows say "tile"
                 v,
-            )  # fmt: skip
+            )
             for r in ds
         ]
         out.append(

@@ -69,3 +69,18 @@ def test_each_format_writes_its_own_encoding(smoke_run):
         answers = [r["completion"][0]["content"][0]["text"] for r in rows]
         assert answers and all((" *" in a) == star for a in answers), answers[:2]
         assert all(r["encoding"] == formats[fmt]["encoding"] for r in rows)
+
+
+def test_test_time_views_reach_every_stage(smoke_run):
+    """The smoke profile asks for 4 views in 03-05: each stage's answers or summary record them."""
+    for stage, fmt in (("03_sft", "magseg"), ("03_sft", "text4seg"), ("04_grpo", "magseg")):
+        folder = stage_dir(smoke_run, stage) / fmt
+        assert json.loads((folder / "eval.json").read_text())["test_views"] == 4
+        rows = [json.loads(line) for line in (folder / "answers.jsonl").read_text().splitlines()]
+        assert rows and all(r["views"] == 4 and isinstance(r["plain_answer"], str) for r in rows)
+    summary = json.loads((stage_dir(smoke_run, "05_inference") / "state.json").read_text())["summary"]
+    assert {k: v for k, v in summary.items() if k.endswith("_test_views")} == {
+        "magseg-sft_test_views": 4,
+        "magseg-grpo_test_views": 4,
+        "text4seg-sft_test_views": 4,
+    }

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from magseg_nb import inference, prompts, textgrid, training, views
 from magseg_nb.labels import NODATA
@@ -111,3 +112,62 @@ def test_evaluate_scores_the_vote_and_keeps_the_plain_answers(tmp_path, monkeypa
     assert textgrid.decode(ans8[3]["answer"], (4, 4), "rle").mask.tolist() == truth.tolist()
     assert not ans8[3]["valid"] and ans8[3]["mean_dice"] == 1.0
     assert json.loads(json.dumps(ans8))  # answers.jsonl rows stay JSON
+
+
+def test_evaluate_views_of_text4seg_whole_tile_answers(tmp_path, monkeypatch):
+    """Text4Seg rows (one answer per tile, variant "tile" in the row) are viewed as whole tiles."""
+    sem = blocky_semantic(32, 32, seed=9)
+    tile = prompts.TileRecord("t1", "s0", "val", COLORS[sem], sem)
+    path = prompts.write_conversations([tile], tmp_path, "text4seg", 8, "rle")["val"]
+    ds = training.load_split(path)
+    truth = prompts.downsample_mask(sem, 8)
+    asked = []
+
+    def whole_tile_oracle(model, processor, examples, max_new_tokens, batch_size=8):
+        out = []
+        for ex in examples:
+            img = np.asarray(ex["images"][0]).astype(int)
+            asked.append(img.tobytes())
+            seen = np.argmin(((img[:, :, None, :] - COLORS[None, None]) ** 2).sum(-1), axis=-1)
+            out.append(textgrid.encode(prompts.downsample_mask(seen, 8), "rle"))
+        return out
+
+    monkeypatch.setattr(training.models, "generate", whole_tile_oracle)
+    rep, ans = training.evaluate(MODEL, None, ds, max_new_tokens=8, test_views=8)
+    assert len(set(asked)) == 8  # eight different images were asked about
+    assert rep["model"]["cell_accuracy"] == 1.0 and ans[0]["views"] == 8
+    assert textgrid.decode(ans[0]["answer"], (8, 8), "rle").mask.tolist() == truth.tolist()
+
+
+def test_view_augmented_run_turns_rows_targets_and_crops(tmp_path):
+    import importlib.util
+
+    from tests.test_sft_experiment import ROOT
+
+    spec = importlib.util.spec_from_file_location("aug", ROOT / "scripts" / "view_augmented_run.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    sem = blocky_semantic(32, 32, seed=10)
+    run02 = tmp_path / "run" / "02_instruction_format"
+    prompts.write_conversations(
+        [prompts.TileRecord("t0", "s0", "train", COLORS[sem], sem)], run02, "magseg", 4, "rle", 2
+    )
+    (tmp_path / "run" / "01_dataset_prep").mkdir()
+    out = script.main(["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "aug"), "--seed", "3"])
+    before, after = prompts.read_jsonl(run02 / "magseg_train.jsonl"), prompts.read_jsonl(out)
+    assert [r["id"] for r in after] == [r["id"] for r in before] and len({r["view"] for r in after}) > 1
+    for b, a in zip(before, after, strict=True):
+        assert a["gt_mask"] == views.to_view(np.asarray(b["gt_mask"]), a["view"]).tolist()
+        tile = np.asarray(Image.open(out.parent / a["image_paths"][0]))
+        assert np.array_equal(tile, views.to_view(COLORS[sem], a["view"]))
+        crop_before = np.asarray(Image.open(run02 / b["image_paths"][1]))
+        assert np.array_equal(
+            np.asarray(Image.open(out.parent / a["image_paths"][1])), views.to_view(crop_before, a["view"])
+        )
+        assert (
+            textgrid.decode(a["completion"][0]["content"][0]["text"], (4, 4), "rle").mask.tolist()
+            == a["gt_mask"]
+        )
+    assert (tmp_path / "aug" / "01_dataset_prep").is_symlink() and (
+        out.parent / "magseg_train.jsonl"
+    ).is_file()
