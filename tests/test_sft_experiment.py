@@ -85,12 +85,18 @@ def test_freeze_saved_modules_stops_only_those_weights():
     assert trainable == ["lora_A.bias", "lora_A.weight"]
 
 
-def test_grpo_variants_need_grpo_from(tmp_path):
-    script = _script()
+def _finished_02(tmp_path) -> Path:
+    """A run folder whose stages 01 and 02 say they finished (no files: the refusals come first)."""
     run = tmp_path / "run"
     for stage in ("01_dataset_prep", "02_instruction_format"):
         (run / stage).mkdir(parents=True)
         (run / stage / "state.json").write_text("{}")
+    return run
+
+
+def test_grpo_variants_need_grpo_from(tmp_path):
+    script = _script()
+    run = _finished_02(tmp_path)
     with pytest.raises(SystemExit, match="GRPO variants: give --grpo-from ADAPTER"):
         script.main(["--run-dir", str(run), "--out", str(tmp_path / "out"), "--reward", "pooled"])
     assert not (tmp_path / "out").exists()
@@ -98,10 +104,7 @@ def test_grpo_variants_need_grpo_from(tmp_path):
 
 def test_score_only_refuses_grpo_from(tmp_path):
     script = _script()
-    run = tmp_path / "run"
-    for stage in ("01_dataset_prep", "02_instruction_format"):
-        (run / stage).mkdir(parents=True)
-        (run / stage / "state.json").write_text("{}")
+    run = _finished_02(tmp_path)
     argv = ["--run-dir", str(run), "--out", str(tmp_path / "out"), "--score-only", "a", "--grpo-from", "b"]
     with pytest.raises(SystemExit, match="--score-only scores an adapter as it is: leave out --grpo-from"):
         script.main(argv)
