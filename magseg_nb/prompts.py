@@ -120,6 +120,11 @@ def downsample_mask(mask, size: int) -> np.ndarray:
 
     A cell with no valid pixel becomes 0 (``others``); ties go to the lower class id.
     """
+    return cell_class_counts(mask, size).argmax(axis=0).astype(np.uint8)
+
+
+def cell_class_counts(mask, size: int) -> np.ndarray:
+    """(classes, size, size) pixel counts of each class in each cell (the cells of :func:`downsample_mask`)."""
     mask = np.asarray(mask)
     if mask.ndim != 2 or 0 in mask.shape:
         raise ValueError(f"downsample_mask needs a non-empty 2-D mask, got shape {mask.shape}")
@@ -131,8 +136,20 @@ def downsample_mask(mask, size: int) -> np.ndarray:
     rows = np.arange(size) * h // size
     cols = np.arange(size) * w // size
     counts = np.stack([(mask == k) for k in range(len(CLASSES))]).astype(np.int32)
-    counts = np.add.reduceat(np.add.reduceat(counts, rows, axis=1), cols, axis=2)
-    return counts.argmax(axis=0).astype(np.uint8)
+    return np.add.reduceat(np.add.reduceat(counts, rows, axis=1), cols, axis=2)
+
+
+def patch_purity(tile_mask, patch, patch_layout: int, grid: int) -> np.ndarray:
+    """(grid, grid) share of each cell's valid pixels that hold its majority label (NaN: no valid pixel).
+
+    A cell of purity 1 holds one class; near 0.5, its label depends on counting pixels."""
+    tile_mask = np.asarray(tile_mask)
+    if patch is not None:
+        top, bottom, left, right = patch_bounds(tile_mask.shape, patch, patch_layout)
+        tile_mask = tile_mask[top:bottom, left:right]
+    counts = cell_class_counts(tile_mask, grid)
+    total = counts.sum(axis=0)
+    return np.where(total > 0, counts.max(axis=0) / np.maximum(total, 1), np.nan)
 
 
 def patch_target(tile_mask, patch, patch_layout: int, grid: int) -> np.ndarray:

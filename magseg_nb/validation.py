@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magseg_nb import evaluation, layout, metrics, pixel_baseline, prompts, textgrid
+from magseg_nb import evaluation, geo, layout, metrics, pixel_baseline, prompts, textgrid
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
 MODEL, ALL_FIELD, PIXEL = "model", "all-field baseline", "pixel classifier baseline"
@@ -291,3 +291,55 @@ def grpo_table(run02, run04, run03, run01, formats, n_boot: int, ci: float, seed
         ignore_index=True,
     ).replace({"scorer": {MODEL: "GRPO"}})
     return table, changes
+
+
+PURITY_EDGES = (0.6, 0.8)  # errors_by_purity's bins: < 0.6, 0.6-0.8, 0.8 to under 1, pure
+
+
+def errors_by_purity(val_jsonl, answers_jsonl, run01, read_semantic=None) -> pd.DataFrame:
+    """Error rates of the model and of the pixel classifier per true class and cell purity.
+
+    A cell's purity is the share of its valid pixels holding its majority label
+    (:func:`prompts.patch_purity`): a pure cell holds one class, a mixed one is labelled by counting
+    pixels. One row per (purity bin, class): cells, model error, pixel classifier error (the share of
+    those cells labelled otherwise). ``read_semantic(tile_id)`` gives a tile's pixel labels (default:
+    notebook 01's tile)."""
+    answers = read_answers(answers_jsonl)
+    pixel_dir = Path(run01) / "pixel_baseline"
+    read_semantic = read_semantic or (lambda tid: geo.read_tile(run01, tid).semantic)
+    sems: dict[str, np.ndarray] = {}
+    preds: dict[str, np.ndarray] = {}
+    rows = []
+    for row in prompts.read_jsonl(val_jsonl):
+        ans = answers.get(str(row["id"]))
+        if ans is None:
+            continue
+        tid = str(row["tile_id"])
+        if tid not in sems:
+            sems[tid] = np.asarray(read_semantic(tid))
+            preds[tid] = pixel_baseline.read_tile_prediction(pixel_dir, tid)
+        patch = None if row.get("patch_row") is None else (int(row["patch_row"]), int(row["patch_col"]))
+        layout_ = int(row.get("patch_layout") or 1)
+        gt = np.asarray(row["gt_mask"])
+        purity = prompts.patch_purity(sems[tid], patch, layout_, int(row["grid"]))
+        model = textgrid.decode(ans["answer"], shape=gt.shape).mask
+        pixel = pixel_baseline.conversation_cells(preds[tid], row)
+        keep = (gt != NODATA) & ~np.isnan(purity)
+        rows.append(
+            pd.DataFrame(
+                {"purity": purity[keep], "cls": gt[keep], "model": model[keep], "pixel": pixel[keep]}
+            )
+        )
+    cells = pd.concat(rows, ignore_index=True)
+    lo, hi = PURITY_EDGES
+    labels = [f"< {lo}", f"{lo}-{hi}", f"{hi}-1", "pure"]
+    edges = [-np.inf, lo, hi, 1.0 - 1e-9, np.inf]  # a pure cell's purity is 1 up to rounding
+    cells["bin"] = pd.cut(cells["purity"], edges, right=False, labels=labels)
+    out = (
+        cells.assign(model_error=cells["model"] != cells["cls"], pixel_error=cells["pixel"] != cells["cls"])
+        .groupby(["bin", "cls"], observed=True)
+        .agg(cells=("cls", "size"), model_error=("model_error", "mean"), pixel_error=("pixel_error", "mean"))
+        .reset_index()
+    )
+    out["class"] = [CLASSES[c] for c in out.pop("cls")]
+    return out[["bin", "class", "cells", "model_error", "pixel_error"]]

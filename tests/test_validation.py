@@ -215,3 +215,27 @@ def test_budget_line_says_how_the_formats_trained():
     assert training.budget_line(results, False).startswith("At unequal steps (magseg 1200 steps")
     even = {k: {**v, "steps": 600} for k, v in results.items()}
     assert training.budget_line(even, False).startswith("At equal steps (")
+
+
+def test_errors_by_purity_split_mixed_from_pure_cells(tmp_path):
+    run01, val, answers = _fake_run(tmp_path, n_blocks=3)
+    sem = np.full((8, 8), F)
+    sem[:, 4:] = T
+    sem[0, 4] = F  # cell (0, 2) of the 4x4 grid: 3 tree pixels of 4, still labelled tree
+    table = validation.errors_by_purity(val, answers, run01, read_semantic=lambda tid: sem)
+    rows = {(r["bin"], r["class"]): r for _, r in table.iterrows()}
+    assert set(rows) == {("pure", "field"), ("pure", "tree"), ("0.6-0.8", "tree")}
+    mixed = rows["0.6-0.8", "tree"]
+    assert (mixed["cells"], mixed["model_error"], mixed["pixel_error"]) == (6, 0.0, 1.0)  # 6 tiles
+    assert rows["pure", "tree"]["cells"] == 6 * 7 and rows["pure", "tree"]["pixel_error"] == 1.0
+    assert rows["pure", "field"]["cells"] == 6 * 8 and rows["pure", "field"]["pixel_error"] == 0.0
+
+
+def test_patch_purity_by_hand():
+    from magseg_nb import prompts
+    from magseg_nb.labels import NODATA
+
+    mask = np.array([[1, 1, 2, 2], [1, 2, 2, 2], [0, 0, NODATA, NODATA], [0, 3, NODATA, NODATA]])
+    purity = prompts.patch_purity(mask, None, 1, 2)
+    assert purity[0, 0] == 0.75 and purity[0, 1] == 1.0 and purity[1, 0] == 0.75 and np.isnan(purity[1, 1])
+    assert prompts.patch_purity(mask, (0, 1), 2, 1).tolist() == [[1.0]]  # the top right patch: all tree

@@ -1,0 +1,32 @@
+"""Where the model's validation errors are: error rates per true class and cell purity, beside the
+pixel classifier's on the same cells (``validation.errors_by_purity``; docs/experiments.md).
+
+    .venv/bin/python scripts/mixed_cells.py --run-dir runs/demo --answers runs/demo/03_sft/magseg
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from magseg_nb import layout, validation
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", type=Path, required=True, help="a run with notebooks 01 and 02 finished")
+    p.add_argument(
+        "--answers", type=Path, required=True, help="a folder with MAgSeg validation answers.jsonl"
+    )
+    args = p.parse_args(argv)
+    table = validation.errors_by_purity(
+        args.run_dir / "02_instruction_format" / "magseg_val.jsonl",
+        args.answers / layout.ANSWERS,
+        args.run_dir / "01_dataset_prep",
+    )
+    print(table.to_markdown(index=False, floatfmt=".2f"))
+    return table
+
+
+if __name__ == "__main__":
+    main()
