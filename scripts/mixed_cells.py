@@ -24,7 +24,7 @@ def main(argv=None):
         args.answers / layout.ANSWERS,
         args.run_dir / "01_dataset_prep",
     )
-    print(table.to_markdown(index=False, floatfmt=".2f"))
+    print(table.to_string(index=False, float_format="{:.2f}".format))
     return table
 
 
