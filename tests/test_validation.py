@@ -239,3 +239,27 @@ def test_patch_purity_by_hand():
     purity = prompts.patch_purity(mask, None, 1, 2)
     assert purity[0, 0] == 0.75 and purity[0, 1] == 1.0 and purity[1, 0] == 0.75 and np.isnan(purity[1, 1])
     assert prompts.patch_purity(mask, (0, 1), 2, 1).tolist() == [[1.0]]  # the top right patch: all tree
+
+
+def test_fine_answers_pool_to_the_coarse_cells(tmp_path):
+    """scripts/pool_answers.py: 8x8 answers that repeat each true cell 2x2 pool back to the truth."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "pool_answers.py"
+    spec = importlib.util.spec_from_file_location("pool_answers", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run01, val, answers = _fake_run(tmp_path, n_blocks=2)
+    gt = np.asarray(json.loads(val.read_text().splitlines()[0])["gt_mask"])
+    fine = np.kron(gt, np.ones((2, 2), int))
+    fine[0, 0] = T  # one fine cell of four disagrees: the majority keeps field
+    rows = [{"id": f"t{b}_{k}", "answer": textgrid.encode(fine, "plain"), "valid": True, "repairs": []}
+            for b in range(2) for k in range(2)]  # fmt: skip
+    (tmp_path / "fine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pooled = script.pooled_answers(tmp_path / "fine.jsonl", val, 8)
+    assert [textgrid.decode(p["answer"], (4, 4)).mask.tolist() for p in pooled] == [gt.tolist()] * 4
+    assert all(p["mean_dice"] == 1.0 for p in pooled)
+    (tmp_path / "short.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(SystemExit, match="has no answer for t0_1: the two runs must share their tiles"):
+        script.pooled_answers(tmp_path / "short.jsonl", val, 8)
