@@ -143,22 +143,37 @@ def patch_purity(tile_mask, patch, patch_layout: int, grid: int) -> np.ndarray:
     """(grid, grid) share of each cell's valid pixels that hold its majority label (NaN: no valid pixel).
 
     A cell of purity 1 holds one class; near 0.5, its label depends on counting pixels."""
-    tile_mask = np.asarray(tile_mask)
-    if patch is not None:
-        top, bottom, left, right = patch_bounds(tile_mask.shape, patch, patch_layout)
-        tile_mask = tile_mask[top:bottom, left:right]
-    counts = cell_class_counts(tile_mask, grid)
+    counts = cell_class_counts(patch_pixels(tile_mask, patch, patch_layout), grid)
     total = counts.sum(axis=0)
     return np.where(total > 0, counts.max(axis=0) / np.maximum(total, 1), np.nan)
 
 
 def patch_target(tile_mask, patch, patch_layout: int, grid: int) -> np.ndarray:
     """(grid, grid) class ids of one patch of a tile's semantic mask (patch=None: the whole tile)."""
+    return downsample_mask(patch_pixels(tile_mask, patch, patch_layout), grid)
+
+
+def patch_pixels(tile_mask, patch, patch_layout: int) -> np.ndarray:
+    """The pixels of one patch of a tile array (patch=None: the whole tile)."""
     tile_mask = np.asarray(tile_mask)
     if patch is None:
-        return downsample_mask(tile_mask, grid)
+        return tile_mask
     top, bottom, left, right = patch_bounds(tile_mask.shape, patch, patch_layout)
-    return downsample_mask(tile_mask[top:bottom, left:right], grid)
+    return tile_mask[top:bottom, left:right]
+
+
+def row_patch(row: dict):
+    """A conversation row's patch (row, col), or None for a whole-tile row (Text4Seg)."""
+    return None if row.get("patch_row") is None else (int(row["patch_row"]), int(row["patch_col"]))
+
+
+def row_prompt(row: dict) -> tuple:
+    """(format, grid, encoding, patch, patch_layout, variant): what :func:`make_example` takes to rebuild
+    a conversation row's prompt for another image of its tile (``magseg_nb.views``)."""
+    # Text4Seg rows say variant "tile"; its prompt ignores the variant, so any valid one builds it
+    variant = row["variant"] if row["format"] == "magseg" else DEFAULT_VARIANT
+    layout = int(row.get("patch_layout") or 1)
+    return row["format"], int(row["grid"]), row["encoding"], row_patch(row), layout, variant
 
 
 def mark_patch(tile_image: Image.Image, patch, patch_layout: int, width: int | None = None) -> Image.Image:

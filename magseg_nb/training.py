@@ -741,14 +741,6 @@ def answer_budget(processor, completions: Sequence[str], margin: float = 1.25) -
     return int(max(lengths, default=16) * margin) + 8
 
 
-def _prompt_of(row: dict) -> tuple:
-    """(format, grid, encoding, patch, patch_layout, variant) of a row of notebook 02's JSONL."""
-    patch = None if row.get("patch_row") is None else (row["patch_row"], row["patch_col"])
-    # Text4Seg rows say variant "tile"; its prompt ignores the variant, so any valid one builds it
-    variant = row["variant"] if row["format"] == "magseg" else prompts.DEFAULT_VARIANT
-    return row["format"], row["grid"], row["encoding"], patch, row.get("patch_layout") or 1, variant
-
-
 def view_answers(
     model, processor, ds, views: Sequence[int], *, max_new_tokens, batch_size
 ) -> list[list[str]]:
@@ -758,7 +750,7 @@ def view_answers(
     (rows of notebook 02's JSONL)."""
     out = []
     for v in views[1:]:
-        examples = [views_mod.view_example(r["images"][0], *_prompt_of(r), v) for r in ds]
+        examples = [views_mod.view_example(r["images"][0], *prompts.row_prompt(r), v) for r in ds]
         out.append(
             models.generate(model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
         )

@@ -318,10 +318,9 @@ def errors_by_purity(val_jsonl, answers_jsonl, run01, read_semantic=None) -> pd.
         if tid not in sems:
             sems[tid] = np.asarray(read_semantic(tid))
             preds[tid] = pixel_baseline.read_tile_prediction(pixel_dir, tid)
-        patch = None if row.get("patch_row") is None else (int(row["patch_row"]), int(row["patch_col"]))
-        layout_ = int(row.get("patch_layout") or 1)
         gt = np.asarray(row["gt_mask"])
-        purity = prompts.patch_purity(sems[tid], patch, layout_, int(row["grid"]))
+        layout_ = int(row.get("patch_layout") or 1)
+        purity = prompts.patch_purity(sems[tid], prompts.row_patch(row), layout_, int(row["grid"]))
         model = textgrid.decode(ans["answer"], shape=gt.shape).mask
         pixel = pixel_baseline.conversation_cells(preds[tid], row)
         keep = (gt != NODATA) & ~np.isnan(purity)

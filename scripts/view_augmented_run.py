@@ -46,10 +46,7 @@ def main(argv=None) -> Path:
     for r in prompts.read_jsonl(src / TRAIN):
         v = int(rng.integers(8))
         tile = Image.open(src / r["image_paths"][0]).convert("RGB")
-        patch = (r["patch_row"], r["patch_col"])
-        ex = views.view_example(
-            tile, "magseg", r["grid"], r["encoding"], patch, r["patch_layout"], r["variant"], v
-        )
+        ex = views.view_example(tile, *prompts.row_prompt(r), v)
         gt = views.to_view(np.asarray(r["gt_mask"]), v)
         paths = [f"{IMAGES}/{r['id']}__v{v}_tile.png", f"{IMAGES}/{r['id']}__v{v}_{r['variant']}.png"]
         for img, rel in zip(ex["images"], paths, strict=True):
