@@ -183,24 +183,35 @@ def tile_examples(tile_image: np.ndarray, spec: FormatSpec) -> list[dict]:
     ]
 
 
+def patch_boxes(shape, spec: FormatSpec) -> list[tuple[int, int, int, int]]:
+    """(top, bottom, left, right) pixel bounds of each patch of a tile, in ``tile_patches`` order."""
+    h, w = shape[:2]
+    return [
+        (0, h, 0, w) if patch is None else prompts.patch_bounds((h, w), patch, spec.patch_layout)
+        for patch in tile_patches(spec)
+    ]
+
+
+def stitch_grids(shape, spec: FormatSpec, grids: Sequence[np.ndarray]) -> np.ndarray:
+    """(H, W) uint8 tile mask from one class grid per patch (``tile_patches`` order), each spread
+    (nearest) over its own patch."""
+    mask = np.zeros(shape[:2], np.uint8)
+    for (top, bottom, left, right), grid in zip(patch_boxes(shape, spec), grids, strict=True):
+        mask[top:bottom, left:right] = upsample_grid(grid, (bottom - top, right - left))
+    return mask
+
+
 def assemble_tile(shape, spec: FormatSpec, answers: Sequence[str]) -> TilePrediction:
     """Decode one tile's answers (in ``tile_patches`` order) and stitch them into a tile mask."""
-    h, w = shape[:2]
-    mask = np.zeros((h, w), np.uint8)
-    conf = np.zeros((h, w), np.float32)
     patches = tile_patches(spec)
     if len(answers) != len(patches):
         raise ValueError(f"{len(answers)} answers for a tile of {len(patches)} patches")
-    reports = []
-    for patch, text in zip(patches, answers, strict=True):
-        dec = textgrid.decode(text, (spec.grid, spec.grid), spec.encoding)
-        reports.append(dec.report)
-        top, bottom, left, right = (
-            (0, h, 0, w) if patch is None else prompts.patch_bounds((h, w), patch, spec.patch_layout)
-        )
-        mask[top:bottom, left:right] = upsample_grid(dec.mask, (bottom - top, right - left))
+    decoded = [textgrid.decode(text, (spec.grid, spec.grid), spec.encoding) for text in answers]
+    conf = np.zeros(shape[:2], np.float32)
+    for (top, bottom, left, right), dec in zip(patch_boxes(shape, spec), decoded, strict=True):
         conf[top:bottom, left:right] = 0.0 if not dec.report.parsed else 1.0 - dec.report.repaired_fraction
-    return TilePrediction(mask, conf, reports, list(answers), patches)
+    mask = stitch_grids(shape, spec, [dec.mask for dec in decoded])
+    return TilePrediction(mask, conf, [dec.report for dec in decoded], list(answers), patches)
 
 
 def predict_tiles(
@@ -244,10 +255,10 @@ def predict_tiles(
                     views,
                     (spec.grid, spec.grid),
                     spec.encoding,
-                )[1]  # fmt: skip
+                )[0]
                 for j in range(n)
             ]
-            pred = replace(pred, mask=assemble_tile(img.shape, spec, voted).mask)
+            pred = replace(pred, mask=stitch_grids(img.shape, spec, voted))
         out.append(pred)
     return out
 
