@@ -48,9 +48,11 @@ def main(argv=None) -> Path:
         tile = Image.open(src / r["image_paths"][0]).convert("RGB")
         ex = views.view_example(tile, *prompts.row_prompt(r), v)
         gt = views.to_view(np.asarray(r["gt_mask"]), v)
-        paths = [f"{IMAGES}/{r['id']}__v{v}_tile.png", f"{IMAGES}/{r['id']}__v{v}_{r['variant']}.png"]
+        # the viewed tile is shared by its patches' rows: written once per (tile, view)
+        paths = [f"{IMAGES}/{r['tile_id']}__v{v}.png", f"{IMAGES}/{r['id']}__v{v}_{r['variant']}.png"]
         for img, rel in zip(ex["images"], paths, strict=True):
-            prompts.save_png(img, dst / rel)
+            if not (dst / rel).exists():
+                prompts.save_png(img, dst / rel)
         rows.append(
             {**r, "image_paths": paths, "prompt": ex["prompt"], "gt_mask": gt.tolist(), "view": v,
              "completion": prompts.completion(gt, r["encoding"])}
