@@ -72,9 +72,9 @@ class CommonSettings:
     eval_max_examples: int | None = None  # validation rows scored after training (None: all; 0: skip)
     eval_batch_size: int = 16
     max_new_tokens: int | None = None  # None: from the longest reference answer in the validation set
-    # Validation answers voted over flipped/turned views of each tile (magseg_nb.views): 1 (off), 4 or 8.
-    # Off in the demo: 8 views cost 8x the generation (docs/experiments.md has the gain and the cost).
-    test_views: int = 1
+    # Validation answers voted over flipped/turned views of each tile (magseg_nb.views): 1 (off), 4 or 8;
+    # each view costs one more generation (docs/experiments.md has the gain and the cost).
+    test_views: int = 4
 
 
 @dataclass
@@ -184,10 +184,17 @@ def inputs_hash(settings) -> str:
     return files.sha256_json({n: input_identity(getattr(settings, n, "")) for n in names})[:12]
 
 
+# Settings that only change how the trained weights are scored: changing one re-scores a finished
+# adapter instead of training it again.
+EVAL_ONLY = ("eval_max_examples", "eval_batch_size", "max_new_tokens", "test_views")
+
+
 def settings_hash(settings) -> str:
-    """The settings and what they point at: a rebuilt base or rewritten conversations under the same
-    path are new settings (a finished adapter of the old ones is not reused)."""
-    return files.sha256_json({**dataclasses.asdict(settings), "inputs": inputs_hash(settings)})[:12]
+    """The training settings and what they point at: a rebuilt base or rewritten conversations under the
+    same path are new settings (a finished adapter of the old ones is not reused); the settings in
+    ``EVAL_ONLY`` are not part of it."""
+    values = {k: v for k, v in dataclasses.asdict(settings).items() if k not in EVAL_ONLY}
+    return files.sha256_json({**values, "inputs": inputs_hash(settings)})[:12]
 
 
 # --- helpers --------------------------------------------------------------------------------------

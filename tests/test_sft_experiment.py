@@ -109,3 +109,46 @@ def test_score_only_refuses_grpo_from(tmp_path):
     with pytest.raises(SystemExit, match="--score-only scores an adapter as it is: leave out --grpo-from"):
         script.main(argv)
     assert not (tmp_path / "out").exists()
+
+
+def _headroom():
+    spec = importlib.util.spec_from_file_location("grpo_headroom", ROOT / "scripts" / "grpo_headroom.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_headroom_picks_the_best_sample_and_counts_groups_without_a_gradient():
+    """scripts/grpo_headroom.py: best of the first n samples (earlier on ties); groups of equal rewards."""
+    h = _headroom()
+    rewards = np.array([[0.5, 0.9, 0.9, 0.1], [0.7, 0.7, 0.7, 0.7], [0.2, 0.1, 0.3, 0.8]])
+    assert h.best_of(rewards, 4).tolist() == [1, 0, 3]
+    assert h.best_of(rewards, 2).tolist() == [1, 0, 0]
+    assert h.all_equal_share(rewards, 4) == pytest.approx(1 / 3)
+    assert h.all_equal_share(rewards[:, [1, 2]], 2) == pytest.approx(2 / 3)
+
+
+def test_headroom_answer_rows_are_scored_like_evaluate():
+    h = _headroom()
+    gt = np.array([[1, 1], [2, NODATA]])
+    row = h.answer_row("7", "field|field\ntree|tree", gt)
+    assert row["id"] == "7" and row["valid"] and row["mean_dice"] == pytest.approx(1.0)
+    bad = h.answer_row("8", "water|water\nwater|water", gt)
+    assert bad["mean_dice"] == pytest.approx(0.0)
+
+
+def test_headroom_refuses_a_run_without_answers(tmp_path):
+    with pytest.raises(SystemExit, match="not found: run notebooks 01-03"):
+        _headroom().main(
+            [
+                "--run-dir",
+                str(tmp_path),
+                "--adapter",
+                str(tmp_path / "a"),
+                "--against",
+                str(tmp_path / "b"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert not (tmp_path / "o").exists()

@@ -1,5 +1,6 @@
 """Training: scores and baselines, the proxy task, and a few real steps of SFT/GRPO on the tiny model."""
 
+import dataclasses
 import json
 import shutil
 
@@ -196,6 +197,13 @@ def test_pretrain_sft_resume_and_grpo_on_the_tiny_model(convs, tmp_path):
     assert (out / "adapter" / "adapter_config.json").exists()
     # unchanged settings with a finished adapter: no training at all
     assert training.run_sft({**cfg, "max_steps": 3, "eval_max_examples": 0})["steps"] == 3
+    # scoring settings changed: the finished adapter is scored again, not trained again
+    weights = out / "adapter" / "adapter_model.safetensors"
+    before = (weights.stat().st_mtime_ns, files.sha256_file(weights))
+    rescored = training.run_sft({**cfg, "max_steps": 3, "eval_max_examples": 2, "test_views": 4})
+    assert rescored["steps"] == 3 and (weights.stat().st_mtime_ns, files.sha256_file(weights)) == before
+    assert rescored["eval"]["test_views"] == 4 and rescored["eval"]["model"]["n"] == 2
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 2
 
     gout = tmp_path / "grpo"
     gres = training.run_grpo(
@@ -253,6 +261,21 @@ def test_tokens_per_step_counts_what_the_trainer_counts(convs, tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.jsonl holds no conversations"):
         training.tokens_per_step(training.SFTSettings(**{**cfg, "train_jsonl": str(empty)}))
+
+
+def test_settings_hash_leaves_out_the_scoring_settings_only(tmp_path):
+    """Scoring settings re-score a finished adapter; training settings make a new one."""
+    s = training.SFTSettings(base_model="google/gemma-3-4b-it", train_jsonl="", output_dir=str(tmp_path))
+    h = training.settings_hash(s)
+    for name, value in [
+        ("test_views", 8),
+        ("eval_batch_size", 64),
+        ("eval_max_examples", 0),
+        ("max_new_tokens", 9),
+    ]:
+        assert training.settings_hash(dataclasses.replace(s, **{name: value})) == h, name
+    for name, value in [("max_steps", 401), ("seed", 1), ("learning_rate", 3e-4), ("lora_r", 8)]:
+        assert training.settings_hash(dataclasses.replace(s, **{name: value})) != h, name
 
 
 def test_settings_hash_follows_what_the_paths_point_at(tmp_path):
