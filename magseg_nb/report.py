@@ -102,19 +102,29 @@ def _steps_line(summary: dict, fmt: str) -> str:
     return text + (f", {seconds:.0f} s" if seconds is not None else "")
 
 
+def answers_phrase(test_views) -> str:
+    """How the scored answers were made: greedy, and voted over test-time views when there were any."""
+    if not test_views or int(test_views) <= 1:
+        return "greedy answers"
+    return f"greedy answers, each voted per cell over {int(test_views)} views of its tile (`test_views`)"
+
+
 def validation_section(run_dir: Path) -> list[str]:
     lines = []
     path = run_dir / "03_sft" / "eval_table.csv"
     if not path.exists():
         return lines
     table = pd.read_csv(path)
-    summary = (read_state(run_dir / "03_sft") or {}).get("summary", {})
+    state = read_state(run_dir / "03_sft") or {}
+    summary = state.get("summary", {})
+    views = state.get("params", {}).get("test_views")
     lines += [
         "### Validation, after LoRA SFT (notebook 03)",
         "",
-        "Dice per class on the cells of every validation conversation (greedy answers), beside the "
+        f"Dice per class on the cells of every validation conversation ({answers_phrase(views)}), beside the "
         "all-field baseline and the per-pixel classifier (trained on train tiles only) scored on the "
-        "same cells; 95 % intervals resample whole spatial blocks.",
+        "same cells; 95 % intervals resample whole spatial blocks."
+        + (" The well-formed share is the plain view's." if views and int(views) > 1 else ""),
         "",
     ]
     for fmt in table["format"].unique():
@@ -153,12 +163,13 @@ def test_section(run_dir: Path) -> list[str]:
     long = long[long["group"] == "all"]
     summary = (read_state(run_dir / "06_metrics") or {}).get("summary", {})
     n = f"{summary.get('n_tiles', '?')} test tiles in {summary.get('n_blocks', '?')} blocks"
+    views = (read_state(run_dir / "05_inference") or {}).get("params", {}).get("test_views")
     per_class = _pivot(long, ["method"], CLASS_COLUMNS)
     headline = _pivot(long, ["method"], {m: m for m in ("iou_field", "boundary_m_f1", "inst_f1", "alu_f1")})
     lines = [
         f"### Test tiles (notebook 06; {n}; 95 % intervals over whole blocks)",
         "",
-        "Per class (pixels):",
+        f"Per class (pixels; the models' coarse masks from {answers_phrase(views)}):",
         "",
         evaluation.markdown_table(per_class, index=False),
         "",

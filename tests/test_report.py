@@ -96,6 +96,17 @@ def test_the_section_round_trips_the_run_folders_numbers(run_dir, tmp_path):
     assert readme.read_text() == before
 
 
+def test_the_section_says_how_the_scored_answers_were_made(run_dir):
+    assert "conversation (greedy answers), beside" in report.results_section(run_dir)
+    for stage, summary in [("03_sft", {}), ("05_inference", {})]:
+        write_state(run_dir / stage, summary, params={"profile": "demo", "seed": 0, "test_views": 4})
+    section = report.results_section(run_dir)
+    assert "(greedy answers, each voted per cell over 4 views of its tile (`test_views`)), beside" in section
+    assert "The well-formed share is the plain view's." in section
+    assert "coarse masks from greedy answers, each voted per cell over 4 views of its tile" in section
+    assert report.answers_phrase(1) == report.answers_phrase(None) == "greedy answers"
+
+
 def test_missing_markers_and_missing_runs_give_one_clear_line(run_dir, tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("# no markers\n")
