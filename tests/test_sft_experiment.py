@@ -15,11 +15,16 @@ from magseg_nb.labels import NODATA
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("sft_experiment", ROOT / "scripts" / "sft_experiment.py")
+def _load(name: str):
+    """A script of scripts/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _script():
+    return _load("sft_experiment")
 
 
 def test_overrides_are_read_as_yaml_values():
@@ -112,10 +117,7 @@ def test_score_only_refuses_grpo_from(tmp_path):
 
 
 def _headroom():
-    spec = importlib.util.spec_from_file_location("grpo_headroom", ROOT / "scripts" / "grpo_headroom.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("grpo_headroom")
 
 
 def test_headroom_picks_the_best_sample_and_counts_groups_without_a_gradient():
