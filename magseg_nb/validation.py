@@ -342,3 +342,21 @@ def errors_by_purity(val_jsonl, answers_jsonl, run01, read_semantic=None) -> pd.
     )
     out["class"] = [CLASSES[c] for c in out.pop("cls")]
     return out[["bin", "class", "cells", "model_error", "pixel_error"]]
+
+
+def confusions_by_block(frames: dict[str, pd.DataFrame], true: str, pred: str) -> pd.DataFrame:
+    """Per spatial block: the cells of class ``true`` that each scorer labelled ``pred`` (one column per
+    scorer, blocks with the model's most first), to see whether a class's errors are spread or sit in a
+    few blocks. ``frames`` as :func:`answer_frames` returns them."""
+    for name in (true, pred):
+        if name not in CLASS_IDS:
+            raise ValueError(f"unknown class {name!r}: use one of {', '.join(CLASSES)}")
+    col = f"cm_{CLASS_IDS[true]}_{CLASS_IDS[pred]}"
+    table = pd.DataFrame({name: df.groupby("block_id")[col].sum() for name, df in frames.items()})
+    table[f"{true} cells"] = (
+        next(iter(frames.values()))
+        .groupby("block_id")[[f"cm_{CLASS_IDS[true]}_{j}" for j in range(len(CLASSES))]]
+        .sum()
+        .sum(axis=1)
+    )
+    return table.sort_values(MODEL, ascending=False, kind="stable").rename_axis("block_id").reset_index()

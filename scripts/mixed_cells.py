@@ -2,6 +2,9 @@
 pixel classifier's on the same cells (``validation.errors_by_purity``; docs/experiments.md).
 
     .venv/bin/python scripts/mixed_cells.py --run-dir runs/demo --answers runs/demo/03_sft/magseg
+
+``--confusion field water`` prints instead, per spatial block, the field cells each scorer labelled
+water (``validation.confusions_by_block``): whether a class's errors are spread or sit in a few blocks.
 """
 
 from __future__ import annotations
@@ -18,7 +21,19 @@ def main(argv=None):
     p.add_argument(
         "--answers", type=Path, required=True, help="a folder with MAgSeg validation answers.jsonl"
     )
+    p.add_argument(
+        "--confusion", nargs=2, metavar=("TRUE", "PRED"), help="per block: cells of class TRUE labelled PRED"
+    )
     args = p.parse_args(argv)
+    if args.confusion:
+        frames = validation.answer_frames(
+            args.run_dir / "02_instruction_format" / "magseg_val.jsonl",
+            args.answers / layout.ANSWERS,
+            args.run_dir / "01_dataset_prep",
+        )
+        table = validation.confusions_by_block(frames, *args.confusion)
+        print(table.to_string(index=False))
+        return table
     table = validation.errors_by_purity(
         args.run_dir / "02_instruction_format" / "magseg_val.jsonl",
         args.answers / layout.ANSWERS,

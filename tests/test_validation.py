@@ -231,6 +231,17 @@ def test_errors_by_purity_split_mixed_from_pure_cells(tmp_path):
     assert rows["pure", "field"]["cells"] == 6 * 8 and rows["pure", "field"]["pixel_error"] == 0.0
 
 
+def test_confusions_by_block_count_one_error_per_scorer_and_block(tmp_path):
+    run01, val, answers = _fake_run(tmp_path, n_blocks=3)
+    table = validation.confusions_by_block(validation.answer_frames(val, answers, run01), "tree", "field")
+    assert list(table["block_id"]) == ["b0", "b1", "b2"]
+    assert table[validation.MODEL].tolist() == [0, 0, 0]  # the model answers perfectly
+    assert table[validation.PIXEL].tolist() == [16, 16, 16]  # 2 tiles x 8 tree cells called field
+    assert table[validation.ALL_FIELD].tolist() == [16, 16, 16] and table["tree cells"].tolist() == [16] * 3
+    with pytest.raises(ValueError, match="unknown class 'forest': use one of others, field, tree, water"):
+        validation.confusions_by_block(validation.answer_frames(val, answers, run01), "forest", "field")
+
+
 def test_patch_purity_by_hand():
     from magseg_nb import prompts
     from magseg_nb.labels import NODATA
