@@ -474,15 +474,42 @@ def fit(trainer, out: Path):
     return trainer
 
 
-def _run(s: CommonSettings, dest_name: str, train, train_ds=None, val_ds=None, full: bool = False) -> dict:
-    """The one loop of SFT and GRPO: skip when ``out/train_done.json`` matches the settings; else load
-    the rows, ``train(train_ds, out) -> (trainer, processor)``, save the weights and the record; then
-    score the validation split. ``run_sft``/``run_grpo`` differ only in settings, data and ``train``."""
+# What a finished training leaves besides its weights, taken along when another folder adopts it.
+TRAINING_RECORDS = ("log.csv", "ranks")
+
+
+def _adopt_finished(src: Path, out: Path, dest_name: str, s) -> dict | None:
+    """Copy a training that finished in ``src`` with these settings (its weights, record and log) into
+    ``out``; None when ``src`` holds none. A stage rerun for a scoring setting starts from an empty
+    folder; this spares it the training."""
+    done = _read_done(src, s)
+    if done is None or not (src / dest_name).is_dir() or not _is_main():
+        return None
+    shutil.copytree(src / dest_name, out / dest_name, dirs_exist_ok=True)
+    for name in TRAINING_RECORDS:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, out / name, dirs_exist_ok=True)
+        elif (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    files.write_json(out / DONE_FILE, done)  # last: the record says the copy is complete
+    print(f"{src / dest_name} finished with these settings; copied, not trained again", flush=True)
+    return done
+
+
+def _run(
+    s: CommonSettings, dest_name: str, train, train_ds=None, val_ds=None, full: bool = False, reuse=None
+) -> dict:
+    """The one loop of SFT and GRPO: skip when ``out/train_done.json`` (or ``reuse/train_done.json``,
+    then copied) matches the settings; else load the rows, ``train(train_ds, out) -> (trainer,
+    processor)``, save the weights and the record; then score the validation split. ``run_sft`` and
+    ``run_grpo`` differ only in settings, data and ``train``."""
     _torch().manual_seed(s.seed)
     out = Path(s.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dest = out / dest_name
     done = _read_done(out, s)
+    if done is None and reuse is not None and Path(reuse).resolve() != out.resolve():
+        done = _adopt_finished(Path(reuse), out, dest_name, s)
     t0 = time.time()
     model = processor = None
     if done is None:
@@ -513,11 +540,13 @@ def _drop_checkpoints_of_other_inputs(ckpt_dir: Path, stamp: str) -> None:
     files.write_text(marker, stamp + "\n")
 
 
-def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None) -> dict:
+def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None, reuse=None) -> dict:
     """LoRA SFT of ``base_model`` on ``train_jsonl``; saves the adapter, log.csv and eval.json.
 
     A rerun with the same settings whose adapter is complete skips training; an interrupted one
-    resumes from the last checkpoint. ``train_ds``/``val_ds`` replace the JSONL files when given.
+    resumes from the last checkpoint. ``reuse``: a folder where the same training may have finished
+    before (a stage's previous output); it is copied instead of trained. ``train_ds``/``val_ds``
+    replace the JSONL files when given.
     """
 
     s = _settings(SFTSettings, cfg if isinstance(cfg, SFTSettings) else dict(cfg))
@@ -541,7 +570,7 @@ def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None) -> dict:
             )
         return train_sft(model, processor, rows, s, out, peft_config), processor
 
-    return _run(s, "model" if s.full_finetune else "adapter", train, train_ds, val_ds, s.full_finetune)
+    return _run(s, "model" if s.full_finetune else "adapter", train, train_ds, val_ds, s.full_finetune, reuse)
 
 
 def write_rank_record(trainer, out: Path) -> dict:
@@ -638,8 +667,9 @@ def reward_functions(weights: dict[str, float]) -> tuple[list, list[float]]:
     return [rewards.REWARD_FUNCS[n] for n in names], [float(weights[n]) for n in names]
 
 
-def run_grpo(cfg: dict | GRPOSettings, train_ds=None, val_ds=None) -> dict:
-    """GRPO of the SFT adapter ``adapter_dir`` on ``base_model`` with the Dice + format rewards."""
+def run_grpo(cfg: dict | GRPOSettings, train_ds=None, val_ds=None, reuse=None) -> dict:
+    """GRPO of the SFT adapter ``adapter_dir`` on ``base_model`` with the Dice + format rewards
+    (``reuse`` as in :func:`run_sft`)."""
 
     s = _settings(GRPOSettings, cfg if isinstance(cfg, GRPOSettings) else dict(cfg))
     if not s.adapter_dir or not (Path(s.adapter_dir) / "adapter_config.json").exists():
@@ -686,7 +716,7 @@ def run_grpo(cfg: dict | GRPOSettings, train_ds=None, val_ds=None) -> dict:
         )
         return fit(trainer, out), processor
 
-    return _run(s, "adapter", train, train_ds, val_ds)
+    return _run(s, "adapter", train, train_ds, val_ds, reuse=reuse)
 
 
 # --- evaluation -----------------------------------------------------------------------------------

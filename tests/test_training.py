@@ -204,6 +204,19 @@ def test_pretrain_sft_resume_and_grpo_on_the_tiny_model(convs, tmp_path):
     assert rescored["steps"] == 3 and (weights.stat().st_mtime_ns, files.sha256_file(weights)) == before
     assert rescored["eval"]["test_views"] == 4 and rescored["eval"]["model"]["n"] == 2
     assert len((out / "answers.jsonl").read_text().splitlines()) == 2
+    # as the chain reruns a stage: the finished folder moved away, the same path empty again; the
+    # training is copied from the finished folder, not run again
+    final = tmp_path / "sft_final"
+    shutil.move(out, final)
+    again = training.run_sft({**cfg, "max_steps": 3, "eval_max_examples": 2}, reuse=final)
+    assert again["steps"] == 3 and files.sha256_file(weights) == before[1]
+    assert (out / "log.csv").read_bytes() == (final / "log.csv").read_bytes() and not (
+        out / "checkpoints"
+    ).exists()
+    assert json.loads((out / "eval.json").read_text())["model"]["n"] == 2
+    other = training._settings(training.SFTSettings, {**cfg, "max_steps": 4, "output_dir": str(out)})
+    assert training._adopt_finished(final, tmp_path / "elsewhere", "adapter", other) is None
+    assert not (tmp_path / "elsewhere").exists()
 
     gout = tmp_path / "grpo"
     gres = training.run_grpo(
