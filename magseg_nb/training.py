@@ -481,10 +481,13 @@ TRAINING_RECORDS = ("log.csv", "ranks")
 def _adopt_finished(src: Path, out: Path, dest_name: str, s) -> dict | None:
     """Copy a training that finished in ``src`` with these settings (its weights, record and log) into
     ``out``; None when ``src`` holds none. A stage rerun for a scoring setting starts from an empty
-    folder; this spares it the training."""
+    folder; this spares it the training. Every process sees the record, so all of them skip training;
+    the main process copies."""
     done = _read_done(src, s)
-    if done is None or not (src / dest_name).is_dir() or not _is_main():
+    if done is None or not (src / dest_name).is_dir():
         return None
+    if not _is_main():
+        return done
     shutil.copytree(src / dest_name, out / dest_name, dirs_exist_ok=True)
     for name in TRAINING_RECORDS:
         if (src / name).is_dir():

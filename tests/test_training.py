@@ -291,6 +291,29 @@ def test_settings_hash_leaves_out_the_scoring_settings_only(tmp_path):
         assert training.settings_hash(dataclasses.replace(s, **{name: value})) != h, name
 
 
+def test_a_finished_training_is_adopted_by_every_process_and_copied_by_the_main_one(tmp_path, monkeypatch):
+    """Under several processes all of them must skip training (or the others wait for rank 0 forever);
+    only the main process writes."""
+    s = training.SFTSettings(
+        base_model="google/gemma-3-4b-it", train_jsonl="", output_dir=str(tmp_path / "p")
+    )
+    src = tmp_path / "final"
+    (src / "adapter").mkdir(parents=True)
+    (src / "adapter" / "adapter_model.safetensors").write_bytes(b"w")
+    (src / "log.csv").write_text("step,loss\n1,0.5\n")
+    done = {"settings_hash": training.settings_hash(s), "steps": 7}
+    files.write_json(src / training.DONE_FILE, done)
+    monkeypatch.setattr(training, "_is_main", lambda: False)
+    assert training._adopt_finished(src, tmp_path / "p", "adapter", s) == done
+    assert not (tmp_path / "p").exists()
+    monkeypatch.setattr(training, "_is_main", lambda: True)
+    (tmp_path / "p").mkdir()
+    assert training._adopt_finished(src, tmp_path / "p", "adapter", s) == done
+    assert (tmp_path / "p" / "adapter" / "adapter_model.safetensors").read_bytes() == b"w"
+    assert (tmp_path / "p" / "log.csv").read_text() == "step,loss\n1,0.5\n"
+    assert json.loads((tmp_path / "p" / training.DONE_FILE).read_text()) == done
+
+
 def test_settings_hash_follows_what_the_paths_point_at(tmp_path):
     """A rebuilt base or rewritten conversations under the same path are new settings; a hub id counts
     as itself (measured bug: a seed study reused adapters of the previous base after a rebuild)."""
