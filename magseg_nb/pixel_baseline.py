@@ -218,9 +218,7 @@ def conversation_cells(pred_tile: np.ndarray, row: dict) -> np.ndarray:
     The same rule that built the row's ``gt_mask`` (``prompts.patch_target``): the row's patch of the
     tile (MAgSeg) or the whole tile (Text4Seg, ``patch_row`` None), majority vote per cell.
     """
-    return prompts.patch_target(
-        pred_tile, prompts.row_patch(row), int(row.get("patch_layout") or 1), int(row["grid"])
-    )
+    return prompts.patch_target(pred_tile, prompts.row_patch(row), prompts.row_layout(row), int(row["grid"]))
 
 
 def read_tile_prediction(pred_dir, tile_id: str) -> np.ndarray:

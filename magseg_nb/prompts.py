@@ -167,13 +167,17 @@ def row_patch(row: dict):
     return None if row.get("patch_row") is None else (int(row["patch_row"]), int(row["patch_col"]))
 
 
+def row_layout(row: dict) -> int:
+    """A conversation row's patch layout (patches per tile side; 1 for a whole-tile row)."""
+    return int(row.get("patch_layout") or 1)
+
+
 def row_prompt(row: dict) -> tuple:
     """(format, grid, encoding, patch, patch_layout, variant): what :func:`make_example` takes to rebuild
     a conversation row's prompt for another image of its tile (``magseg_nb.views``)."""
     # Text4Seg rows say variant "tile"; its prompt ignores the variant, so any valid one builds it
     variant = row["variant"] if row["format"] == "magseg" else DEFAULT_VARIANT
-    layout = int(row.get("patch_layout") or 1)
-    return row["format"], int(row["grid"]), row["encoding"], row_patch(row), layout, variant
+    return row["format"], int(row["grid"]), row["encoding"], row_patch(row), row_layout(row), variant
 
 
 def mark_patch(tile_image: Image.Image, patch, patch_layout: int, width: int | None = None) -> Image.Image:

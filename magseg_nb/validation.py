@@ -319,8 +319,9 @@ def errors_by_purity(val_jsonl, answers_jsonl, run01, read_semantic=None) -> pd.
             sems[tid] = np.asarray(read_semantic(tid))
             preds[tid] = pixel_baseline.read_tile_prediction(pixel_dir, tid)
         gt = np.asarray(row["gt_mask"])
-        layout_ = int(row.get("patch_layout") or 1)
-        purity = prompts.patch_purity(sems[tid], prompts.row_patch(row), layout_, int(row["grid"]))
+        purity = prompts.patch_purity(
+            sems[tid], prompts.row_patch(row), prompts.row_layout(row), int(row["grid"])
+        )
         model = textgrid.decode(ans["answer"], shape=gt.shape).mask
         pixel = pixel_baseline.conversation_cells(preds[tid], row)
         keep = (gt != NODATA) & ~np.isnan(purity)

@@ -10,7 +10,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch, Rectangle
 
 from magseg_nb.labels import CLASS_COLORS, CLASSES
-from magseg_nb.prompts import DEFAULT_VARIANT, patch_bounds
+from magseg_nb.prompts import DEFAULT_VARIANT, patch_bounds, row_layout, row_patch
 
 CMAP = ListedColormap([np.array(CLASS_COLORS[c]) / 255 for c in CLASSES])
 
@@ -51,9 +51,7 @@ def show_conversation(row: dict, images: list, max_answer_lines: int = 8):
     fig, axes = plt.subplots(
         1, n + 2, figsize=(3.2 * (n + 2), 3.6), gridspec_kw={"width_ratios": [1] * (n + 1) + [2.2]}
     )
-    layout = row.get("patch_layout", 1)
-    patch = (row["patch_row"], row["patch_col"]) if row.get("patch_row") is not None else None
-    draw_layout(axes[0], images[0], layout, patch, "image 1: the whole tile")
+    draw_layout(axes[0], images[0], row_layout(row), row_patch(row), "image 1: the whole tile")
     for k in range(1, n):
         axes[k].imshow(np.asarray(images[k]))
         axes[k].set_title(f"image {k + 1}: {row.get('variant', '')}", fontsize=9)
