@@ -444,9 +444,25 @@ def load_model_and_processor(path_or_id, adapter_dir=None, dtype="auto", device=
             processor_source = str(adapter_dir)
     processor = AutoProcessor.from_pretrained(processor_source)
     if not trainable:
+        model = merge_lora(model)
         model.eval()
         model.requires_grad_(False)
     return model, processor
+
+
+def merge_lora(model):
+    """For generation: a float32 PEFT model with its LoRA folded into the base weights, else ``model``.
+
+    The merged model computes one matmul per projection instead of the base's plus the adapter's, so
+    greedy answers stay the same and come faster (benchmarks/README.md, "Merged LoRA"). bf16/fp16 stay
+    unmerged: rounding W + BA to 8 mantissa bits would drop the adapter's small updates. The PEFT
+    wrapper is spent afterwards; use the returned model."""
+    import torch
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and next(model.parameters()).dtype in (torch.float32, torch.float64):
+        return model.merge_and_unload()
+    return model
 
 
 def _adapter_base(adapter_dir: Path, base: str) -> str:

@@ -631,6 +631,8 @@ def _result(s, dest: Path, done, model, processor, val_ds, full: bool = False) -
     if _is_main() and s.eval_max_examples != 0 and (s.val_jsonl or val_ds is not None):
         if model is None:
             model, processor = _load_trained(s.base_model, dest, full)
+        else:  # the trained model, saved above; nothing trains it further
+            model = models.merge_lora(model)
         result["eval"] = evaluate_split(model, processor, s, val_ds=val_ds, train_jsonl=s.train_jsonl)
     return result
 

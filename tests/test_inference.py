@@ -358,7 +358,8 @@ def test_adapter_that_does_not_match_the_model(tiny_model, tmp_path):
     ):
         inference.load_variant(variant, base_model="google/gemma-3-4b-it")
     model, processor = inference.load_variant(variant, device="cpu")  # its own base: loads
-    assert model.peft_config
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"  # the float32 LoRA merged in
+    assert processor.tokenizer is not None
 
 
 def test_answer_budget_from_training_answers(tiny_model, tmp_path):

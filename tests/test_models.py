@@ -119,26 +119,61 @@ def test_lora_config_exact_modules(tiny):
 
 
 def _save_adapter(base, out):
+    """A LoRA adapter whose B matrices are random (PEFT starts them at zero, a no-op adapter)."""
+    import torch
     from peft import get_peft_model
 
     model, processor = models.load_model_and_processor(base)
     peft_model = get_peft_model(model, models.lora_config(r=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
     peft_model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
 
 
+def _logits(model, processor, ex):
+    import torch
+
+    text = processor.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[list(ex["images"])], return_tensors="pt")
+    with torch.inference_mode():
+        return model(**inputs).logits[0, -1]
+
+
 def test_adapter_round_trip(tiny, tmp_path):
-    adapter = _save_adapter(tiny, tmp_path / "adapter")
-    model, processor = models.load_model_and_processor(tiny, adapter_dir=adapter)
     from peft import PeftModel
 
-    assert isinstance(model, PeftModel)
-    assert not any(p.requires_grad for p in model.parameters())
+    adapter = _save_adapter(tiny, tmp_path / "adapter")
     ex = [prompts.make_example(_image(4), "text4seg", 4, "plain")]
-    assert isinstance(models.generate(model, processor, ex, max_new_tokens=5)[0], str)
-    trainable, _ = models.load_model_and_processor(tiny, adapter_dir=adapter, trainable=True)
-    assert any(p.requires_grad for p in trainable.parameters())
+    # For inference the float32 adapter is merged into the weights: no PEFT wrapper, no LoRA layers.
+    merged, processor = models.load_model_and_processor(tiny, adapter_dir=adapter)
+    assert not isinstance(merged, PeftModel)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert not any(p.requires_grad for p in merged.parameters())
+    # ... and computes what the unmerged adapter computes, which differs from the bare base model.
+    unmerged, _ = models.load_model_and_processor(tiny, adapter_dir=adapter, trainable=True)
+    assert isinstance(unmerged, PeftModel) and any(p.requires_grad for p in unmerged.parameters())
+    unmerged.eval()
+    base, _ = models.load_model_and_processor(tiny)
+    got, want = _logits(merged, processor, ex[0]), _logits(unmerged, processor, ex[0])
+    assert float((got - want).abs().max()) < 1e-4
+    assert float((_logits(base, processor, ex[0]) - want).abs().max()) > 1e-2
+    assert models.generate(merged, processor, ex, max_new_tokens=5) == models.generate(
+        unmerged, processor, ex, max_new_tokens=5
+    )
+
+
+def test_bf16_adapter_stays_unmerged(tiny, tmp_path):
+    from peft import PeftModel
+
+    adapter = _save_adapter(tiny, tmp_path / "adapter")
+    model, _ = models.load_model_and_processor(tiny, adapter_dir=adapter, dtype="bfloat16", device="cpu")
+    assert isinstance(model, PeftModel)
+    assert any("lora_B" in n for n, _ in model.named_parameters())
 
 
 def test_adapter_on_another_model_names_both(tiny, tmp_path):
