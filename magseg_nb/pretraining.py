@@ -94,13 +94,8 @@ def proxy_example(row: dict) -> dict:
 
     grid = len(row["gt_mask"])
     tile = row["images"][0]
-    box = (0, 0, tile.width, tile.height)
-    if row.get("patch_row") is not None:
-        patch = (int(row["patch_row"]), int(row["patch_col"]))
-        top, bottom, left, right = prompts.patch_bounds(
-            (tile.height, tile.width), patch, int(row["patch_layout"])
-        )
-        box = (left, top, right, bottom)
+    top, bottom, left, right = prompts.row_bounds(row, (tile.height, tile.width))
+    box = (left, top, right, bottom)
     codes = colour_codes(cell_means(tile, box, grid), cell_stds(tile, box, grid))
     prompt = json.loads(json.dumps(row["prompt"]))  # deep copy
     for part in prompt[-1]["content"]:

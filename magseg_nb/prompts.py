@@ -172,6 +172,15 @@ def row_layout(row: dict) -> int:
     return int(row.get("patch_layout") or 1)
 
 
+def row_bounds(row: dict, shape) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) pixels of ``shape`` that a conversation row's answer describes: its
+    patch's bounds, or the whole tile for a whole-tile row."""
+    patch = row_patch(row)
+    if patch is None:
+        return 0, int(shape[0]), 0, int(shape[1])
+    return patch_bounds(shape, patch, row_layout(row))
+
+
 def row_prompt(row: dict) -> tuple:
     """(format, grid, encoding, patch, patch_layout, variant): what :func:`make_example` takes to rebuild
     a conversation row's prompt for another image of its tile (``magseg_nb.views``)."""

@@ -215,11 +215,7 @@ def pixel_predictions(val_rows, answers: dict, shapes: dict) -> dict[str, np.nda
         pred = out.setdefault(tile_id, np.full(shape, NODATA, np.uint8))
         gt = np.asarray(row["gt_mask"])
         mask = textgrid.decode(ans["answer"], shape=gt.shape).mask
-        if row.get("patch_row") is None:
-            top, bottom, left, right = 0, shape[0], 0, shape[1]
-        else:
-            patch = (row["patch_row"], row["patch_col"])
-            top, bottom, left, right = prompts.patch_bounds(shape, patch, row["patch_layout"])
+        top, bottom, left, right = prompts.row_bounds(row, shape)
         pred[top:bottom, left:right] = paint(mask, (bottom - top, right - left))
     return out
 

@@ -66,6 +66,14 @@ def test_patch_targets_tile_the_whole_mask():
     )
 
 
+def test_row_bounds_of_patch_and_whole_tile_rows():
+    patch_row = {"patch_row": 1, "patch_col": 2, "patch_layout": 4}
+    assert prompts.row_bounds(patch_row, (128, 96)) == (32, 64, 48, 72)
+    last = {"patch_row": 3, "patch_col": 3, "patch_layout": 4}
+    assert prompts.row_bounds(last, (130, 130)) == (97, 130, 97, 130)  # ends at the edge, as the targets do
+    assert prompts.row_bounds({"patch_row": None, "patch_layout": None}, (128, 96)) == (0, 128, 0, 96)
+
+
 def test_make_example_variants():
     img = Image.fromarray(_tile(size=96).image)
     index = prompts.make_example(img, "magseg", 8, "plain", (1, 0), 2, "index")
