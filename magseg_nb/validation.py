@@ -210,6 +210,20 @@ def change_sentences(
     return out
 
 
+def model_changes(
+    ref_frames: dict,
+    frames: dict,
+    name: str,
+    ref_name: str,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> list[str]:
+    """The change sentences of the model's answers in ``frames`` against those in ``ref_frames`` (both
+    from :func:`answer_frames` on the same validation conversations), paired by block."""
+    return change_sentences(compare(ref_frames[MODEL], frames[MODEL], n_boot, ci, seed), name, ref_name)
+
+
 def repair_kinds(answers_jsonl) -> pd.Series:
     """Share of answers with each kind of repair the decoder made (numbers and labels replaced by N,
     e.g. "row N: N cells, expected N"), most frequent first: why answers are not well-formed."""

@@ -125,10 +125,7 @@ def main(argv=None) -> dict:
         (args.out / name).mkdir(parents=True, exist_ok=True)
         files.write_jsonl(args.out / name / layout.ANSWERS, rows)
         frames = validation.answer_frames(val, args.out / name / layout.ANSWERS, run01)
-        diff = validation.compare(
-            ref[validation.MODEL], frames[validation.MODEL], args.n_boot, 0.95, args.seed
-        )
-        lines = validation.change_sentences(diff, name, "greedy")
+        lines = validation.model_changes(ref, frames, name, "greedy", args.n_boot, 0.95, args.seed)
         summary["changes"][name] = lines
         if name.startswith("best_of_"):
             n = int(name.rsplit("_", 1)[1])

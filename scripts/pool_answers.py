@@ -53,9 +53,7 @@ def main(argv=None) -> list[str]:
     frames = validation.answer_frames(val, args.out / layout.ANSWERS, run01)
     print(validation.wide(validation.score_frames(frames).query("answers == 'all'")).to_string())
     ref = validation.answer_frames(val, args.against / layout.ANSWERS, run01)
-    lines = validation.change_sentences(
-        validation.compare(ref[validation.MODEL], frames[validation.MODEL]), "pooled", str(args.against)
-    )
+    lines = validation.model_changes(ref, frames, "pooled", str(args.against))
     print("\n".join(lines))
     return lines
 

@@ -202,10 +202,9 @@ def main(argv=None) -> dict:
         print(f"groups with all-equal rewards: {summary['groups_all_equal_rewards']}")
     if args.against:
         ref = validation.answer_frames(val, args.against / layout.ANSWERS, run01)
-        diff = validation.compare(
-            ref[validation.MODEL], frames[validation.MODEL], args.n_boot, 0.95, args.seed
+        lines = validation.model_changes(
+            ref, frames, "this run", str(args.against), args.n_boot, 0.95, args.seed
         )
-        lines = validation.change_sentences(diff, "this run", str(args.against))
         print("\n".join(lines))
         summary["against"] = {"reference": str(args.against), "changes": lines}
     files.write_json(args.out / "experiment.json", summary)

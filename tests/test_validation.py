@@ -87,6 +87,24 @@ def test_conclusions_claim_only_what_the_block_interval_shows(tmp_path):
     }
 
 
+def test_model_changes_pair_two_answer_files_on_the_same_cells(tmp_path):
+    run01, val, answers = _fake_run(tmp_path)
+    all_field = tmp_path / "all_field.jsonl"
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    all_field.write_text(
+        "".join(json.dumps(r | {"answer": textgrid.encode(np.full((4, 4), F), "rle")}) + "\n" for r in rows)
+    )
+    ref = validation.answer_frames(val, answers, run01)
+    lines = validation.model_changes(ref, validation.answer_frames(val, all_field, run01), "B", "A", 200)
+    tree = next(line for line in lines if line.startswith("dice_tree"))
+    assert tree.startswith("dice_tree: B 0.000 vs A 1.000, change -1.000 [-1.000, -1.000]")
+    assert tree.endswith("worsened.")
+    assert all(
+        line.endswith("no change this data can resolve.")
+        for line in validation.model_changes(ref, ref, "B", "A", 50)
+    )
+
+
 def test_well_formed_subset_selects_the_same_rows_for_every_scorer(tmp_path):
     run01, val, answers = _fake_run(tmp_path)
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
