@@ -78,11 +78,13 @@ class Variant:
 
 
 def adapter_base(adapter_dir: Path) -> str:
-    """The base model an adapter was trained on (PEFT's adapter_config.json)."""
+    """The base model an adapter was trained on (PEFT's adapter_config.json); a shipped model recorded
+    at another checkout's path is this checkout's copy (``models.shipped_base``)."""
     config = Path(adapter_dir) / "adapter_config.json"
     if not config.exists():
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: rerun the training notebook")
-    return json.loads(config.read_text()).get("base_model_name_or_path") or ""
+    base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
+    return models.shipped_base(base) if base else ""
 
 
 def find_variants(run_dir: Path) -> list[Variant]:

@@ -291,6 +291,21 @@ def resolve_model(model_id: str, cache_dir: Path) -> str:
     )
 
 
+def shipped_base(path_or_id: str) -> str:
+    """``path_or_id``, or this checkout's copy of a shipped model when it is the absolute path of one in
+    another checkout (a run folder made in a clone that was moved or deleted records that path)."""
+    path = Path(str(path_or_id))
+    if not path.is_absolute() or path.exists():
+        return str(path_or_id)
+    from magseg_nb import tiny_base
+
+    for info in REGISTRY.values():
+        here = tiny_base.ROOT / info.pretrained if info.pretrained else None
+        if here is not None and here.name == path.name and here.is_dir():
+            return str(here)
+    return str(path_or_id)
+
+
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
 

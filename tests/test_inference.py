@@ -196,6 +196,21 @@ def test_variants_found_and_selected(tmp_path):
         inference.select_variants([], "all")
 
 
+def test_a_moved_run_finds_the_shipped_base_in_this_checkout(tmp_path):
+    from magseg_nb import tiny_base
+
+    adapter = tmp_path / "03_sft" / "magseg" / "adapter"
+    adapter.mkdir(parents=True)
+    elsewhere = "/gone/clone/pretrained/tiny-gemma3-proxy"  # the checkout that trained it is deleted
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": elsewhere}))
+    assert inference.adapter_base(adapter) == str(tiny_base.PRETRAINED_DIR)
+    assert inference.find_variants(tmp_path)[0].base_model == str(tiny_base.PRETRAINED_DIR)
+    # A path that exists, a hub id, or a model this checkout does not ship is kept as recorded.
+    for kept in (str(tmp_path), "google/gemma-3-4b-it", "/gone/clone/some-other-model"):
+        (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": kept}))
+        assert inference.adapter_base(adapter) == kept
+
+
 # --- a scene end to end with the oracle model ------------------------------------------------------
 
 
