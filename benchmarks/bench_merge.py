@@ -9,33 +9,19 @@ Needs a run whose notebook 03 finished (its MAgSeg adapter and validation conver
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
-from magseg_nb import inference, models, training
+from bench_views import adapter_and_rows, demo_args  # the same options and inputs
+
+from magseg_nb import models, training
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--rows", type=int, default=512, help="validation conversations timed (the first N)")
-    parser.add_argument("--batch-size", type=int, default=16, help="notebook 03's eval_batch_size")
-    parser.add_argument(
-        "--repeats", type=int, default=2, help="each model is timed this often; the best is kept"
-    )
-    args = parser.parse_args()
-    adapter = args.run_dir / "03_sft" / "magseg" / "adapter"
-    val = args.run_dir / "02_instruction_format" / "magseg_val.jsonl"
-    for path in (adapter, val):
-        if not path.exists():
-            raise SystemExit(f"{path} not found: run magseg-nb run --profile demo --to 03 first")
-    base = inference.adapter_base(adapter)
+    args = demo_args(__doc__, 512)
+    adapter, base, ds = adapter_and_rows(args)
     peft, processor = models.load_model_and_processor(base, adapter_dir=adapter, trainable=True)
     peft.eval()  # loaded trainable so that it stays a PEFT model; eval() turns dropout off
     merged, _ = models.load_model_and_processor(base, adapter_dir=adapter)
-    ds = training.load_split(val)
-    ds = ds.select(range(min(args.rows, len(ds))))
     seconds, answers, dice = {}, {}, {}
     for _ in range(args.repeats):  # interleaved, so drift of a shared machine touches both alike
         for name, model in (("LoRA beside the base (PEFT)", peft), ("merged", merged)):

@@ -15,23 +15,33 @@ from pathlib import Path
 from magseg_nb import inference, models, training
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def demo_args(doc: str, rows: int) -> argparse.Namespace:
+    """The options both generation benchmarks take (this one and ``bench_merge.py``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--rows", type=int, default=256, help="validation conversations timed (the first N)")
+    parser.add_argument("--rows", type=int, default=rows, help="validation conversations timed (the first N)")
     parser.add_argument("--batch-size", type=int, default=16, help="notebook 03's eval_batch_size")
     parser.add_argument(
-        "--repeats", type=int, default=2, help="each count is timed this often; the best is kept"
+        "--repeats", type=int, default=2, help="each case is timed this often; the best is kept"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def adapter_and_rows(args: argparse.Namespace):
+    """(MAgSeg adapter folder, its base, the first ``args.rows`` validation conversations) of a run."""
     adapter = args.run_dir / "03_sft" / "magseg" / "adapter"
     val = args.run_dir / "02_instruction_format" / "magseg_val.jsonl"
     for path in (adapter, val):
         if not path.exists():
             raise SystemExit(f"{path} not found: run magseg-nb run --profile demo --to 03 first")
-    model, processor = models.load_model_and_processor(inference.adapter_base(adapter), adapter_dir=adapter)
     ds = training.load_split(val)
-    ds = ds.select(range(min(args.rows, len(ds))))
+    return adapter, inference.adapter_base(adapter), ds.select(range(min(args.rows, len(ds))))
+
+
+def main() -> None:
+    args = demo_args(__doc__, 256)
+    adapter, base, ds = adapter_and_rows(args)
+    model, processor = models.load_model_and_processor(base, adapter_dir=adapter)
     seconds, dice = {}, {}
     for _ in range(args.repeats):  # interleaved, so drift of a shared machine touches every count alike
         for views in (1, 4, 8):
