@@ -197,7 +197,10 @@ def test_sft_and_grpo_on_two_processes_resume_and_load(fixture_data):
     assert log["step"].tolist() == [1, 2, 3, 4]
     assert json.loads((out / "train_done.json").read_text())["steps"] == 4
 
-    model, processor = models.load_model_and_processor(fx["base"], adapter_dir=out / "adapter", device="cpu")
+    # trainable=True keeps the PEFT layers (an inference load merges them into the weights)
+    model, processor = models.load_model_and_processor(
+        fx["base"], adapter_dir=out / "adapter", device="cpu", trainable=True
+    )
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and max(float(p.abs().max()) for p in lora_b) > 0  # B starts at zero: it was trained
     del model, processor
