@@ -83,8 +83,7 @@ def adapter_base(adapter_dir: Path) -> str:
     config = Path(adapter_dir) / "adapter_config.json"
     if not config.exists():
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: rerun the training notebook")
-    base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
-    return models.shipped_base(base) if base else ""
+    return models.shipped_base(json.loads(config.read_text()).get("base_model_name_or_path") or "")
 
 
 def find_variants(run_dir: Path) -> list[Variant]:

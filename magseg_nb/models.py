@@ -300,9 +300,10 @@ def shipped_base(path_or_id: str) -> str:
     from magseg_nb import tiny_base
 
     for info in REGISTRY.values():
-        here = tiny_base.ROOT / info.pretrained if info.pretrained else None
-        if here is not None and here.name == path.name and here.is_dir():
-            return str(here)
+        if info.pretrained and Path(info.pretrained).name == path.name:
+            here = tiny_base.ROOT / info.pretrained
+            if here.is_dir():
+                return str(here)
     return str(path_or_id)
 
 

@@ -25,20 +25,16 @@ def main(argv=None):
         "--confusion", nargs=2, metavar=("TRUE", "PRED"), help="per block: cells of class TRUE labelled PRED"
     )
     args = p.parse_args(argv)
-    if args.confusion:
-        frames = validation.answer_frames(
-            args.run_dir / "02_instruction_format" / "magseg_val.jsonl",
-            args.answers / layout.ANSWERS,
-            args.run_dir / "01_dataset_prep",
-        )
-        table = validation.confusions_by_block(frames, *args.confusion)
-        print(table.to_string(index=False))
-        return table
-    table = validation.errors_by_purity(
+    inputs = (
         args.run_dir / "02_instruction_format" / "magseg_val.jsonl",
         args.answers / layout.ANSWERS,
         args.run_dir / "01_dataset_prep",
     )
+    if args.confusion:
+        table = validation.confusions_by_block(validation.answer_frames(*inputs), *args.confusion)
+        print(table.to_string(index=False))
+        return table
+    table = validation.errors_by_purity(*inputs)
     print(table.to_string(index=False, float_format="{:.2f}".format))
     return table
 
