@@ -163,7 +163,8 @@ def discover_methods(run01, run05, random_weight_refinement: bool = False) -> li
     if scenes:
         methods.append(_baseline_method(ALL_FIELD_BASELINE, "all-field", ALL_FIELD, None, scenes))
     base = {
-        p.name.removesuffix("_instances.tif"): p for p in sorted((run01 / "baseline").glob("*_instances.tif"))
+        p.name.removesuffix("_instances.tif"): p
+        for p in sorted((run01 / layout.BASELINE_DIR).glob("*_instances.tif"))
     }
     if base:
         methods.append(_baseline_method("watershed baseline", "watershed", None, base))

@@ -588,7 +588,7 @@ def polygonize_saved(
     **watershed,
 ) -> dict:
     """Field instances + polygons from the masks a variant saved (refined/ and confidence/), without the
-    model: writes instances/<scene>.tif, fields.gpkg (layer "fields") and fields.parquet."""
+    model (``markers="segments"`` votes notebook 01's watershed segments of each scene): writes instances/<scene>.tif, fields.gpkg (layer "fields") and fields.parquet."""
     import geopandas as gpd
     import rasterio
 
@@ -604,14 +604,22 @@ def polygonize_saved(
         refined, crs, transform = instances.read_mask(path)
         conf_path = variant_dir / "confidence" / path.name
         conf = instances.read_mask(conf_path)[0] if conf_path.exists() else None
-        image = None
-        if use_image_edges:
+        image = segments = None
+        if watershed.get("markers") == "segments":
+            seg_path = layout.baseline_instances(run01, scene_id)
+            if not seg_path.is_file():
+                raise FileNotFoundError(
+                    f"{seg_path} does not exist: rerun notebook 01_dataset_prep (it writes the watershed "
+                    "segments that watershed_markers='segments' votes)"
+                )
+            segments = instances.read_mask(seg_path)[0]
+        elif use_image_edges:
             with rasterio.open(geo.scene_paths(run01, scene_id)["image"]) as src:
                 image = src.read().transpose(1, 2, 0)
         scene_tiles = None if tiles is None else tiles[tiles.scene_id.astype(str) == scene_id]
         inst, gdf = instances.scene_fields(
             refined, transform, crs, scene_id, confidence=conf, tiles=scene_tiles, image=image,
-            simplify_tolerance=simplify_tolerance, **watershed,
+            segments=segments, simplify_tolerance=simplify_tolerance, **watershed,
         )  # fmt: skip
         geo.write_geotiff(
             layout.mask_path(variant_dir, "instances", scene_id), inst, crs, transform, dtype="int32"

@@ -1,8 +1,11 @@
 """Field instances from a class mask, and their polygons.
 
-- ``field_instances`` splits the field class into fields with a boundary-aware watershed; the
-  gradient-watershed recipe (``image_gradient``, ``quantise_relief``, ``basin_markers``) is shared
-  with the classical baseline of notebook 01 (:mod:`magseg_nb.baseline`).
+- ``vote_segments`` (notebook 05's default) keeps the image segments of the classical watershed
+  baseline (notebook 01, :mod:`magseg_nb.baseline`) that the predicted mask calls field: the model
+  decides which segments are fields, the image where they end.
+- ``field_instances`` splits the field class into fields with a boundary-aware watershed inside the
+  mask; the gradient-watershed recipe (``image_gradient``, ``quantise_relief``, ``basin_markers``) is
+  shared with the baseline.
 - ``polygonize`` turns instance rasters into polygons with attributes, in the source CRS;
   ``scene_fields`` does both for one scene's refined mask; ``write_fields`` / ``read_mask`` are the
   files notebook 05 writes and reads.
@@ -27,7 +30,8 @@ from magseg_nb import files, layout
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
 FIELD = CLASS_IDS["field"]
-MARKERS = ("edges", "distance", "confidence")
+MARKERS = ("edges", "distance", "confidence")  # field_instances
+SPLITTERS = ("segments",) + MARKERS  # FieldSettings.markers: "segments" = vote_segments
 FIELD_COLUMNS = ["class", "area_m2", "scene_id", "tile_id", "confidence", "instance_id"]
 
 
@@ -64,6 +68,25 @@ def image_edges(image: np.ndarray, sigma: float = 2.0) -> np.ndarray:
     edges = image_gradient(image, sigma)
     top = np.quantile(edges, 0.99) if edges.size else 0.0
     return np.clip(edges / top, 0, 1).astype(np.float32) if top > 0 else np.zeros_like(edges)
+
+
+def vote_segments(
+    field_mask: np.ndarray, segments: np.ndarray, min_share: float = 0.5, min_area_px: int = 0
+) -> np.ndarray:
+    """Field instances (H,W) int32: the segments (int labels, 0 = none) whose pixels are at least
+    ``min_share`` field in ``field_mask``, kept whole; smaller than ``min_area_px`` dropped; ids
+    consecutive in segment order."""
+    mask, segments = np.asarray(field_mask, bool), np.asarray(segments)
+    if segments.shape != mask.shape:
+        raise ValueError(f"segments have shape {segments.shape}, the field mask {mask.shape}")
+    if segments.min(initial=0) < 0:
+        raise ValueError("segments must be labels >= 0 (0 = no segment)")
+    size = np.bincount(segments.ravel())
+    share = np.bincount(segments.ravel(), weights=mask.ravel()) / np.maximum(size, 1)
+    keep = (share >= min_share) & (size >= max(min_area_px, 1))
+    keep[0] = False
+    labels = np.where(keep[segments], segments, 0)
+    return segmentation.relabel_sequential(labels)[0].astype(np.int32)
 
 
 def field_instances(
@@ -277,22 +300,30 @@ def scene_fields(
     boundary_prob: np.ndarray | None = None,
     min_area_px: int = 16,
     simplify_tolerance: float = 0.0,
+    segments: np.ndarray | None = None,
     **watershed,
 ) -> tuple[np.ndarray, gpd.GeoDataFrame]:
-    """Field instances and their polygons for one scene's refined class mask (watershed markers from
-    the image's edges when ``image`` is given, else from the distance transform)."""
-    edges = image_edges(image) if image is not None else None
-    if edges is None and watershed.get("markers") == "edges":
-        watershed["markers"] = "distance"  # no image to take edges from
-    watershed.setdefault("markers", "edges" if edges is not None else "distance")
-    inst = field_instances(
-        refined == FIELD,
-        boundary_prob=boundary_prob,
-        min_area_px=min_area_px,
-        confidence=confidence,
-        edges=edges,
-        **watershed,
-    )
+    """Field instances and their polygons for one scene's refined class mask: ``markers="segments"``
+    votes ``segments`` (``vote_segments``); otherwise a watershed inside the mask, its markers from the
+    image's edges when ``image`` is given, else from the distance transform."""
+    if watershed.get("markers") == "segments":
+        if segments is None:
+            raise ValueError("markers='segments' needs the image segments (notebook 01's watershed baseline)")
+        inside = np.where(np.asarray(refined) != NODATA, segments, 0)  # only where the mask was predicted
+        inst = vote_segments(refined == FIELD, inside, min_area_px=min_area_px)
+    else:
+        edges = image_edges(image) if image is not None else None
+        if edges is None and watershed.get("markers") == "edges":
+            watershed["markers"] = "distance"  # no image to take edges from
+        watershed.setdefault("markers", "edges" if edges is not None else "distance")
+        inst = field_instances(
+            refined == FIELD,
+            boundary_prob=boundary_prob,
+            min_area_px=min_area_px,
+            confidence=confidence,
+            edges=edges,
+            **watershed,
+        )
     gdf = polygonize(
         inst,
         refined,
@@ -312,7 +343,9 @@ class FieldSettings:
     keywords); defaults = the demo profile."""
 
     min_area_px: int = 150  # fields smaller than this are dropped (the watershed baseline's min_area_px)
-    markers: str = "edges"  # "edges", "distance" or "confidence" (see field_instances)
+    # "segments": the watershed baseline's segments voted by the mask (vote_segments); "edges",
+    # "distance" or "confidence": a watershed inside the mask (field_instances)
+    markers: str = "segments"
     h_edges: float = 0.05  # "edges": a basin must be this deep (share of the 99th-percentile gradient)
     h_px: float = 2.0  # "distance": a peak must stand this many px above its saddle
     max_hole_px: int = 64  # holes up to this size inside fields are filled
@@ -329,6 +362,10 @@ class FieldSettings:
         "use_image_edges": "use_image_edges",
         "simplify_m": "simplify_tolerance",
     }
+
+    def __post_init__(self):
+        if self.markers not in SPLITTERS:
+            raise ValueError(f"watershed_markers must be one of {SPLITTERS}, got {self.markers!r}")
 
     @classmethod
     def from_params(cls, params: dict) -> FieldSettings:

@@ -21,6 +21,8 @@ SCENE_FILES = {
     "instances": "instances.tif",
 }
 TILE_IMAGE, TILE_MASKS = "image.tif", "masks.tif"  # tiles/<tile_id>/: RGB; semantic, boundary, instance
+BASELINE_DIR = "baseline"  # the watershed baseline: <scene_id>_instances.tif, also 05's image segments
+BASELINE_TUNING = "baseline_tuning.csv"  # its sigma x h_rel grid scored on the validation tiles
 # 03_sft / 04_grpo (one folder per format) and 05_inference (one folder per trained model)
 ANSWERS = "answers.jsonl"
 EVAL_JSON = "eval.json"
@@ -38,6 +40,11 @@ def scene_dir(run01, scene_id: str) -> Path:
 def scene_file(run01, scene_id: str, kind: str) -> Path:
     """One of a scene's files (``SCENE_FILES``: image, labels, semantic, boundary, instances)."""
     return scene_dir(run01, scene_id) / SCENE_FILES[kind]
+
+
+def baseline_instances(run01, scene_id: str) -> Path:
+    """``01_dataset_prep/baseline/<scene_id>_instances.tif``: the watershed baseline's segments."""
+    return Path(run01) / BASELINE_DIR / f"{files.safe_id(scene_id, 'scene id')}_instances.tif"
 
 
 def mask_path(model_dir, kind: str, scene_id: str) -> Path:

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magseg_nb import files, geo, prompts
+from magseg_nb import files, geo, layout, prompts
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
 SCORE_GRID = 16  # cells per tile side when scoring whole tiles: 8 px cells on 128 px tiles, as in the demo
@@ -330,21 +330,15 @@ def paste_nearest_centre(mosaic: np.ndarray, best: np.ndarray, row_off: int, col
     best[win][better] = dist[better]
 
 
-def field_instances(semantic: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """Field instances of the classifier's mask by the model pipeline's own recipe (notebook 05):
-    watershed on the image's gradient basins inside the predicted field class, fields under the
-    watershed baseline's minimum area dropped. So the instance comparison of notebook 06 pits the
-    model's field mask against the classifier's, with the same splitting step after both."""
-    from magseg_nb import baseline, instances
+def field_instances(semantic: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """Field instances of the classifier's mask by the model pipeline's own recipe (notebook 05's
+    default): the watershed baseline's segments (``segments``) that the mask calls field, within the
+    predicted area. So notebook 06 pits the model's field mask against the classifier's, with the same
+    splitting step after both."""
+    from magseg_nb import instances
 
-    fields = instances.field_instances(
-        semantic == CLASS_IDS["field"],
-        markers="edges",
-        edges=instances.image_edges(image),
-        min_area_px=baseline.WatershedSettings().min_area_px,
-    )
-    fields[semantic == NODATA] = 0
-    return fields
+    semantic = np.asarray(semantic)
+    return instances.vote_segments(semantic == CLASS_IDS["field"], np.where(semantic != NODATA, segments, 0))
 
 
 def write_predictions(
@@ -368,7 +362,6 @@ def write_predictions(
     for scene_id, group in table.groupby("scene_id", sort=True):
         with geo.open_raster(geo.scene_paths(run01, scene_id)["image"]) as src:
             shape, crs, transform = (src.height, src.width), src.crs, src.transform
-            scene_image = src.read().transpose(1, 2, 0)
         mosaic = np.full(shape, NODATA, np.uint8)
         best = np.full(shape, np.inf, np.float32)
         for row in group.itertuples():
@@ -380,7 +373,13 @@ def write_predictions(
                 val_preds[row.tile_id] = pred
             paste_nearest_centre(mosaic, best, row.row_off, row.col_off, pred)
         geo.write_geotiff(out_dir / "semantic" / f"{scene_id}.tif", mosaic, crs, transform, nodata=NODATA)
-        instances = field_instances(mosaic, scene_image)
+        seg_path = layout.baseline_instances(run01, scene_id)
+        if not seg_path.is_file():
+            raise FileNotFoundError(
+                f"{seg_path} does not exist: run the watershed baseline (notebook 01) first"
+            )
+        with geo.open_raster(seg_path) as src:
+            instances = field_instances(mosaic, src.read(1))
         geo.write_geotiff(out_dir / "instances" / f"{scene_id}.tif", instances, crs, transform)
     out = {
         **(record or {}),

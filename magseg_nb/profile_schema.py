@@ -130,6 +130,12 @@ SAM_BACKENDS = (
     "vit_b",
     "vit_h",
 )  # refine.SAM_BACKENDS (a test keeps them equal)
+FIELD_SPLITTERS = (
+    "segments",
+    "edges",
+    "distance",
+    "confidence",
+)  # instances.SPLITTERS (a test keeps them equal)
 SCHEDULERS = (
     "linear",
     "cosine",
@@ -256,7 +262,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "sam_boxes": BOOL,
         "sam_min_iou": FRACTION,
         "min_field_px": _int(0),
-        "watershed_markers": Rule(str, choices=("edges", "distance", "confidence")),
+        "watershed_markers": Rule(str, choices=FIELD_SPLITTERS),
         "watershed_h_edges": _num(0),
         "watershed_h_px": _num(0),
         "use_image_edges": BOOL,

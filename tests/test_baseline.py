@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 
 from magseg_nb import baseline, geo, landscape
-from magseg_nb.metrics import match_instances
+from magseg_nb.metrics import instance_counts, match_instances
 
 
 def quadrants(noise=0.0, seed=0):
@@ -45,17 +46,54 @@ def test_bad_image_shape():
         baseline.watershed_baseline(np.zeros((10, 10), np.uint8))
 
 
-def test_score_and_tune():
+def test_score_scenes():
     imgs, truths = zip(*(quadrants(noise=n, seed=n) for n in (2, 4)), strict=True)
     assert baseline.watershed_baseline(np.zeros((8, 8, 3), np.uint8)).max() == 0
     table = baseline.score_scenes(list(imgs), list(truths), scene_ids=["a", "b"])
     assert list(table.scene_id) == ["a", "b"] and (table.f1 > 0.85).all() and (table.tp == 4).all()
-    best, grid = baseline.tune_watershed(
-        list(imgs), list(truths), {"sigma": [1.0, 2.0], "min_area_px": [100, 5000]}
-    )
-    assert len(grid) == 4 and grid.mean_f1.is_monotonic_decreasing
-    assert best.min_area_px == 100 and isinstance(best.min_area_px, int)
-    assert grid.mean_f1.iloc[0] > 0.85 and grid.mean_f1.iloc[-1] == 0.0
+
+
+def quadrant_run(tmp_path, n_scenes=2):
+    """A notebook-01 run folder of quadrant scenes (image, semantic all field, instances) and a tiles
+    table: two 48x96 tiles per scene, each its own block; the top tile is val, the bottom one test."""
+    run01, rows = tmp_path / "01", []
+    transform = rasterio.transform.from_origin(500000, 1000000, 0.8, 0.8)
+    for k in range(n_scenes):
+        image, truth = quadrants(noise=2 + 2 * k, seed=k)
+        paths = geo.scene_paths(run01, f"s{k}")
+        geo.write_geotiff(paths["image"], image.transpose(2, 0, 1), "EPSG:32648", transform, nodata=0)
+        geo.write_geotiff(paths["semantic"], np.ones((96, 96), np.uint8), "EPSG:32648", transform, nodata=255)
+        geo.write_geotiff(paths["instances"], truth, "EPSG:32648", transform, dtype="int32")
+        for r, split in ((0, "val"), (48, "test")):
+            rows.append({"tile_id": f"s{k}_{r}", "scene_id": f"s{k}", "row_off": r, "col_off": 0, "height": 48,
+                         "width": 96, "block_id": f"s{k}_b{r}", "split": split})  # fmt: skip
+    return run01, pd.DataFrame(rows)
+
+
+def test_tune_on_tiles_scores_the_given_tiles_as_notebook_06_does(tmp_path):
+    run01, tiles = quadrant_run(tmp_path)
+    val = tiles[tiles.split == "val"]
+    grid = {"sigma": [1.0, 2.0], "min_area_px": [100, 5000]}
+    best, table = baseline.tune_on_tiles(run01, val, grid, margin_px=96)
+    assert best.min_area_px == 100 and best.sigma == 1.0, "the first of the tied best settings"
+    assert len(table) == 4 and table.f1.is_monotonic_decreasing
+    assert (table[table.min_area_px == 5000].f1 == 0).all() and (
+        table[table.min_area_px == 5000].n_pred == 0
+    ).all()
+    # Each val tile (rows 0-47) holds two true fields; with the margin the crop is the whole scene, so the
+    # counts are those of the whole-scene baseline clipped to the tile, as notebook 06 scores test.
+    top = table[(table.sigma == 1.0) & (table.min_area_px == 100)].iloc[0]
+    expected = {"tp": 0, "n_gt": 0, "n_pred": 0}
+    for t in val.itertuples():
+        image, truth = quadrants(noise=2 + 2 * int(t.scene_id[1:]), seed=int(t.scene_id[1:]))
+        pred = baseline.watershed_baseline(image, sigma=1.0, min_area_px=100)
+        got = instance_counts(truth[:48], pred[:48], 0.5)
+        expected = {key: expected[key] + got[key] for key in expected}
+    assert expected["n_gt"] == 4 and expected["tp"] == 4
+    assert (top.tp, top.n_gt, top.n_pred) == (expected["tp"], expected["n_gt"], expected["n_pred"])
+    assert top.f1 == pytest.approx(2 * expected["tp"] / (expected["n_gt"] + expected["n_pred"]))
+    with pytest.raises(ValueError, match="no tiles: pass the validation-split rows"):
+        baseline.tune_on_tiles(run01, tiles.iloc[:0])
 
 
 def test_run_baseline_writes_instance_rasters(tmp_path):

@@ -572,9 +572,10 @@ def test_every_notebook_parameter_has_a_rule_its_default_passes():
             assert rule is not None, f"{stage}: parameter {key} has no rule in magseg_nb/profile_schema.py"
             default = ast.literal_eval(info["default"])
             assert rule.check(default), f"{stage}.{key} = {default!r} fails {rule.describe()}"
-    from magseg_nb import prompts, refine, views
+    from magseg_nb import instances, prompts, refine, views
 
     assert profile_schema.SAM_BACKENDS == refine.SAM_BACKENDS and profile_schema.FORMATS == prompts.FORMATS
+    assert profile_schema.FIELD_SPLITTERS == instances.SPLITTERS
     assert profile_schema.TEST_VIEWS.choices == views.VIEW_COUNTS
     for profile in ("smoke", "demo", "gpu"):
         data = yaml.safe_load((ROOT / "profiles" / f"{profile}.yaml").read_text())

@@ -13,7 +13,7 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from magseg_nb import geo, inference, prompts, textgrid
+from magseg_nb import geo, inference, instances, layout, prompts, textgrid
 from magseg_nb.labels import CLASSES, NODATA
 
 CRS_UTM = CRS.from_epsg(32648)
@@ -329,6 +329,32 @@ def test_polygonize_saved_reruns_without_model(written):
     assert fewer["fields"] == 0 and len(gpd.read_file(out / "fields.gpkg", layer="fields")) == 0
     with pytest.raises(FileNotFoundError, match="polygonize_only=False first"):
         inference.polygonize_saved(out.parent / "nothing", run01)
+
+
+def test_polygonize_saved_votes_the_baseline_segments(written):
+    out, _, _, run01 = written
+    with pytest.raises(FileNotFoundError, match="rerun notebook 01_dataset_prep"):
+        inference.polygonize_saved(out, run01, markers="segments")
+    refined = {}
+    for scene_id in ("s0", "s1"):
+        refined[scene_id], crs, transform = instances.read_mask(out / "refined" / f"{scene_id}.tif")
+        h, w = refined[scene_id].shape
+        segments = (np.arange(h)[:, None] // 16 * 8 + np.arange(w)[None, :] // 16 + 1).astype(
+            np.int32
+        )  # 16 px squares
+        geo.write_geotiff(layout.baseline_instances(run01, scene_id), segments, crs, transform, dtype="int32")
+    summary = inference.polygonize_saved(out, run01, markers="segments", min_area_px=8)
+    inst = instances.read_mask(out / "instances" / "s0.tif")[0]
+    sem = refined["s0"]
+    assert instances.read_mask(out / "instances" / "s1.tif")[0].max() == 0  # s1: nothing predicted
+    squares = [sem[r : r + 16, c : c + 16] for r in range(0, 64, 16) for c in range(0, 96, 16)]
+    expected = sum((sq != NODATA).any() and (sq[sq != NODATA] == 1).mean() >= 0.5 for sq in squares)
+    assert inst.max() == summary["fields"] == expected >= 1
+    for label in range(1, inst.max() + 1):
+        square = inst == label  # one whole 16 px square, cut only where nothing was predicted
+        rows, cols = np.nonzero(square)
+        assert rows.min() % 16 == 0 and cols.min() % 16 == 0 and (sem[square] != NODATA).all()
+        assert (sem[square] == 1).mean() >= 0.5
 
 
 def test_run_variant_with_tiny_sam(scene, tmp_path):

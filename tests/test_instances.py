@@ -9,7 +9,7 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
 from magseg_nb import geo, instances
-from magseg_nb.labels import CLASS_IDS
+from magseg_nb.labels import CLASS_IDS, NODATA
 
 from .fixtures import CRS_UTM, TRANSFORM, two_fields
 
@@ -138,6 +138,44 @@ def test_write_fields_round_trip_and_empty(tmp_path):
     assert not list((tmp_path / "b").glob("*.tmp.*"))
 
 
+def test_vote_segments_keeps_whole_segments_the_mask_calls_field():
+    segments = np.zeros((10, 10), np.int32)
+    segments[:, :4], segments[:, 4:7], segments[:, 7:] = 5, 7, 9  # 40, 30 and 30 px
+    mask = np.zeros((10, 10), bool)
+    mask[:, :4] = True  # segment 5: all field
+    mask[:6, 4:7] = True  # segment 7: 60 % field
+    mask[:4, 7:] = True  # segment 9: 40 % field
+    got = instances.vote_segments(mask, segments)
+    expected = np.zeros((10, 10), np.int32)
+    expected[:, :4], expected[:, 4:7] = 1, 2  # whole segments, ids consecutive; 9 is not a field
+    assert got.dtype == np.int32 and np.array_equal(got, expected)
+    assert np.array_equal(instances.vote_segments(mask, segments, min_share=0.35).max(), 3)
+    assert np.array_equal(
+        instances.vote_segments(mask, segments, min_area_px=35), (segments == 5).astype(np.int32)
+    )
+    assert instances.vote_segments(np.zeros((10, 10), bool), segments).max() == 0
+    with pytest.raises(ValueError, match="segments have shape"):
+        instances.vote_segments(mask, segments[:5])
+    with pytest.raises(ValueError, match="labels >= 0"):
+        instances.vote_segments(mask, -segments)
+
+
+def test_scene_fields_votes_segments_inside_the_predicted_area():
+    refined = np.full((10, 10), CLASS_IDS["others"], np.uint8)
+    refined[:, :6] = CLASS_IDS["field"]
+    refined[:, 8:] = NODATA  # not predicted (outside the inferred tiles)
+    segments = np.zeros((10, 10), np.int32)
+    segments[:5], segments[5:, :5], segments[5:, 5:] = 1, 2, 3
+    inst, gdf = instances.scene_fields(refined, TRANSFORM, CRS_UTM, "s0", markers="segments", segments=segments,
+                                       min_area_px=1)  # fmt: skip
+    # segment 1: 30 field px of 40 predicted; segment 2: all field; segment 3: 5 field px of 15 predicted
+    expected = np.zeros((10, 10), np.int32)
+    expected[:5, :8], expected[5:, :5] = 1, 2
+    assert np.array_equal(inst, expected) and len(gdf) == 2 and list(gdf["class"]) == ["field", "field"]
+    with pytest.raises(ValueError, match="needs the image segments"):
+        instances.scene_fields(refined, TRANSFORM, CRS_UTM, "s0", markers="segments")
+
+
 def test_read_mask_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="run notebook 05"):
         instances.read_mask(tmp_path / "refined" / "s0.tif")
@@ -160,7 +198,9 @@ def test_field_settings_rename_notebook_parameters_and_fit_scene_fields():
     import inspect
 
     s = instances.FieldSettings.from_params({"min_field_px": 400, "simplify_m": 0.5, "seed": 3})
-    assert s.min_area_px == 400 and s.simplify_tolerance == 0.5 and s.markers == "edges"
+    assert s.min_area_px == 400 and s.simplify_tolerance == 0.5 and s.markers == "segments"
+    with pytest.raises(ValueError, match="watershed_markers must be one of"):
+        instances.FieldSettings.from_params({"watershed_markers": "peaks"})
     accepted = set(inspect.signature(instances.scene_fields).parameters) | set(
         inspect.signature(instances.field_instances).parameters
     )

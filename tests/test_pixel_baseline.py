@@ -11,7 +11,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from magseg_nb import files, geo, landscape, pixel_baseline, prompts
+from magseg_nb import files, geo, landscape, layout, pixel_baseline, prompts
 from magseg_nb.labels import NODATA
 
 FAST = pixel_baseline.PixelSettings(samples_per_tile=200, max_iter=20, num_sigma=2, sigma_max=4.0)
@@ -169,6 +169,10 @@ def test_write_predictions_and_score_conversations(tmp_path):
     run01, image, sem = fake_run(tmp_path, water_in_train=True)
     model, record = pixel_baseline.train_pixel_classifier(run01, FAST)
     out = tmp_path / "pixel_baseline"
+    with pytest.raises(FileNotFoundError, match="run the watershed baseline"):
+        pixel_baseline.write_predictions(run01, model, out, record=record, grid=8)
+    segments = (np.arange(128)[:, None] // 32 * 6 + np.arange(192)[None, :] // 32 + 1).astype(np.int32)
+    geo.write_geotiff(layout.baseline_instances(run01, "s0"), segments, CRS, TRANSFORM, dtype="int32")
     rec = pixel_baseline.write_predictions(run01, model, out, record=record, grid=8)
     assert sorted(p.name for p in (out / "tiles").iterdir()) == ["t1_1.tif", "t1_2.tif"]
     with rasterio.open(out / "semantic" / "s0.tif") as src:
@@ -182,8 +186,21 @@ def test_write_predictions_and_score_conversations(tmp_path):
     with rasterio.open(out / "instances" / "s0.tif") as src:
         assert src.crs == CRS and src.transform == TRANSFORM and src.dtypes == ("int32",)
         fields = src.read(1)
-    assert (fields[scene == NODATA] == 0).all() and (fields[scene != 1] == 0).all()
-    assert np.array_equal(fields, pixel_baseline.field_instances(scene, image)) and fields.max() >= 1
+    # The 32 px squares that the predicted mask calls field on at least half their predicted pixels,
+    # whole within the predicted area: the val and test tiles (rows 64-127, cols 64-191).
+    assert (fields[scene == NODATA] == 0).all() and (fields[:64] == 0).all() and (fields[:, :64] == 0).all()
+    kept = []
+    for r in (64, 96):
+        for c in (64, 96, 128, 160):
+            square, ids = scene[r : r + 32, c : c + 32], fields[r : r + 32, c : c + 32]
+            predicted = square != NODATA
+            if (square[predicted] == 1).mean() >= 0.5:
+                kept.append((r, c))
+                assert (ids[predicted] > 0).all() and len(np.unique(ids[predicted])) == 1
+            else:
+                assert (ids == 0).all()
+    assert fields.max() == len(kept) >= 3 and (64, 64) not in kept  # the pond covers most of (64, 64)
+    assert np.array_equal(fields, pixel_baseline.field_instances(scene, segments))
     with rasterio.open(out / "tiles" / "t1_1.tif") as src:
         assert src.crs == CRS and src.transform == geo.read_tile(run01, "t1_1").transform
         assert src.read(1).shape == (64, 64)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch, Rectangle
 
-from magseg_nb import geo
+from magseg_nb import geo, layout
 from magseg_nb.labels import CLASS_COLORS, CLASSES
 from magseg_nb.viz import save  # noqa: F401  (re-exported: notebooks call viz.<module>.save)
 
@@ -170,7 +168,7 @@ def plot_baseline_scene(run01, scene_id: str, crop: int = 384) -> plt.Figure:
         image = src.read(window=win).transpose(1, 2, 0)
     with rasterio.open(paths["instances"]) as src:
         truth = src.read(1, window=win)
-    with rasterio.open(Path(run01) / "baseline" / f"{scene_id}_instances.tif") as src:
+    with rasterio.open(layout.baseline_instances(run01, scene_id)) as src:
         pred = src.read(1, window=win)
     return plot_baseline(
         image, truth, pred, f"{scene_id}: true fields vs watershed baseline ({crop} px crop)"
