@@ -606,13 +606,7 @@ def polygonize_saved(
         conf = instances.read_mask(conf_path)[0] if conf_path.exists() else None
         image = segments = None
         if watershed.get("markers") == "segments":
-            seg_path = layout.baseline_instances(run01, scene_id)
-            if not seg_path.is_file():
-                raise FileNotFoundError(
-                    f"{seg_path} does not exist: rerun notebook 01_dataset_prep (it writes the watershed "
-                    "segments that watershed_markers='segments' votes)"
-                )
-            segments = instances.read_mask(seg_path)[0]
+            segments = instances.read_segments(run01, scene_id)
         elif use_image_edges:
             with rasterio.open(geo.scene_paths(run01, scene_id)["image"]) as src:
                 image = src.read().transpose(1, 2, 0)

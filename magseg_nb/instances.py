@@ -89,6 +89,24 @@ def vote_segments(
     return segmentation.relabel_sequential(labels)[0].astype(np.int32)
 
 
+def vote_predicted(semantic: np.ndarray, segments: np.ndarray, min_area_px: int = 0) -> np.ndarray:
+    """``vote_segments`` of a class mask's field class, within its predicted (non-NODATA) pixels."""
+    semantic = np.asarray(semantic)
+    inside = np.where(semantic != NODATA, segments, 0)
+    return vote_segments(semantic == FIELD, inside, min_area_px=min_area_px)
+
+
+def read_segments(run01, scene_id: str) -> np.ndarray:
+    """Notebook 01's watershed segments of a scene, with a clear error when they are missing."""
+    path = layout.baseline_instances(run01, scene_id)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: run the watershed baseline (rerun notebook 01_dataset_prep), "
+            "whose segments watershed_markers='segments' votes"
+        )
+    return read_mask(path)[0]
+
+
 def field_instances(
     field_mask: np.ndarray,
     boundary_prob: np.ndarray | None = None,
@@ -309,8 +327,7 @@ def scene_fields(
     if watershed.get("markers") == "segments":
         if segments is None:
             raise ValueError("markers='segments' needs the image segments (notebook 01's watershed baseline)")
-        inside = np.where(np.asarray(refined) != NODATA, segments, 0)  # only where the mask was predicted
-        inst = vote_segments(refined == FIELD, inside, min_area_px=min_area_px)
+        inst = vote_predicted(refined, segments, min_area_px=min_area_px)
     else:
         edges = image_edges(image) if image is not None else None
         if edges is None and watershed.get("markers") == "edges":

@@ -47,8 +47,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magseg_nb import files, geo, layout, prompts
-from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
+from magseg_nb import files, geo, prompts
+from magseg_nb.labels import CLASSES, NODATA
 
 SCORE_GRID = 16  # cells per tile side when scoring whole tiles: 8 px cells on 128 px tiles, as in the demo
 DEFAULTS_TUNED_ON = (
@@ -337,8 +337,7 @@ def field_instances(semantic: np.ndarray, segments: np.ndarray) -> np.ndarray:
     splitting step after both."""
     from magseg_nb import instances
 
-    semantic = np.asarray(semantic)
-    return instances.vote_segments(semantic == CLASS_IDS["field"], np.where(semantic != NODATA, segments, 0))
+    return instances.vote_predicted(semantic, segments)
 
 
 def write_predictions(
@@ -373,13 +372,9 @@ def write_predictions(
                 val_preds[row.tile_id] = pred
             paste_nearest_centre(mosaic, best, row.row_off, row.col_off, pred)
         geo.write_geotiff(out_dir / "semantic" / f"{scene_id}.tif", mosaic, crs, transform, nodata=NODATA)
-        seg_path = layout.baseline_instances(run01, scene_id)
-        if not seg_path.is_file():
-            raise FileNotFoundError(
-                f"{seg_path} does not exist: run the watershed baseline (notebook 01) first"
-            )
-        with geo.open_raster(seg_path) as src:
-            instances = field_instances(mosaic, src.read(1))
+        from magseg_nb.instances import read_segments
+
+        instances = field_instances(mosaic, read_segments(run01, scene_id))
         geo.write_geotiff(out_dir / "instances" / f"{scene_id}.tif", instances, crs, transform)
     out = {
         **(record or {}),
