@@ -230,6 +230,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "train_embeddings": BOOL,
         "class_balance": FRACTION,
         "equal_tokens": BOOL,
+        "train_side_by_side": Rule((bool, str), choices=(True, False, "auto")),  # side_by_side.threads_each
         "conversation_layout": Rule(str, choices=("per_patch", "per_tile")),
         "lr_scheduler": Rule(str, choices=SCHEDULERS),
         "warmup_steps": _int(0),

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from magseg_nb import files, layout, models, progress, prompts, rewards, textgrid
+from magseg_nb import files, layout, models, progress, prompts, rewards, textgrid, tile_conversations
 from magseg_nb import views as views_mod
 from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 from magseg_nb.tile_conversations import MultiTurnCollator
@@ -139,6 +139,22 @@ def sft_settings(params: dict, fmt: str, base_model, run02, output_dir) -> SFTSe
         val_jsonl=str(Path(run02) / f"{fmt}_val.jsonl"),
         output_dir=str(output_dir),
     )
+
+
+def sft_plans(params: dict, formats: Sequence[str], base_model, run02, stage_dir) -> dict[str, SFTSettings]:
+    """Notebook 03's runs, one SFTSettings per format (MAgSeg first, in ``stage_dir/<format>``), on the
+    parameters' ``conversation_layout``; with ``equal_tokens`` every other format gets the steps that hold
+    as many tokens as MAgSeg's planned steps (:func:`planned_tokens`), known before either trains."""
+    plans: dict[str, SFTSettings] = {}
+    for fmt in training_order(formats):
+        s = sft_settings(params, fmt, base_model, run02, Path(stage_dir) / fmt)
+        s.train_jsonl = str(
+            tile_conversations.train_jsonl(run02, fmt, params.get("conversation_layout", "per_patch"))
+        )
+        if params.get("equal_tokens") and fmt != "magseg" and "magseg" in plans:
+            s.max_steps = equal_token_steps(s, planned_tokens(plans["magseg"]))
+        plans[fmt] = s
+    return plans
 
 
 def grpo_settings(params: dict, fmt: str, base_model, run02, adapter_dir, output_dir) -> GRPOSettings:
@@ -615,6 +631,7 @@ def _save_trained(trainer, processor, dest: Path, s, t0: float, n_train: int) ->
         "stopped_early": steps < s.max_steps,
         "tokens_seen": int(tokens[-1]) if tokens else None,
         "train_seconds": round(time.time() - t0, 1),
+        "torch_threads": _torch().get_num_threads(),  # train_seconds depends on it (and the results may)
         "n_train": n_train,
     }
     if done["stopped_early"]:
@@ -912,6 +929,13 @@ def tokens_per_step(s: SFTSettings, train_ds=None, chunk: int = 64) -> float:
     return tokens / steps_per_epoch
 
 
+def planned_tokens(s: SFTSettings, train_ds=None) -> int:
+    """The training tokens run ``s`` will see in its ``max_steps`` (:func:`tokens_per_step` x steps): the
+    budget another format matches with ``equal_token_steps`` before either has trained, so both may
+    train at once. A run that a time budget cuts sees fewer (``steps_warnings`` says so)."""
+    return round(tokens_per_step(s, train_ds) * s.max_steps)
+
+
 def steps_for_tokens(target_tokens: int | None, per_step: float) -> int:
     """Optimizer steps that see ``target_tokens`` at ``per_step`` tokens a step (:func:`tokens_per_step`):
     the budget of a comparison at equal training tokens rather than equal steps."""
@@ -964,7 +988,15 @@ def budget_line(results: dict[str, dict], equal_tokens: bool) -> str:
     return f"At equal steps ({runs}):" if len(steps) == 1 else f"At unequal steps ({runs}):"
 
 
-RUN_COLUMNS = ("steps_planned", "steps", "stopped_early", "tokens_seen", "train_seconds", "n_train")
+RUN_COLUMNS = (
+    "steps_planned",
+    "steps",
+    "stopped_early",
+    "tokens_seen",
+    "train_seconds",
+    "torch_threads",
+    "n_train",
+)
 
 
 def runs_table(results: dict[str, dict]) -> pd.DataFrame:
@@ -975,9 +1007,13 @@ def runs_table(results: dict[str, dict]) -> pd.DataFrame:
     return table[["run", "steps_planned", "steps_done", *RUN_COLUMNS[2:]]]
 
 
-def steps_warnings(table: pd.DataFrame, equal_steps: bool = True) -> list[str]:
-    """Sentences flagging runs cut short and, where the runs should have trained ``equal_steps``,
-    comparisons at unequal steps (empty when all is even)."""
+# Runs meant to see equal tokens may differ by a partial last epoch's rows; more than this is flagged.
+TOKENS_TOLERANCE = 0.02
+
+
+def steps_warnings(table: pd.DataFrame, equal_steps: bool = True, equal_tokens: bool = False) -> list[str]:
+    """Sentences flagging runs cut short and, where the runs should have trained ``equal_steps`` (or
+    seen ``equal_tokens``), comparisons at unequal steps (tokens); empty when all is even."""
     out = [
         f"{r.run} stopped early: {r.steps_done} of {r.steps_planned} steps (a time budget fired)."
         for r in table.itertuples()
@@ -988,6 +1024,10 @@ def steps_warnings(table: pd.DataFrame, equal_steps: bool = True) -> list[str]:
         out.append(
             f"The runs did not train for the same number of steps ({done}): compare them with that in mind."
         )
+    tokens = table["tokens_seen"].dropna()
+    if equal_tokens and len(tokens) > 1 and tokens.max() > (1 + TOKENS_TOLERANCE) * tokens.min():
+        seen = ", ".join(f"{r.run} {r.tokens_seen}" for r in table.itertuples())
+        out.append(f"The runs did not see equal training tokens ({seen}): compare them with that in mind.")
     return out
 
 

@@ -270,6 +270,19 @@ def test_tokens_per_step_counts_what_the_trainer_counts(convs, tmp_path):
     res = training.run_sft(cfg)
     assert res["tokens_seen"] == pytest.approx(2 * per_step)
     assert training.equal_token_steps(s, 2 * res["tokens_seen"]) == 4
+    assert training.planned_tokens(s) == round(2 * per_step) == res["tokens_seen"]  # known before training
+    # Notebook 03's plans: MAgSeg first; Text4Seg's steps hold MAgSeg's planned tokens, before either trains.
+    params = {"max_steps": 3, "batch_size": 4, "equal_tokens": True, "conversation_layout": "per_patch"}
+    plans = training.sft_plans(params, ["text4seg", "magseg"], base, convs, tmp_path / "stage")
+    assert list(plans) == ["magseg", "text4seg"] and plans["magseg"].max_steps == 3
+    assert plans["text4seg"].output_dir == str(tmp_path / "stage" / "text4seg")
+    assert training.planned_tokens(plans["magseg"]) == 3336  # 3 steps of 4 MAgSeg rows of 278 tokens
+    assert training.tokens_per_step(plans["text4seg"]) == 724  # 6 tiles' longer answers, 4 a step
+    assert plans["text4seg"].max_steps == 5  # round(3336 / 724)
+    unequal = training.sft_plans(
+        {**params, "equal_tokens": False}, ["magseg", "text4seg"], base, convs, tmp_path
+    )
+    assert unequal["text4seg"].max_steps == 3
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.jsonl holds no conversations"):

@@ -133,6 +133,19 @@ def test_steps_planned_and_done_are_flagged():
     assert training.steps_warnings(training.runs_table(even)) == []
     # runs meant to differ in steps (equal tokens) are only flagged when cut short
     assert training.steps_warnings(table, equal_steps=False) == [notes[0]]
+    # ... or when they saw more than 2 % unequal tokens (a cut run saw fewer than planned)
+    tokens = {
+        "magseg": {**results["magseg"], "tokens_seen": 1000},
+        "text4seg": {**results["text4seg"], "tokens_seen": 1021},
+    }
+    table = training.runs_table(tokens)
+    assert training.steps_warnings(table, equal_steps=False, equal_tokens=True) == [
+        notes[0],
+        "The runs did not see equal training tokens (magseg 1000, text4seg 1021): compare them with that in mind.",
+    ]
+    tokens["text4seg"]["tokens_seen"] = 1019
+    table = training.runs_table(tokens)
+    assert training.steps_warnings(table, equal_steps=False, equal_tokens=True) == [notes[0]]
 
 
 def test_grpo_steps_table_says_when_kl_was_not_computed():

@@ -1,0 +1,60 @@
+"""What training the formats side by side buys on a small CPU: notebook 03's MAgSeg and Text4Seg SFT
+(the demo's settings, fewer steps) and the scoring of some validation prompts (four views), as notebook
+03 runs them: one after the other in one process with every core, then trained at once in two
+processes with a core each and each scored as soon as it is trained (``side_by_side.train_sft``), in
+one run on one machine. The answers of the two ways are compared too.
+
+    .venv/bin/python benchmarks/bench_side_by_side.py --run-dir runs/demo --steps 300 --rows 256
+
+Needs a run whose notebook 02 finished. Writes only under a temporary folder. Keep the machine idle: the
+two ways are timed one after the other, and a busy machine slows whichever runs beside its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from magseg_nb import models, side_by_side, training
+
+
+def plans(run_dir: Path, out: Path, steps: int, rows: int) -> dict[str, training.SFTSettings]:
+    params = {"max_steps": steps, "eval_max_examples": rows, "equal_tokens": True}
+    base = models.resolve_model("tiny-gemma3-proxy", out / "models")
+    return training.sft_plans(params, ["magseg", "text4seg"], base, run_dir / "02_instruction_format", out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--steps", type=int, default=300, help="MAgSeg's steps (Text4Seg gets as many tokens)")
+    p.add_argument("--rows", type=int, default=256, help="validation prompts scored per format")
+    args = p.parse_args()
+    torch = training._torch()
+    cores = side_by_side.cpu_cores()
+    with tempfile.TemporaryDirectory() as tmp:
+        seq = plans(args.run_dir, Path(tmp) / "one_after_the_other", args.steps, args.rows)
+        t0 = time.perf_counter()
+        first = {name: training.run_sft(s)["eval"]["model"]["mean_dice"] for name, s in seq.items()}
+        sequential = time.perf_counter() - t0
+        sbs = plans(args.run_dir, Path(tmp) / "side_by_side", args.steps, args.rows)
+        t0 = time.perf_counter()
+        ready = side_by_side.train_sft(sbs, max(1, cores // len(sbs)))
+        second = {name: training.run_sft(sbs[name])["eval"]["model"]["mean_dice"] for name in ready}
+        together = time.perf_counter() - t0
+    steps = ", ".join(f"{k} {s.max_steps} steps" for k, s in seq.items())
+    print(f"{steps}; {cores} cores; one process had {torch.get_num_threads()} threads")
+    print("| way | seconds (train and score both formats) | relative | mean Dice (magseg / text4seg) |")
+    print("| --- | --- | --- | --- |")
+    for way, secs, dice in (
+        (f"one after the other, {torch.get_num_threads()} threads", sequential, first),
+        (f"side by side, {max(1, cores // 2)} thread(s) each", together, second),
+    ):
+        scores = " / ".join(f"{dice[k]:.4f}" for k in dice)
+        print(f"| {way} | {secs:.1f} | {secs / sequential:.2f} | {scores} |")
+
+
+if __name__ == "__main__":
+    main()

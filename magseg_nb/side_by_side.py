@@ -1,0 +1,133 @@
+"""Several SFT trainings at once on a CPU, each in its own process with its share of the cores.
+
+The tiny model's matmuls are too small to keep two threads busy: on the demo's 2-core VM one MAgSeg
+SFT step takes 0.28 s with two threads and 0.41 s with one, and two one-thread trainings side by side
+run at almost their one-thread speed (``benchmarks/bench_side_by_side.py`` measures it). Notebook 03
+therefore trains its formats side by side on a CPU. The kernel scores each one, with one process's
+share of the cores, as soon as its training has finished (while the others still train):
+``training.run_sft`` finds the finished training and skips to the scoring.
+
+Each process is ``python -m magseg_nb.training sft --config <out>/train_config.yaml`` with the run's
+settings and scoring off; its output goes, line by line and prefixed with its name, to this process's
+stdout and to ``<out>/train.log``. A run that fails raises with its log's path; an interrupted one
+resumes from its checkpoints when the stage runs again, as an in-process training does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from magseg_nb import files, training
+
+CONFIG_FILE = "train_config.yaml"
+LOG_FILE = "train.log"
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def threads_each(setting: bool | str, n_runs: int, cores: int | None = None, gpu: bool | None = None) -> int:
+    """Threads per process when ``n_runs`` trainings go side by side, or 0: one after the other.
+
+    ``setting``: ``"auto"`` (side by side on a machine without a GPU that has a core for each run),
+    ``True`` (side by side wherever there is a core for each run) or ``False``.
+    """
+    if setting not in (True, False, "auto"):
+        raise ValueError(f"side_by_side must be true, false or 'auto', not {setting!r}")
+    cores = cpu_cores() if cores is None else cores
+    if gpu is None:
+        gpu = training._torch().cuda.is_available()
+    if not setting or n_runs < 2 or cores < n_runs or (setting == "auto" and gpu):
+        return 0
+    return cores // n_runs
+
+
+def _relay(stream, name: str, log_path: Path) -> None:
+    """Copy a child's output to ``log_path`` and, prefixed with ``name``, to stdout, line by line."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        for line in stream:
+            log.write(line)
+            log.flush()
+            print(f"[{name}] {line}", end="", flush=True)
+
+
+def _config(s: training.SFTSettings) -> dict:
+    """The settings as ``python -m magseg_nb.training`` reads them, with scoring off (the caller scores)."""
+    return {**dataclasses.asdict(s), "eval_max_examples": 0}
+
+
+def _start(name: str, s: training.SFTSettings, threads: int) -> tuple:
+    out = Path(s.output_dir)
+    files.write_text(out / CONFIG_FILE, yaml.safe_dump(_config(s), sort_keys=False))
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+    }
+    cmd = [sys.executable, "-m", "magseg_nb.training", "sft", "--config", str(out / CONFIG_FILE)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, encoding="utf-8"
+    )
+    relay = threading.Thread(target=_relay, args=(proc.stdout, name, out / LOG_FILE), daemon=True)
+    relay.start()
+    return proc, relay, out / LOG_FILE
+
+
+def train_sft(
+    runs: dict[str, training.SFTSettings], threads: int, reuse: dict[str, Path] | None = None
+) -> Iterator[str]:
+    """Train the SFT ``runs`` (name -> settings) at once, each in its own process with ``threads``
+    threads, and yield each name, in the order given, once its training has finished, so that the caller
+    scores it while the others still train. Meanwhile this process also computes with ``threads``
+    threads (restored at the end): the cores are taken, and the scores do not depend on when a
+    training ended. A run already finished in its ``output_dir`` with these settings, or in
+    ``reuse[name]`` (then copied, as ``training.run_sft`` does), is not started. A run that fails
+    raises, naming its log; the others are stopped and keep their checkpoints for a rerun."""
+    torch = training._torch()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    procs = {}
+    try:
+        for name, s in runs.items():
+            out = Path(s.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            dest = "model" if s.full_finetune else "adapter"
+            finished = training._read_done(out, s) is not None
+            if not finished and reuse and name in reuse:
+                finished = training._adopt_finished(Path(reuse[name]), out, dest, s) is not None
+            if not finished:
+                procs[name] = _start(name, s, threads)
+        if procs:
+            print(f"training {', '.join(procs)} side by side, {threads} thread(s) each", flush=True)
+        for name in runs:
+            if name in procs:
+                proc, relay, log = procs[name]
+                proc.wait()
+                relay.join()
+                if proc.returncode != 0:
+                    lines = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()]
+                    raise RuntimeError(
+                        f"SFT of {name} failed (exit {proc.returncode}); its log is {log}; "
+                        f"last line: {lines[-1] if lines else ''}"
+                    )
+            yield name
+    finally:  # an error or an interrupted cell stops the children; their checkpoints stay for a rerun
+        for proc, _, _ in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+        torch.set_num_threads(before)
