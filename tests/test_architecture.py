@@ -10,7 +10,16 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "magseg_nb"
 HEAVY = {"torch", "transformers", "trl", "peft", "segment_anything", "leafmap"}
 RUNNER = {"chain", "profile_schema", "cli", "report", "seed_spread", "readme_figures"}
-MODELS = {"models", "tiny_base", "training", "pretraining", "inference", "validation", "study"}
+MODELS = {
+    "models",
+    "tiny_base",
+    "training",
+    "side_by_side",
+    "pretraining",
+    "inference",
+    "validation",
+    "study",
+}
 DATA = {"geo", "landscape", "manifest", "prompts", "tile_conversations"}
 # module -> package modules it must not import (ARCHITECTURE.md, "Rooms")
 FORBIDDEN = {
