@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -515,11 +516,14 @@ def generate(
     batch_size: int = 8,
     do_sample: bool = False,
     temperature: float = 1.0,
+    token_probs: Sequence[int] | None = None,
     **generate_kwargs,
-) -> list[str]:
+):
     """Answers (text only) for ``examples`` = [dict(images=[PIL...], prompt=[messages])], in order.
 
-    ``generate_kwargs`` go to ``model.generate`` (benchmarks force answer lengths with ``min_new_tokens``)."""
+    ``generate_kwargs`` go to ``model.generate`` (benchmarks force answer lengths with ``min_new_tokens``).
+    With ``token_probs`` (token ids), returns ``(answers, steps)``: per answer, a list of
+    ``(generated token id, probabilities of the token_probs ids at that step)``, padding dropped."""
     import torch
 
     tokenizer = processor.tokenizer
@@ -529,6 +533,7 @@ def generate(
     if not do_sample:
         sampling.update(top_k=None, top_p=None, temperature=None)
     answers: list[str] = []
+    steps: list[list] = []
     try:
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
@@ -540,19 +545,28 @@ def generate(
             inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            scored = {"output_scores": True, "return_dict_in_generate": True} if token_probs else {}
             with torch.inference_mode():
                 out = model.generate(
                     **inputs,
                     max_new_tokens=max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                     **sampling,
+                    **scored,
                     **generate_kwargs,
                 )
-            new = out[:, inputs["input_ids"].shape[1] :]
+            sequences = out.sequences if token_probs else out
+            new = sequences[:, inputs["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+            if token_probs:
+                probs = (
+                    torch.stack(out.scores, 1).float().softmax(-1)[..., list(token_probs)]
+                )  # batch, step, k
+                for ids, p in zip(new.tolist(), probs.numpy(), strict=True):
+                    steps.append([(t, p[i]) for i, t in enumerate(ids) if t != tokenizer.pad_token_id])
     finally:
         tokenizer.padding_side = old_side
-    return answers
+    return (answers, steps) if token_probs else answers
 
 
 # --- LoRA -----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from magseg_nb import models, prompts, textgrid  # noqa: E402
+from magseg_nb.labels import CLASSES  # noqa: E402
 from magseg_nb.viz import formats as vf  # noqa: E402
 
 
@@ -100,6 +101,32 @@ def test_generate_batched_matches_single(loaded):
     assert batched == single and len(batched) == 3
     assert all("<start_of_turn>" not in a and "user" not in a[:4] for a in batched)
     assert processor.tokenizer.padding_side == "right" or processor.tokenizer.padding_side == "left"
+
+
+def test_generate_returns_the_probabilities_of_chosen_tokens_at_every_step(loaded):
+    """``token_probs``: per answer, each generated token with the softmax probability of the given ids
+    (scripts/soft_votes.py votes views with them); the answers are the greedy ones."""
+    model, processor = loaded
+    tok = processor.tokenizer
+    examples = [prompts.make_example(_image(i), "magseg", 2, "plain", (0, 0), 2, "crop") for i in (4, 5)]
+    plain = models.generate(model, processor, examples, max_new_tokens=6, batch_size=2)
+    ids = [tok.convert_tokens_to_ids(c) for c in CLASSES]
+    answers, steps = models.generate(
+        model, processor, examples, max_new_tokens=6, batch_size=2, token_probs=ids
+    )
+    assert answers == plain and len(steps) == 2
+    for answer, answer_steps in zip(answers, steps, strict=True):
+        tokens = [t for t, _ in answer_steps]
+        assert tok.decode(tokens, skip_special_tokens=True).strip() == answer
+        assert 1 <= len(tokens) <= 6 and all(t != tok.pad_token_id for t in tokens)
+        assert all(
+            p.shape == (len(CLASSES),) and 0 <= p.min() and p.sum() <= 1 + 1e-5 for _, p in answer_steps
+        )
+    # Over the whole vocabulary the probabilities sum to 1 and the greedy token is the likeliest at every step.
+    vocab = list(range(model.config.text_config.vocab_size))
+    _, steps = models.generate(model, processor, examples, max_new_tokens=6, batch_size=2, token_probs=vocab)
+    for t, p in (step for answer_steps in steps for step in answer_steps):
+        assert p.sum() == pytest.approx(1, abs=1e-4) and int(p.argmax()) == t
 
 
 def test_lora_config_exact_modules(tiny):
