@@ -41,7 +41,8 @@ def main() -> None:
         sequential = time.perf_counter() - t0
         sbs = plans(args.run_dir, Path(tmp) / "side_by_side", args.steps, args.rows)
         t0 = time.perf_counter()
-        ready = side_by_side.train_sft(sbs, max(1, cores // len(sbs)))
+        threads = max(1, cores // len(sbs))
+        ready = side_by_side.train_sft(sbs, threads)
         second = {name: training.run_sft(sbs[name])["eval"]["model"]["mean_dice"] for name in ready}
         together = time.perf_counter() - t0
     steps = ", ".join(f"{k} {s.max_steps} steps" for k, s in seq.items())
@@ -50,7 +51,7 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for way, secs, dice in (
         (f"one after the other, {torch.get_num_threads()} threads", sequential, first),
-        (f"side by side, {max(1, cores // 2)} thread(s) each", together, second),
+        (f"side by side, {threads} thread(s) each", together, second),
     ):
         scores = " / ".join(f"{dice[k]:.4f}" for k in dice)
         print(f"| {way} | {secs:.1f} | {secs / sequential:.2f} | {scores} |")

@@ -103,13 +103,8 @@ def train_sft(
     procs = {}
     try:
         for name, s in runs.items():
-            out = Path(s.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            dest = "model" if s.full_finetune else "adapter"
-            finished = training._read_done(out, s) is not None
-            if not finished and reuse and name in reuse:
-                finished = training._adopt_finished(Path(reuse[name]), out, dest, s) is not None
-            if not finished:
+            Path(s.output_dir).mkdir(parents=True, exist_ok=True)
+            if training.finished_training(s, training.weights_dir_name(s), (reuse or {}).get(name)) is None:
                 procs[name] = _start(name, s, threads)
         if procs:
             print(f"training {', '.join(procs)} side by side, {threads} thread(s) each", flush=True)

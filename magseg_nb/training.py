@@ -526,9 +526,7 @@ def _run(
     out = Path(s.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dest = out / dest_name
-    done = _read_done(out, s)
-    if done is None and reuse is not None and Path(reuse).resolve() != out.resolve():
-        done = _adopt_finished(Path(reuse), out, dest_name, s)
+    done = finished_training(s, dest_name, reuse)
     t0 = time.time()
     model = processor = None
     if done is None:
@@ -540,6 +538,21 @@ def _run(
     else:
         print(f"{dest} is complete for these settings; skipping training", flush=True)
     return _result(s, dest, done, model, processor, val_ds, full)
+
+
+def finished_training(s: CommonSettings, dest_name: str, reuse=None) -> dict | None:
+    """The record of a training finished with settings ``s`` in its ``output_dir``, or in ``reuse`` (a
+    stage's previous output; then copied in, see :func:`_adopt_finished`); None when neither holds one."""
+    out = Path(s.output_dir)
+    done = _read_done(out, s)
+    if done is None and reuse is not None and Path(reuse).resolve() != out.resolve():
+        done = _adopt_finished(Path(reuse), out, dest_name, s)
+    return done
+
+
+def weights_dir_name(s: SFTSettings) -> str:
+    """Where an SFT run saves its weights: ``model`` for a full fine-tune, else ``adapter``."""
+    return "model" if s.full_finetune else "adapter"
 
 
 INPUTS_STAMP = "INPUTS"  # in checkpoints/: inputs_hash of the run that wrote them
@@ -589,7 +602,7 @@ def run_sft(cfg: dict | SFTSettings, train_ds=None, val_ds=None, reuse=None) -> 
             )
         return train_sft(model, processor, rows, s, out, peft_config), processor
 
-    return _run(s, "model" if s.full_finetune else "adapter", train, train_ds, val_ds, s.full_finetune, reuse)
+    return _run(s, weights_dir_name(s), train, train_ds, val_ds, s.full_finetune, reuse)
 
 
 def write_rank_record(trainer, out: Path) -> dict:

@@ -44,6 +44,11 @@ def from_view(a: np.ndarray, v: int) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def view_shape(shape, v: int) -> tuple:
+    """The (rows, cols) of a grid of ``shape`` as view ``v`` sees it: a quarter turn swaps them."""
+    return tuple(shape) if v % 2 == 0 else tuple(shape)[::-1]
+
+
 def view_patch(patch, patch_layout: int, v: int):
     """Where ``patch`` (row, col) of the tile lies in view ``v`` (``None``, the whole tile, stays)."""
     if patch is None:
@@ -80,7 +85,6 @@ def voted_answer(texts: Sequence[str], views: Sequence[int], shape, encoding: st
         raise ValueError(f"{len(texts)} answers for {len(views)} views")
     masks = []
     for text, v in zip(texts, views, strict=True):
-        seen = tuple(shape) if v % 2 == 0 else tuple(shape)[::-1]  # a quarter turn swaps rows and columns
-        masks.append(from_view(textgrid.decode(text, shape=seen, encoding=encoding).mask, v))
+        masks.append(from_view(textgrid.decode(text, shape=view_shape(shape, v), encoding=encoding).mask, v))
     mask = vote(masks)
     return mask, textgrid.encode(mask, encoding)

@@ -27,18 +27,15 @@ from magseg_nb import views as views_mod
 from magseg_nb.labels import CLASSES
 
 
-def cell_probs(steps, shape, text: str, encoding: str) -> np.ndarray:
-    """(rows, cols, classes) probabilities of one answer: the class-token steps in reading order, or the
-    decoded labels one-hot when the answer does not hold exactly one class token per cell."""
-    class_steps = [p for t, p in steps if t in CLASS_TOKENS]
+def cell_probs(steps, shape, text: str, encoding: str, class_tokens) -> np.ndarray:
+    """(rows, cols, classes) probabilities of one answer: the steps that wrote one of ``class_tokens``, in
+    reading order, or the decoded labels one-hot when the answer does not hold exactly one per cell."""
+    class_steps = [p for t, p in steps if t in class_tokens]
     if len(class_steps) == shape[0] * shape[1]:
         probs = np.asarray(class_steps, float)
         return (probs / probs.sum(1, keepdims=True)).reshape(*shape, len(CLASSES))
     mask = np.clip(textgrid.decode(text, shape=shape, encoding=encoding).mask, 0, len(CLASSES) - 1)
     return np.eye(len(CLASSES))[mask]
-
-
-CLASS_TOKENS: dict[int, int] = {}  # token id -> class index, set in main from the tokenizer
 
 
 def main() -> None:
@@ -61,7 +58,6 @@ def main() -> None:
     ids = [tok(c, add_special_tokens=False)["input_ids"] for c in CLASSES]
     if any(len(i) != 1 for i in ids):
         raise SystemExit(f"a class name is not one token: {dict(zip(CLASSES, ids, strict=True))}")
-    CLASS_TOKENS.update({i[0]: k for k, i in enumerate(ids)})
     token_ids = [i[0] for i in ids]
     views = views_mod.view_ids(args.views)
     budget = training.answer_budget(processor, [rewards.completion_text(c) for c in ds["completion"]])
@@ -86,8 +82,8 @@ def main() -> None:
         hard.append({"id": row["id"], "answer": textgrid.encode(mask, enc), "valid": valid})
         total = np.zeros((*shape, len(CLASSES)))
         for k, v in enumerate(views):
-            seen = shape if v % 2 == 0 else shape[::-1]
-            total += views_mod.from_view(cell_probs(steps[k][i], seen, texts[k][i], enc), v)
+            seen = views_mod.view_shape(shape, v)
+            total += views_mod.from_view(cell_probs(steps[k][i], seen, texts[k][i], enc, token_ids), v)
         soft.append({"id": row["id"], "answer": textgrid.encode(total.argmax(-1), enc), "valid": valid})
     for name, rows in (("hard", hard), ("soft", soft)):
         (args.out / name).mkdir(parents=True, exist_ok=True)
