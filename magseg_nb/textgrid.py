@@ -83,6 +83,10 @@ def encode(mask, encoding: str = "plain") -> str:
     return "\n".join("| ".join(f"{CLASSES[v]} *{n}" for v, n in _runs(row)) for row in mask)
 
 
+# A longer count is a runaway digit string: expanding it would exhaust memory (10**20 cells raised OverflowError).
+MAX_COUNT_DIGITS = 4
+
+
 def _parse_cell(text: str):
     """(label, count, problem, is_run) for one cell, or None when it is not a cell at all."""
     m = _CELL.match(text)
@@ -91,6 +95,8 @@ def _parse_cell(text: str):
     label, count = m.group(1), m.group(2)
     if count is None:
         return label, 1, None, False
+    if len(count) > MAX_COUNT_DIGITS:
+        return label, 1, f"bad run count {count[:MAX_COUNT_DIGITS]!r}... ({len(count)} digits)", True
     if count.isdigit() and int(count) > 0:
         return label, int(count), None, True
     return label, 1, f"bad run count {count!r}", True

@@ -159,3 +159,16 @@ def test_a_run_cut_before_its_count_is_reported():
     assert out.report.repairs == ["1 bare label(s) among 'label *count' runs; read as 1"]
     assert out.report.repaired_fraction == 0.25
     assert out.mask.tolist() == mask.tolist()
+
+
+def test_runaway_run_counts_are_read_as_one():
+    # A model answered a run of 10**20 cells (OverflowError when expanded) and one of 5000 digits.
+    out = textgrid.decode(f"field *{10**20}| tree *3\nwater *{'9' * 5000}| field *3", (2, 4), encoding="rle")
+    np.testing.assert_array_equal(out.mask, [[1, 2, 2, 2], [3, 1, 1, 1]])
+    assert not out.report.valid
+    assert any(
+        r.startswith("2 bad run count(s), e.g. bad run count '1000'... (21 digits); read as 1")
+        for r in out.report.repairs
+    ), out.report.repairs
+    digits = textgrid.decode(f"water *{'9' * 5000}| field *3", (1, 4), encoding="rle")
+    assert "bad run count '9999'... (5000 digits)" in digits.report.repairs[0]
