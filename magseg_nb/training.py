@@ -52,9 +52,10 @@ class CommonSettings:
     output_dir: str = ""
     val_jsonl: str | None = None
     learning_rate: float = 0.002  # the tiny model needs more than Gemma 3 LoRA's usual 2e-4
-    # SFT: 1.4 epochs of the demo's MAgSeg rows; 600 steps left tree and others under 0.85 Dice and every
-    # doubling up to 4800 gained (docs/experiments.md). GRPOSettings sets its own.
-    max_steps: int = 1200
+    # SFT: 1.2 epochs of the demo's MAgSeg rows; 600 steps left tree and others under 0.85 Dice and every
+    # doubling up to 4800 gained; 1200 gave tree +0.013 over 1000 but does not fit the demo's 25 minutes
+    # with the patch-4 vision tower (docs/experiments.md). GRPOSettings sets its own.
+    max_steps: int = 1000
     batch_size: int = 8  # per device
     grad_accum: int = 1
     warmup_steps: int = 20
