@@ -20,9 +20,11 @@ from pathlib import Path
 from magseg_nb import models, side_by_side, training
 
 
-def plans(run_dir: Path, out: Path, steps: int, rows: int) -> dict[str, training.SFTSettings]:
+def plans(run_dir: Path, out: Path, steps: int, rows: int, base=None) -> dict[str, training.SFTSettings]:
+    """Notebook 03's SFT settings of both formats at ``steps`` (Text4Seg at equal tokens), scoring ``rows``
+    prompts each, on ``base`` (default: the shipped tiny base)."""
     params = {"max_steps": steps, "eval_max_examples": rows, "equal_tokens": True}
-    base = models.resolve_model("tiny-gemma3-proxy", out / "models")
+    base = base or models.resolve_model("tiny-gemma3-proxy", out / "models")
     return training.sft_plans(params, ["magseg", "text4seg"], base, run_dir / "02_instruction_format", out)
 
 

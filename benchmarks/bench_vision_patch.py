@@ -16,17 +16,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_side_by_side import plans  # this folder is on sys.path when a benchmark runs as a script
+
 from magseg_nb import models, side_by_side, training
 
 
 def time_one(run_dir: Path, out: Path, spec: models.TinySpec, steps: int, rows: int) -> float:
     """Seconds to train both formats side by side and score each as notebook 03 does."""
-    base = models.build_tiny(out / "base", spec)
-    params = {"max_steps": steps, "eval_max_examples": rows, "equal_tokens": True}
-    plans = training.sft_plans(params, ["magseg", "text4seg"], base, run_dir / "02_instruction_format", out)
+    runs = plans(run_dir, out, steps, rows, base=models.build_tiny(out / "base", spec))
     t0 = time.perf_counter()
-    for name in side_by_side.train_sft(plans, 1):
-        training.run_sft(plans[name])
+    for name in side_by_side.train_sft(runs, 1):
+        training.run_sft(runs[name])
     return time.perf_counter() - t0
 
 
