@@ -52,10 +52,10 @@ class CommonSettings:
     output_dir: str = ""
     val_jsonl: str | None = None
     learning_rate: float = 0.002  # the tiny model needs more than Gemma 3 LoRA's usual 2e-4
-    # SFT: 1.4 epochs of the demo's MAgSeg rows; 600 steps left tree and others under 0.85 Dice and every
-    # doubling up to 4800 gained; without LoRA dropout 1200 steps take the time 1000 took with it
-    # (docs/experiments.md). GRPOSettings sets its own.
-    max_steps: int = 1200
+    # SFT: 1.3 epochs of the demo's MAgSeg rows; 600 steps left tree and others under 0.85 Dice and every
+    # doubling up to 4800 gained; 1200 steps without LoRA dropout took the demo to 25 min 40 s on a fresh
+    # clone, 1100 take the time 1000 took with dropout (docs/experiments.md). GRPOSettings sets its own.
+    max_steps: int = 1100
     batch_size: int = 8  # per device
     grad_accum: int = 1
     warmup_steps: int = 20
