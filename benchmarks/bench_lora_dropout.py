@@ -12,15 +12,17 @@ Needs a run whose notebook 02 finished. Writes only under a temporary folder. Ke
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 
-from bench_side_by_side import plans  # this folder is on sys.path when a benchmark runs as a script
+from bench_side_by_side import (  # this folder is on sys.path when a benchmark runs as a script
+    plans,
+    sft_bench_parser,
+    time_one_thread_each,
+)
 
-from magseg_nb import side_by_side, training
+from magseg_nb import training
 
 
 def time_one(run_dir: Path, out: Path, dropout: float, steps: int, rows: int) -> tuple[float, dict]:
@@ -30,18 +32,11 @@ def time_one(run_dir: Path, out: Path, dropout: float, steps: int, rows: int) ->
         name: dataclasses.replace(s, lora_dropout=dropout)
         for name, s in plans(run_dir, out, steps, rows).items()
     }
-    t0 = time.perf_counter()
-    train = {}
-    for name in side_by_side.train_sft(runs, 1):
-        train[name] = training.run_sft(runs[name])["train_seconds"]
-    return time.perf_counter() - t0, train
+    return time_one_thread_each(runs)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--steps", type=int, default=150, help="MAgSeg's steps (Text4Seg gets as many tokens)")
-    p.add_argument("--rows", type=int, default=128, help="validation prompts scored per format")
+    p = sft_bench_parser(__doc__, 150, 128)
     p.add_argument("--dropouts", type=float, nargs="+", default=[0.05, 0.0])
     args = p.parse_args()
     default = training.SFTSettings().lora_dropout

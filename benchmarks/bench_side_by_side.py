@@ -28,12 +28,25 @@ def plans(run_dir: Path, out: Path, steps: int, rows: int, base=None) -> dict[st
     return training.sft_plans(params, ["magseg", "text4seg"], base, run_dir / "02_instruction_format", out)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def sft_bench_parser(doc: str, steps: int, rows: int) -> argparse.ArgumentParser:
+    """The arguments every notebook-03 SFT benchmark takes: the run, MAgSeg's steps, prompts scored."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--steps", type=int, default=300, help="MAgSeg's steps (Text4Seg gets as many tokens)")
-    p.add_argument("--rows", type=int, default=256, help="validation prompts scored per format")
-    args = p.parse_args()
+    p.add_argument("--steps", type=int, default=steps, help="MAgSeg's steps (Text4Seg gets as many tokens)")
+    p.add_argument("--rows", type=int, default=rows, help="validation prompts scored per format")
+    return p
+
+
+def time_one_thread_each(runs: dict[str, training.SFTSettings]) -> tuple[float, dict[str, float]]:
+    """Seconds to train ``runs`` side by side (one thread each) and score each as notebook 03 does, and
+    the training seconds each run recorded."""
+    t0 = time.perf_counter()
+    train = {name: training.run_sft(runs[name])["train_seconds"] for name in side_by_side.train_sft(runs, 1)}
+    return time.perf_counter() - t0, train
+
+
+def main() -> None:
+    args = sft_bench_parser(__doc__, 300, 256).parse_args()
     torch = training._torch()
     cores = side_by_side.cpu_cores()
     with tempfile.TemporaryDirectory() as tmp:

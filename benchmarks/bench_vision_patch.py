@@ -10,31 +10,28 @@ Needs a run whose notebook 02 finished. Writes only under a temporary folder. Ke
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 
-from bench_side_by_side import plans  # this folder is on sys.path when a benchmark runs as a script
+from bench_side_by_side import (  # this folder is on sys.path when a benchmark runs as a script
+    plans,
+    sft_bench_parser,
+    time_one_thread_each,
+)
 
-from magseg_nb import models, side_by_side, training
+from magseg_nb import models
 
 
 def time_one(run_dir: Path, out: Path, spec: models.TinySpec, steps: int, rows: int) -> float:
     """Seconds to train both formats side by side and score each as notebook 03 does."""
-    runs = plans(run_dir, out, steps, rows, base=models.build_tiny(out / "base", spec))
-    t0 = time.perf_counter()
-    for name in side_by_side.train_sft(runs, 1):
-        training.run_sft(runs[name])
-    return time.perf_counter() - t0
+    return time_one_thread_each(plans(run_dir, out, steps, rows, base=models.build_tiny(out / "base", spec)))[
+        0
+    ]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--steps", type=int, default=150, help="MAgSeg's steps (Text4Seg gets as many tokens)")
-    p.add_argument("--rows", type=int, default=128, help="validation prompts scored per format")
+    p = sft_bench_parser(__doc__, 150, 128)
     p.add_argument("--patch-sizes", type=int, nargs="+", default=[8, 4])
     args = p.parse_args()
     default = models.TinySpec()
