@@ -25,9 +25,8 @@ from magseg_nb import models
 
 def time_one(run_dir: Path, out: Path, spec: models.TinySpec, steps: int, rows: int) -> float:
     """Seconds to train both formats side by side and score each as notebook 03 does."""
-    return time_one_thread_each(plans(run_dir, out, steps, rows, base=models.build_tiny(out / "base", spec)))[
-        0
-    ]
+    runs = plans(run_dir, out, steps, rows, base=models.build_tiny(out / "base", spec))
+    return time_one_thread_each(runs)[0]
 
 
 def main() -> None:
