@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -312,11 +313,25 @@ def git_commit(root: Path | None = None) -> dict | None:
     return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), or the platform's processor string
+    where there is no /proc/cpuinfo. Stage times depend on it: the same 2-core VM size has been drawn on
+    hosts whose speed for this chain differs by 1.5x (benchmarks/README.md)."""
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def cpu_info() -> dict:
-    """CPU cores of the machine and torch's intra-op threads (None when torch is not imported)."""
+    """CPU model and cores of the machine, and torch's intra-op threads (None when torch is not imported)."""
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None and hasattr(torch, "get_num_threads") else None
-    return {"os_cpu_count": os.cpu_count(), "torch_threads": threads}
+    return {"model": cpu_model(), "os_cpu_count": os.cpu_count(), "torch_threads": threads}
 
 
 @dataclass

@@ -77,6 +77,7 @@ def run_facts(run_dir: Path) -> dict:
                 "commit": git.get("commit"),
                 "dirty": git.get("dirty"),
                 "cpu_count": cpu.get("os_cpu_count"),
+                "cpu_model": cpu.get("model"),
                 "profile": data.get("profile"),
                 "seed": data.get("seed"),
                 "versions": data.get("versions"),
@@ -322,10 +323,11 @@ def results_section(
     times = stage_times(run_dir)
     when = time.strftime("%Y-%m-%d", time.gmtime(facts.get("finished", time.time())))
     versions = facts.get("versions") or {}
+    cpu_model = f" ({facts['cpu_model']})" if facts.get("cpu_model") else ""  # stage times depend on it
     head = (
         f"Generated from `{run_dir.as_posix()}` (profile `{facts.get('profile')}`, seed {facts.get('seed')}, "
         f"commit `{facts.get('commit') or 'unknown'}`{' with local changes' if facts.get('dirty') else ''}, "
-        f"finished {when}, {facts.get('cpu_count', '?')} CPU cores; torch {versions.get('torch', '?')}, "
+        f"finished {when}, {facts.get('cpu_count', '?')} CPU cores{cpu_model}; torch {versions.get('torch', '?')}, "
         f"transformers {versions.get('transformers', '?')}, trl {versions.get('trl', '?')}). "
         f"Stage times: {', '.join(f'{r.stage[:2]} {r.seconds} s' for r in times.itertuples())} "
         f"({int(times['seconds'].sum()) if len(times) else 0} s in all)."

@@ -147,6 +147,16 @@ def test_partial_folder_is_kept_only_for_the_same_parameters(tmp_path):
     assert not (chain.Stage.start("03_sft", {**params, "lr": 2}).dir / "checkpoint.bin").exists()
 
 
+def test_cpu_model_reads_the_model_name_and_falls_back_to_the_platform(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n")
+    assert chain.cpu_model(info) == "AMD EPYC"
+    monkeypatch.setattr(chain.platform, "processor", lambda: "arm")
+    assert chain.cpu_model(tmp_path / "missing") == "arm"  # macOS, Windows: no /proc/cpuinfo
+    info.write_text("processor\t: 0\nmodel name\t:   \n")  # an empty name is not a name
+    assert chain.cpu_model(info) == "arm"
+
+
 def test_finish_writes_results_json(tmp_path, monkeypatch):
     import subprocess
     import sys
@@ -175,6 +185,7 @@ def test_finish_writes_results_json(tmp_path, monkeypatch):
     assert res["git"] == {"commit": head, "dirty": False}
     assert res["versions"] == chain.package_versions()
     assert res["cpu"] == {
+        "model": chain.cpu_model(),
         "os_cpu_count": os.cpu_count(),
         "torch_threads": sys.modules["torch"].get_num_threads(),
     }
