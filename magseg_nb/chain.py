@@ -316,7 +316,7 @@ def git_commit(root: Path | None = None) -> dict | None:
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), or the platform's processor string
     where there is no /proc/cpuinfo. Stage times depend on it: the same 2-core VM size has been drawn on
-    hosts whose speed for this chain differs by 1.5x (benchmarks/README.md)."""
+    hosts on which the demo took 24 to 35 minutes (README, benchmarks/README.md)."""
     try:
         for line in cpuinfo.read_text(errors="replace").splitlines():
             key, _, value = line.partition(":")
