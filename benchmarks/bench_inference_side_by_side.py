@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from magseg_nb import side_by_side
 
 
 def worker(run_dir: Path, variant: str, tiles: int, views: int, out: Path) -> None:
@@ -52,7 +53,7 @@ def worker(run_dir: Path, variant: str, tiles: int, views: int, out: Path) -> No
 
 
 def start(args, variant: str, out: Path, threads: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = side_by_side.thread_env(threads)
     cmd = [sys.executable, __file__, "--run-dir", str(args.run_dir), "--tiles", str(args.tiles)]
     cmd += ["--views", str(args.views), "--worker", variant, "--out", str(out)]
     return subprocess.Popen(cmd, env=env)
@@ -75,7 +76,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args.run_dir, args.worker, args.tiles, args.views, args.out)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = side_by_side.cpu_cores()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

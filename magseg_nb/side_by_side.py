@@ -69,15 +69,15 @@ def _config(s: training.SFTSettings) -> dict:
     return {**dataclasses.asdict(s), "eval_max_examples": 0}
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """This process's environment for a child that computes with ``threads`` threads."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def _start(name: str, s: training.SFTSettings, threads: int) -> tuple:
     out = Path(s.output_dir)
     files.write_text(out / CONFIG_FILE, yaml.safe_dump(_config(s), sort_keys=False))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = {**thread_env(threads), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "magseg_nb.training", "sft", "--config", str(out / CONFIG_FILE)]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, encoding="utf-8"
