@@ -1,14 +1,15 @@
-"""Several SFT trainings at once on a CPU, each in its own process with its share of the cores.
+"""Work side by side on a CPU, each part in its own process with its share of the cores: notebook
+03's SFT trainings (here) and notebook 05's variants (``variant_runs``).
 
 The tiny model's matmuls are too small to keep two threads busy: on the demo's 2-core VM one MAgSeg
 SFT step takes 0.28 s with two threads and 0.41 s with one, and two one-thread trainings side by side
 run at almost their one-thread speed (``benchmarks/bench_side_by_side.py`` measures it). Notebook 03
-therefore trains its formats side by side on a CPU. The kernel scores each one, with one process's
-share of the cores, as soon as its training has finished (while the others still train):
-``training.run_sft`` finds the finished training and skips to the scoring.
+therefore trains its formats side by side on a CPU. Each process also scores its training on the
+validation split as soon as it has finished, so the scorings overlap too; ``training.run_sft`` in the
+kernel then finds the finished training and its scores (``training.scored_before``) and reads them.
 
 Each process is ``python -m magseg_nb.training sft --config <out>/train_config.yaml`` with the run's
-settings and scoring off; its output goes, line by line and prefixed with its name, to this process's
+settings; its output goes, line by line and prefixed with its name, to this process's
 stdout and to ``<out>/train.log``. A run that fails raises with its log's path; an interrupted one
 resumes from its checkpoints when the stage runs again, as an in-process training does.
 """
@@ -65,8 +66,8 @@ def _relay(stream, name: str, log_path: Path) -> None:
 
 
 def _config(s: training.SFTSettings) -> dict:
-    """The settings as ``python -m magseg_nb.training`` reads them, with scoring off (the caller scores)."""
-    return {**dataclasses.asdict(s), "eval_max_examples": 0}
+    """The settings as ``python -m magseg_nb.training`` reads them."""
+    return dataclasses.asdict(s)
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -74,33 +75,73 @@ def thread_env(threads: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def _start(name: str, s: training.SFTSettings, threads: int) -> tuple:
+@dataclasses.dataclass
+class Child:
+    """A child process computing with its share of the cores; its output relayed line by line."""
+
+    name: str
+    proc: subprocess.Popen
+    relay: threading.Thread
+    log: Path
+
+    def wait(self, what: str) -> None:
+        """Wait for it; a failure raises with ``what`` (\"SFT of magseg\"), its log and its last line."""
+        self.proc.wait()
+        self.relay.join()
+        if self.proc.returncode != 0:
+            lines = [ln for ln in self.log.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            raise RuntimeError(
+                f"{what} failed (exit {self.proc.returncode}); its log is {self.log}; "
+                f"last line: {lines[-1] if lines else ''}"
+            )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def start_child(name: str, module_args: list[str], threads: int, log: Path) -> Child:
+    """``python -m <module_args>`` with ``threads`` threads; its output goes, prefixed with ``name``, to
+    this process's stdout and to ``log``."""
+    env = {**thread_env(threads), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *module_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        encoding="utf-8",
+    )
+    log.parent.mkdir(parents=True, exist_ok=True)
+    relay = threading.Thread(target=_relay, args=(proc.stdout, name, log), daemon=True)
+    relay.start()
+    return Child(name, proc, relay, log)
+
+
+def _start(name: str, s: training.SFTSettings, threads: int) -> Child:
     out = Path(s.output_dir)
     files.write_text(out / CONFIG_FILE, yaml.safe_dump(_config(s), sort_keys=False))
-    env = {**thread_env(threads), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "magseg_nb.training", "sft", "--config", str(out / CONFIG_FILE)]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, encoding="utf-8"
+    return start_child(
+        name, ["magseg_nb.training", "sft", "--config", str(out / CONFIG_FILE)], threads, out / LOG_FILE
     )
-    relay = threading.Thread(target=_relay, args=(proc.stdout, name, out / LOG_FILE), daemon=True)
-    relay.start()
-    return proc, relay, out / LOG_FILE
 
 
 def train_sft(
     runs: dict[str, training.SFTSettings], threads: int, reuse: dict[str, Path] | None = None
 ) -> Iterator[str]:
-    """Train the SFT ``runs`` (name -> settings) at once, each in its own process with ``threads``
-    threads, and yield each name, in the order given, once its training has finished, so that the caller
-    scores it while the others still train. Meanwhile this process also computes with ``threads``
-    threads (restored at the end): the cores are taken, and the scores do not depend on when a
-    training ended. A run already finished in its ``output_dir`` with these settings, or in
-    ``reuse[name]`` (then copied, as ``training.run_sft`` does), is not started. A run that fails
-    raises, naming its log; the others are stopped and keep their checkpoints for a rerun."""
+    """Train and score the SFT ``runs`` (name -> settings) at once, each in its own process with
+    ``threads`` threads, and yield each name, in the order given, once its process has finished; the
+    caller's ``training.run_sft`` then reads the scores. Meanwhile this process computes with
+    ``threads`` threads (restored at the end), so that what it scores itself (a run finished before
+    but not scored) is scored with the same threads as the rest. A run already finished in its
+    ``output_dir`` with these settings, or in ``reuse[name]`` (then copied, as ``training.run_sft``
+    does), is not started. A run that fails raises, naming its log; the others are stopped and keep
+    their checkpoints for a rerun."""
     torch = training._torch()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    procs = {}
+    procs: dict[str, Child] = {}
     try:
         for name, s in runs.items():
             Path(s.output_dir).mkdir(parents=True, exist_ok=True)
@@ -110,19 +151,9 @@ def train_sft(
             print(f"training {', '.join(procs)} side by side, {threads} thread(s) each", flush=True)
         for name in runs:
             if name in procs:
-                proc, relay, log = procs[name]
-                proc.wait()
-                relay.join()
-                if proc.returncode != 0:
-                    lines = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()]
-                    raise RuntimeError(
-                        f"SFT of {name} failed (exit {proc.returncode}); its log is {log}; "
-                        f"last line: {lines[-1] if lines else ''}"
-                    )
+                procs[name].wait(f"SFT of {name}")
             yield name
     finally:  # an error or an interrupted cell stops the children; their checkpoints stay for a rerun
-        for proc, _, _ in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait()
+        for child in procs.values():
+            child.stop()
         torch.set_num_threads(before)

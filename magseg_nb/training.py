@@ -662,12 +662,36 @@ def _result(s, dest: Path, done, model, processor, val_ds, full: bool = False) -
     """What run_sft/run_grpo return: paths, the training record and (main process) the validation scores."""
     result = {"output_dir": str(s.output_dir), "trained": str(dest), **(done or {})}
     if _is_main() and s.eval_max_examples != 0 and (s.val_jsonl or val_ds is not None):
+        key = scoring_key(s, done) if val_ds is None else None  # an in-memory split is always scored
+        report = scored_before(s, key)
+        if report is not None:
+            print(f"{Path(s.output_dir) / layout.EVAL_JSON} scored these weights already; not scored again", flush=True)
+            result["eval"] = report
+            return result
         if model is None:
             model, processor = _load_trained(s.base_model, dest, full)
         else:  # the trained model, saved above; nothing trains it further
             model = models.merge_lora(model)
-        result["eval"] = evaluate_split(model, processor, s, val_ds=val_ds, train_jsonl=s.train_jsonl)
+        result["eval"] = evaluate_split(model, processor, s, val_ds=val_ds, train_jsonl=s.train_jsonl, key=key)
     return result
+
+
+def scoring_key(s: CommonSettings, done: dict | None) -> str:
+    """What a validation score depends on: every setting (the scoring ones too), the validation rows and
+    the record of the training that made the weights (a retrained adapter is scored again)."""
+    values = {**dataclasses.asdict(s), "val": input_identity(s.val_jsonl), "done": done or {}}
+    return files.sha256_json(values)[:12]
+
+
+def scored_before(s: CommonSettings, key: str | None) -> dict | None:
+    """The report of a scoring already done with ``key`` in ``output_dir`` (its eval.json, written after
+    answers.jsonl, names the key), or None. A side-by-side training scores itself in its own process;
+    the notebook then reads the scores instead of computing them again."""
+    path = Path(s.output_dir) / layout.EVAL_JSON
+    if key is None or not path.is_file() or not (Path(s.output_dir) / layout.ANSWERS).is_file():
+        return None
+    report = json.loads(path.read_text())
+    return report if report.get("scoring_key") == key else None
 
 
 def _read_done(out: Path, s) -> dict | None:
@@ -882,8 +906,9 @@ def evaluate(
     return report, answers
 
 
-def evaluate_split(model, processor, s: CommonSettings, val_ds=None, train_jsonl=None) -> dict:
-    """Evaluate on the validation split and write eval.json + answers.jsonl into ``s.output_dir``."""
+def evaluate_split(model, processor, s: CommonSettings, val_ds=None, train_jsonl=None, key=None) -> dict:
+    """Evaluate on the validation split and write answers.jsonl, then eval.json (with ``key``, see
+    :func:`scoring_key`), into ``s.output_dir``."""
     val_ds = val_ds if val_ds is not None else load_split(s.val_jsonl, s.eval_max_examples, s.seed)
     if s.eval_max_examples and len(val_ds) > s.eval_max_examples:
         val_ds = val_ds.shuffle(seed=s.seed).select(range(s.eval_max_examples))
@@ -902,8 +927,10 @@ def evaluate_split(model, processor, s: CommonSettings, val_ds=None, train_jsonl
         test_views=s.test_views,
     )
     out = Path(s.output_dir)
-    files.write_json(out / layout.EVAL_JSON, report)
+    if key is not None:
+        report["scoring_key"] = key
     files.write_jsonl(out / layout.ANSWERS, answers)
+    files.write_json(out / layout.EVAL_JSON, report)  # last: it says the answers are complete
     return report
 
 

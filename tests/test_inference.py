@@ -477,6 +477,15 @@ def test_smoke_chain_outputs_read_back(smoke_run):
     state = json.loads((run05 / "state.json").read_text())
     variants = state["summary"]["variants"]
     assert "magseg-sft" in variants
+    import torch
+
+    from magseg_nb import side_by_side
+
+    # on a CPU with a core per process the variants ran side by side, each process's summary kept
+    lanes = sorted((run05 / "side_by_side").glob("lane*.summary.json"))
+    cores = side_by_side.cpu_cores()
+    assert len(lanes) == (0 if cores < 2 or torch.cuda.is_available() else min(cores, len(variants)))
+    assert sorted(v for lane in lanes for v in json.loads(lane.read_text())) == sorted(variants)
     for name in variants:
         vdir = run05 / name
         tiles = pd.read_csv(vdir / "tiles.csv")

@@ -26,10 +26,10 @@ def test_threads_each_splits_the_cores_only_where_it_applies():
 def _convs(out):
     rng = np.random.default_rng(0)
     tiles = []
-    for i in range(4):
+    for i in range(5):
         sem = np.kron(rng.integers(0, 4, (4, 4)), np.ones((16, 16), int)).astype(np.uint8)
         img = np.array([CLASS_COLORS[CLASSES[c]] for c in sem.ravel()]).reshape(64, 64, 3).astype(np.uint8)
-        tiles.append(prompts.TileRecord(f"t{i}", "s0", "train", img, sem))
+        tiles.append(prompts.TileRecord(f"t{i}", "s0", "train" if i < 4 else "val", img, sem))
     prompts.write_conversations(tiles, out, "magseg", 4, "rle", 2, "mark")
     prompts.write_conversations(tiles, out, "text4seg", 8, "rle", 1)
 
@@ -39,10 +39,14 @@ def test_side_by_side_trains_what_one_process_trains_and_names_a_failed_log(tmp_
     _convs(tmp_path)
     base = models.resolve_model("tiny-gemma3", tmp_path / "models")
     common = dict(base_model=str(base), max_steps=2, batch_size=2, save_steps=2, logging_steps=1)
+    common.update(eval_max_examples=2, eval_batch_size=2, max_new_tokens=8)
 
     def plan(fmt, out):
         return training.SFTSettings(
-            **common, train_jsonl=str(tmp_path / f"{fmt}_train.jsonl"), output_dir=str(tmp_path / out / fmt)
+            **common,
+            train_jsonl=str(tmp_path / f"{fmt}_train.jsonl"),
+            val_jsonl=str(tmp_path / f"{fmt}_val.jsonl"),
+            output_dir=str(tmp_path / out / fmt),
         )
 
     runs = {fmt: plan(fmt, "sbs") for fmt in ("magseg", "text4seg")}
@@ -62,6 +66,13 @@ def test_side_by_side_trains_what_one_process_trains_and_names_a_failed_log(tmp_
         assert done["steps"] == 2 and done["torch_threads"] == 1
         assert done["settings_hash"] == training.settings_hash(s)  # run_sft will skip it and score it
         assert "step 2/2:" in (tmp_path / "sbs" / fmt / side_by_side.LOG_FILE).read_text()
+        # each process scored its training; the caller reads the scores instead of computing them again
+        ev = json.loads((tmp_path / "sbs" / fmt / "eval.json").read_text())
+        assert ev["model"]["n"] == {"magseg": 2, "text4seg": 1}[fmt] and ev["scoring_key"] == training.scoring_key(s, done)
+        stamp = (tmp_path / "sbs" / fmt / "eval.json").stat().st_mtime_ns
+        assert training.run_sft(s)["eval"] == ev
+        assert "scored these weights already; not scored again" in capsys.readouterr().out
+        assert (tmp_path / "sbs" / fmt / "eval.json").stat().st_mtime_ns == stamp
     # The same training alone in one process (one thread, as the test sets it) gives the same weights.
     torch.set_num_threads(1)
     try:
@@ -72,6 +83,10 @@ def test_side_by_side_trains_what_one_process_trains_and_names_a_failed_log(tmp_
     a = (tmp_path / "alone" / "magseg" / "adapter" / "adapter_model.safetensors").read_bytes()
     b = (tmp_path / "sbs" / "magseg" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert a == b
+    # and the answers it scored in its own process are those of the in-process run
+    assert (tmp_path / "alone" / "magseg" / "answers.jsonl").read_bytes() == (
+        tmp_path / "sbs" / "magseg" / "answers.jsonl"
+    ).read_bytes()
     # A finished run is not started again; nor is one finished in `reuse` (a stage's previous output,
     # while the stage writes into an emptied folder of the same name): it is copied.
     assert list(side_by_side.train_sft(runs, threads=1)) == ["magseg", "text4seg"]

@@ -204,6 +204,18 @@ def test_pretrain_sft_resume_and_grpo_on_the_tiny_model(convs, tmp_path):
     assert rescored["steps"] == 3 and (weights.stat().st_mtime_ns, files.sha256_file(weights)) == before
     assert rescored["eval"]["test_views"] == 4 and rescored["eval"]["model"]["n"] == 2
     assert len((out / "answers.jsonl").read_text().splitlines()) == 2
+    # the same scoring again: read from eval.json (it names what it scored), not computed again
+    eval_file = out / "eval.json"
+    stamp = eval_file.stat().st_mtime_ns
+    assert rescored["eval"]["scoring_key"] == json.loads(eval_file.read_text())["scoring_key"]
+    same = training.run_sft({**cfg, "max_steps": 3, "eval_max_examples": 2, "test_views": 4})
+    assert same["eval"] == rescored["eval"] and eval_file.stat().st_mtime_ns == stamp
+    # a scoring setting changed, or answers.jsonl gone: scored again
+    one_view = training.run_sft({**cfg, "max_steps": 3, "eval_max_examples": 2, "test_views": 1})
+    assert one_view["eval"]["test_views"] == 1 and one_view["eval"]["scoring_key"] != same["eval"]["scoring_key"]
+    (out / "answers.jsonl").unlink()
+    training.run_sft({**cfg, "max_steps": 3, "eval_max_examples": 2, "test_views": 1})
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 2
     # as the chain reruns a stage: the finished folder moved away, the same path empty again; the
     # training is copied from the finished folder, not run again
     final = tmp_path / "sft_final"
