@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from magseg_nb import files, training
 
 CONFIG_FILE = "train_config.yaml"
 LOG_FILE = "train.log"
-POLL_S = 0.5  # how often a waiting caller looks whether a process has ended
 
 
 def cpu_cores() -> int:
@@ -130,63 +128,32 @@ def _start(name: str, s: training.SFTSettings, threads: int) -> Child:
 
 
 def train_sft(
-    runs: dict[str, training.SFTSettings],
-    threads: int,
-    reuse: dict[str, Path] | None = None,
-    at_once: int | None = None,
+    runs: dict[str, training.SFTSettings], threads: int, reuse: dict[str, Path] | None = None
 ) -> Iterator[str]:
-    """Train and score the SFT ``runs`` (name -> settings), each in its own process with ``threads``
-    threads, ``at_once`` processes at a time (all by default; the next starts as soon as one ends), and
-    yield each name, in the order given, once its process has finished; the caller's
-    ``training.run_sft`` then reads the scores. Meanwhile this process computes with ``threads``
-    threads (restored at the end), so that what it scores itself (a run finished before but not scored)
-    is scored with the same threads as the rest. A run already finished in its ``output_dir`` with these
-    settings, or in ``reuse[name]`` (then copied, as ``training.run_sft`` does), is not started. A run
-    that fails raises, naming its log; the others are stopped and keep their checkpoints for a rerun."""
+    """Train and score the SFT ``runs`` (name -> settings) at once, each in its own process with
+    ``threads`` threads, and yield each name, in the order given, once its process has finished; the
+    caller's ``training.run_sft`` then reads the scores. Meanwhile this process computes with
+    ``threads`` threads (restored at the end), so that what it scores itself (a run finished before
+    but not scored) is scored with the same threads as the rest. A run already finished in its
+    ``output_dir`` with these settings, or in ``reuse[name]`` (then copied, as ``training.run_sft``
+    does), is not started. A run that fails raises, naming its log; the others are stopped and keep
+    their checkpoints for a rerun."""
     torch = training._torch()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    order = list(runs)
-    pending = []
-    for name, s in runs.items():
-        Path(s.output_dir).mkdir(parents=True, exist_ok=True)
-        if training.finished_training(s, training.weights_dir_name(s), (reuse or {}).get(name)) is None:
-            pending.append(name)
-    ended = set(order) - set(pending)
-    running: dict[str, Child] = {}
-    at_once = max(1, at_once or len(pending) or 1)
-    if pending:
-        print(
-            f"training {', '.join(pending)} side by side, {threads} thread(s) each, {at_once} at a time",
-            flush=True,
-        )
+    procs: dict[str, Child] = {}
     try:
-        while order:
-            while order and order[0] in ended:
-                yield order.pop(0)
-            while pending and len(running) < at_once:
-                name = pending.pop(0)
-                running[name] = _start(name, runs[name], threads)
-            for name, child in list(running.items()):
-                if child.proc.poll() is not None:
-                    child.wait(f"SFT of {name}")  # raises when it failed
-                    ended.add(name)
-                    del running[name]
-            if order and order[0] not in ended:
-                time.sleep(POLL_S)
+        for name, s in runs.items():
+            Path(s.output_dir).mkdir(parents=True, exist_ok=True)
+            if training.finished_training(s, training.weights_dir_name(s), (reuse or {}).get(name)) is None:
+                procs[name] = _start(name, s, threads)
+        if procs:
+            print(f"training {', '.join(procs)} side by side, {threads} thread(s) each", flush=True)
+        for name in runs:
+            if name in procs:
+                procs[name].wait(f"SFT of {name}")
+            yield name
     finally:  # an error or an interrupted cell stops the children; their checkpoints stay for a rerun
-        for child in running.values():
+        for child in procs.values():
             child.stop()
         torch.set_num_threads(before)
-
-
-def train_pool(runs: dict[str, training.SFTSettings], setting: bool | str = "auto") -> Iterator[str]:
-    """Many short SFT runs: as many at a time as there are cores, one process each with its share of
-    the cores, where ``setting`` allows it (:func:`threads_each`); else none is started here and each
-    name is yielded at once, for the caller's ``training.run_sft`` to train and score in-process."""
-    cores = cpu_cores()
-    threads = threads_each(setting, min(len(runs), cores), cores)
-    if not threads:
-        yield from runs
-        return
-    yield from train_sft(runs, threads, at_once=cores // threads)

@@ -177,6 +177,11 @@ def write_setting(tiles, conv_root, s: Setting, encoding: str) -> Path:
     return folder
 
 
+def train(params: dict, s: Setting, base, conv_dir, out_dir) -> dict:
+    """LoRA SFT of one setting with notebook 03's code, then its greedy validation answers."""
+    return training.run_sft(training.sft_settings(params, s.fmt, base, conv_dir, out_dir))
+
+
 # --- scoring ----------------------------------------------------------------------------------------
 
 
@@ -283,28 +288,25 @@ def compare_runs(frames_a: dict, frames_b: dict, n_boot=1000, ci=0.95, seed=0) -
     return metrics.compare_methods(a, b, METRICS, n_boot, ci, seed, cluster="block_id")
 
 
-def plan_setting(s: Setting, tiles, stage_dir, params, base, encoding) -> training.SFTSettings:
-    """Write one setting's conversations (``stage_dir/conversations/<name>``) and return its SFT
-    settings (output in ``stage_dir/runs/<name>``), for ``side_by_side.train_pool`` and :func:`run_setting`."""
-    conv = write_setting(tiles, Path(stage_dir) / "conversations", s, encoding)
-    return training.sft_settings(params, s.fmt, base, conv, Path(stage_dir) / "runs" / s.name)
-
-
 def run_setting(
     s: Setting,
-    plan: training.SFTSettings,
+    tiles,
+    stage_dir,
+    params,
+    base,
     run01,
     semantics,
     tokenizer,
+    encoding,
     boundary_tol_px=2.0,
     n_boot=1000,
     ci=0.95,
     seed=0,
 ) -> dict:
-    """Train (unless done) and answer one planned setting, then score it; returns result, frames,
-    record and scores."""
-    conv, out = Path(plan.train_jsonl).parent, Path(plan.output_dir)
-    result = training.run_sft(plan)
+    """Write, train, answer and score one setting; returns result, frames, record and scores."""
+    conv = write_setting(tiles, Path(stage_dir) / "conversations", s, encoding)
+    out = Path(stage_dir) / "runs" / s.name
+    result = train(params, s, base, conv, out)
     frames = tile_frames(conv / f"{s.fmt}_val.jsonl", out / layout.ANSWERS, run01, semantics, boundary_tol_px)
     record = run_record(s, result, frames, tokenizer, conv)
     return {

@@ -665,14 +665,19 @@ def _result(s, dest: Path, done, model, processor, val_ds, full: bool = False) -
         key = scoring_key(s, done) if val_ds is None else None  # an in-memory split is always scored
         report = scored_before(s, key)
         if report is not None:
-            print(f"{Path(s.output_dir) / layout.EVAL_JSON} scored these weights already; not scored again", flush=True)
+            print(
+                f"{Path(s.output_dir) / layout.EVAL_JSON} scored these weights already; not scored again",
+                flush=True,
+            )
             result["eval"] = report
             return result
         if model is None:
             model, processor = _load_trained(s.base_model, dest, full)
         else:  # the trained model, saved above; nothing trains it further
             model = models.merge_lora(model)
-        result["eval"] = evaluate_split(model, processor, s, val_ds=val_ds, train_jsonl=s.train_jsonl, key=key)
+        result["eval"] = evaluate_split(
+            model, processor, s, val_ds=val_ds, train_jsonl=s.train_jsonl, key=key
+        )
     return result
 
 

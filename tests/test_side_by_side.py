@@ -109,36 +109,3 @@ def test_side_by_side_trains_what_one_process_trains_and_names_a_failed_log(tmp_
         list(side_by_side.train_sft({"magseg": broken, "text4seg": plan("text4seg", "broken")}, threads=1))
     assert not (tmp_path / "broken" / "magseg" / training.DONE_FILE).exists()
     assert torch.get_num_threads() == threads
-
-
-@pytest.mark.slow
-def test_at_most_at_once_processes_run_and_names_come_in_order(tmp_path, monkeypatch, capsys):
-    _convs(tmp_path)
-    base = models.resolve_model("tiny-gemma3", tmp_path / "models")
-    common = dict(base_model=str(base), max_steps=2, batch_size=2, save_steps=2, eval_max_examples=0)
-    runs = {
-        f"{fmt}{seed}": training.SFTSettings(
-            **common,
-            seed=seed,
-            train_jsonl=str(tmp_path / f"{fmt}_train.jsonl"),
-            output_dir=str(tmp_path / f"{fmt}{seed}"),
-        )
-        for fmt, seed in (("magseg", 0), ("text4seg", 0), ("magseg", 1))
-    }
-    started, live_at_start = [], []
-    real_start = side_by_side._start
-
-    def counting_start(name, s, threads):
-        live_at_start.append(sum(c.proc.poll() is None for c in started))
-        started.append(real_start(name, s, threads))
-        return started[-1]
-
-    monkeypatch.setattr(side_by_side, "_start", counting_start)
-    assert list(side_by_side.train_sft(runs, threads=1, at_once=2)) == ["magseg0", "text4seg0", "magseg1"]
-    assert (
-        "training magseg0, text4seg0, magseg1 side by side, 1 thread(s) each, 2 at a time"
-        in capsys.readouterr().out
-    )
-    assert live_at_start[:2] == [0, 1] and live_at_start[2] <= 1  # the third waited for a free core
-    for name in runs:
-        assert json.loads((tmp_path / name / training.DONE_FILE).read_text())["steps"] == 2
