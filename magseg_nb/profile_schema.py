@@ -272,6 +272,8 @@ STAGES: dict[str, dict[str, Rule]] = {
         "polygonize_only": BOOL,
         "show_scene": TEXT,
         "map_scenes": Rule((str, list), choices=("first", "all", "none"), items=Rule(str, name=True)),
+        "map_views": TEST_VIEWS,
+        "variants_side_by_side": Rule((bool, str), choices=(True, False, "auto")),  # side_by_side.threads_each
     },
     "06_metrics": {
         "iou_threshold": _num(1e-9, 1),
