@@ -67,7 +67,7 @@ def lanes(names: Sequence[str], plan: Plan, cores: int) -> list[list[str]]:
     if plan.map_variant in cost and plan.map_ids:
         all_tiles = geo.read_tiles_table(Path(plan.run01))
         extra = len(inference.map_only_tiles(all_tiles, plan.tiles(), plan.map_ids))
-        views = plan.params.get("map_views", 1) / max(1, plan.params.get("test_views", 1))
+        views = plan.params["map_views"] / plan.params["test_views"]
         cost[plan.map_variant] += extra / max(1, len(plan.tile_ids)) * views
     out: list[list[str]] = [[] for _ in range(n)]
     load = [0.0] * n
@@ -105,7 +105,7 @@ def run_lane(plan: Plan, names: Sequence[str], log=print) -> dict[str, dict]:
         )  # fmt: skip
         if v.name == plan.map_variant and plan.map_ids:
             if log:
-                log(f"{v.name}: the map scenes {plan.map_ids}, {p.get('map_views', p['test_views'])} view(s)")
+                log(f"{v.name}: the map scenes {plan.map_ids}, {p['map_views']} view(s)")
             all_tiles = geo.read_tiles_table(run01)
             summaries[v.name].update(
                 inference.run_map_scenes(
@@ -120,11 +120,11 @@ def run_lane(plan: Plan, names: Sequence[str], log=print) -> dict[str, dict]:
                     predictor,
                     sam_kw,
                     field_kw,
-                    test_views=p.get("map_views", p["test_views"]),
+                    test_views=p["map_views"],
                     **common,
-                )  # fmt: skip
+                )
             )
-            summaries[v.name]["map_views"] = p.get("map_views", p["test_views"])
+            summaries[v.name]["map_views"] = p["map_views"]
         del model
     return summaries
 
