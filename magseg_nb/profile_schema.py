@@ -148,6 +148,7 @@ SCHEDULERS = (
     "warmup_stable_decay",
 )
 TEST_VIEWS = Rule(int, choices=(1, 4, 8))  # views.VIEW_COUNTS (a test keeps them equal)
+SIDE_BY_SIDE = Rule((bool, str), choices=(True, False, "auto"))  # side_by_side.threads_each
 _TRAIN = {
     "formats": Rule(list, items=Rule(str, choices=FORMATS), nonempty=True),
     "learning_rate": POSITIVE,
@@ -230,7 +231,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "train_embeddings": BOOL,
         "class_balance": FRACTION,
         "equal_tokens": BOOL,
-        "train_side_by_side": Rule((bool, str), choices=(True, False, "auto")),  # side_by_side.threads_each
+        "train_side_by_side": SIDE_BY_SIDE,
         "conversation_layout": Rule(str, choices=("per_patch", "per_tile")),
         "lr_scheduler": Rule(str, choices=SCHEDULERS),
         "warmup_steps": _int(0),
@@ -273,7 +274,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "show_scene": TEXT,
         "map_scenes": Rule((str, list), choices=("first", "all", "none"), items=Rule(str, name=True)),
         "map_views": TEST_VIEWS,
-        "variants_side_by_side": Rule((bool, str), choices=(True, False, "auto")),  # side_by_side.threads_each
+        "variants_side_by_side": SIDE_BY_SIDE,
     },
     "06_metrics": {
         "iou_threshold": _num(1e-9, 1),
