@@ -1,68 +1,42 @@
-"""What running notebook 05's variants side by side would buy on a small CPU: each variant's greedy
-generation over some test tiles (four views, as the demo), one variant after the other in one process
-per variant with every core (what notebook 05 does now), then all at once, one process and one thread
-each, in one run on one machine. The answers of the two ways are compared too (a thread count can
+"""What running notebook 05's variants side by side buys on a small CPU: notebook 05's own runner
+(``magseg_nb.variant_runs``) over some test tiles, first one variant after the other in this process with
+every core (``variants_side_by_side: false``), then side by side, one process and one thread per core
+(``true``), in one run on one machine. The answers of the two ways are compared too (a thread count can
 change the last digits of a sum, and so, rarely, a greedy token).
 
     .venv/bin/python benchmarks/bench_inference_side_by_side.py --run-dir runs/demo --tiles 12
 
-Needs a run whose notebook 04 finished (the variants magseg-sft and magseg-grpo). Writes only under a
-temporary folder. Keep the machine idle: the two ways are timed one after the other.
+Needs a run whose notebook 05 finished: its parameters are read from the plan it wrote
+(``05_inference/side_by_side/lane0.json``); the map scene is left out. Writes only under a temporary
+folder. Keep the machine idle: the two ways are timed one after the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from magseg_nb import side_by_side
+from magseg_nb import geo, inference, side_by_side, variant_runs
 
 
-def worker(run_dir: Path, variant: str, tiles: int, views: int, out: Path) -> None:
-    """One variant over ``tiles`` test tiles, as notebook 05 runs it (no refinement); writes ``out``."""
-    import torch
+def notebook05_params(run_dir: Path) -> dict:
+    """Notebook 05's parameters as that run used them (from the plan it wrote)."""
+    lane = run_dir / "05_inference" / variant_runs.LANES_DIR / "lane0.json"
+    if not lane.is_file():
+        raise SystemExit(f"{lane} does not exist: run notebook 05 on {run_dir} first (magseg-nb run --to 05)")
+    return json.loads(lane.read_text())["plan"]["params"]
 
-    from magseg_nb import geo, inference
 
+def plan_for(run_dir: Path, names: list[str], tiles: int, views: int, out: Path) -> variant_runs.Plan:
+    """Notebook 05's plan for ``names`` over the first ``tiles`` test tiles, ``views`` views, no map."""
     run01, run02 = run_dir / "01_dataset_prep", run_dir / "02_instruction_format"
-    v = inference.select_variants(inference.find_variants(run_dir), [variant])[0]
-    spec = inference.format_spec(run02, v.fmt)
-    model, processor = inference.load_variant(v)
-    budget = inference.answer_budget(processor, spec, run02)
+    params = {**notebook05_params(run_dir), "map_scenes": "none", "test_views": views}
     test = inference.limit_tiles(inference.select_test_tiles(geo.read_tiles_table(run01)), tiles)
-    t0 = time.perf_counter()
-    summary = inference.run_variant(
-        model,
-        processor,
-        run01,
-        test,
-        spec,
-        out,
-        batch_size=16,
-        max_new_tokens=budget,
-        log=None,
-        test_views=views,
-    )
-    summary.update(seconds=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads())
-    (out / "bench.json").write_text(json.dumps(summary))
-
-
-def start(args, variant: str, out: Path, threads: int) -> subprocess.Popen:
-    env = side_by_side.thread_env(threads)
-    cmd = [sys.executable, __file__, "--run-dir", str(args.run_dir), "--tiles", str(args.tiles)]
-    cmd += ["--views", str(args.views), "--worker", variant, "--out", str(out)]
-    return subprocess.Popen(cmd, env=env)
-
-
-def wait(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.wait() != 0:
-            raise SystemExit(f"a worker failed (exit {p.returncode}): {p.args}")
+    chosen = inference.select_variants(inference.find_variants(run_dir), names)
+    return variant_runs.make_plan(params, run_dir, run01, run02, out, test, chosen)
 
 
 def main() -> None:
@@ -71,44 +45,32 @@ def main() -> None:
     p.add_argument("--tiles", type=int, default=12, help="test tiles per variant")
     p.add_argument("--views", type=int, default=4, help="test-time views (the demo: 4)")
     p.add_argument("--variants", nargs="+", default=["magseg-sft", "magseg-grpo"])
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        return worker(args.run_dir, args.worker, args.tiles, args.views, args.out)
     cores = side_by_side.cpu_cores()
-    rows = {}
+    rows, gen, answers = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        for v in args.variants:
-            wait([start(args, v, Path(tmp) / "seq" / v, cores)])
-        rows["one after the other"] = (time.perf_counter() - t0, cores)
-        t0 = time.perf_counter()
-        threads = max(1, cores // len(args.variants))
-        wait([start(args, v, Path(tmp) / "sbs" / v, threads) for v in args.variants])
-        rows["side by side"] = (time.perf_counter() - t0, threads)
-        same = {
-            v: (Path(tmp) / "seq" / v / "answers.jsonl").read_bytes()
-            == (Path(tmp) / "sbs" / v / "answers.jsonl").read_bytes()
-            for v in args.variants
-        }
-        gen = {
-            k: {
-                v: json.loads((Path(tmp) / k / v / "bench.json").read_text())["infer_s"]
-                for v in args.variants
-            }
-            for k in ("seq", "sbs")
-        }
+        for key, setting in (("one after the other", False), ("side by side", True)):
+            plan = plan_for(args.run_dir, args.variants, args.tiles, args.views, Path(tmp) / str(setting))
+            t0 = time.perf_counter()
+            summaries = variant_runs.run(plan, args.variants, setting=setting)
+            threads = side_by_side.threads_each(setting, len(args.variants), cores) or cores
+            rows[key] = (time.perf_counter() - t0, threads)
+            gen[key] = [summaries[v]["infer_s"] for v in args.variants]
+            answers[key] = [(Path(plan.out_dir) / v / "answers.jsonl").read_bytes() for v in args.variants]
+    same = [a == b for a, b in zip(*answers.values(), strict=True)]
     base = rows["one after the other"][0]
     print(f"{', '.join(args.variants)}: {args.tiles} test tiles each, {args.views} views, {cores} cores")
     print(
         "| way | threads per process | seconds (all variants, loading included) | relative | generation seconds |"
     )
     print("| --- | --- | --- | --- | --- |")
-    for (name, (sec, thr)), key in zip(rows.items(), ("seq", "sbs"), strict=True):
-        g = " / ".join(f"{gen[key][v]:.1f}" for v in args.variants)
+    for name, (sec, thr) in rows.items():
+        g = " / ".join(f"{s:.1f}" for s in gen[name])
         print(f"| {name} | {thr} | {sec:.1f} | {sec / base:.2f} | {g} |")
-    print("answers identical between the two ways: " + ", ".join(f"{v} {same[v]}" for v in args.variants))
+    print(
+        "answers identical between the two ways: "
+        + ", ".join(f"{v} {s}" for v, s in zip(args.variants, same, strict=True))
+    )
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 On a CPU without a GPU the variants run side by side, in as many processes as there are cores (at most
 one per variant), each with its share of the cores: the tiny model's generation does not keep two
 threads busy, so two one-thread processes finish sooner than one two-thread process doing both
-(``benchmarks/bench_inference_side_by_side.py``: 0.66 of the time, the same answers). The variants go to
-the processes so that their work is about even; the map variant's whole-scene prediction runs in its
-process right after it (it reads that variant's scored masks).
+(``benchmarks/bench_inference_side_by_side.py``: 0.78 of the time on two variants, 0.59 on notebook 05's
+whole work, the same answers). The variants go to the processes so that their work is about even; the
+map variant's whole-scene prediction runs in its process right after it (it reads that variant's scored
+masks).
 
 Each process is ``python -m magseg_nb.variant_runs --config <out>/side_by_side/<lane>.json``; its output
 goes, prefixed with the lane's name, to the notebook and to ``<lane>.log``; it writes each variant's

@@ -3,6 +3,8 @@ and the errors."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -149,3 +151,26 @@ def test_the_command_line_names_a_missing_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         variant_runs.main(["--config", str(tmp_path / "lane0.json")])
     assert f"config file {tmp_path / 'lane0.json'} does not exist" in capsys.readouterr().err
+
+
+def test_the_benchmark_plans_with_notebook_05s_own_parameters(tiny_run, tmp_path):
+    """benchmarks/bench_inference_side_by_side.py times variant_runs with the parameters a run's 05 used."""
+    import runpy
+
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_inference_side_by_side.py"))
+    root = tmp_path / "run"
+    shutil.copytree(tiny_run, root)
+    with pytest.raises(
+        SystemExit, match=r"05_inference/side_by_side/lane0.json does not exist: run notebook 05"
+    ):
+        bench["plan_for"](root, ["magseg-sft"], 2, 4, tmp_path / "out")
+    ran = _plan(root, tmp_path / "05", ["s0"], "magseg-grpo")  # what notebook 05 wrote, with its map
+    lane = root / "05_inference" / variant_runs.LANES_DIR / "lane0.json"
+    lane.parent.mkdir(parents=True)
+    lane.write_text(json.dumps({"plan": dataclasses.asdict(ran), "names": ["magseg-grpo"]}))
+    plan = bench["plan_for"](root, ["magseg-sft", "magseg-grpo"], 2, 4, tmp_path / "out")
+    assert plan.params == {**ran.params, "map_scenes": "none", "test_views": 4}
+    assert (plan.map_ids, plan.map_variant) == ([], "")
+    # limit_tiles takes one tile of each scene first
+    assert len(ran.tile_ids) == 3 and plan.tile_ids == ["s0_0_0", "s1_0_0"]
+    assert plan.out_dir == str(tmp_path / "out") and plan.run01 == str(root / "01_dataset_prep")
