@@ -7,6 +7,7 @@ chain does not care which model it runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -511,6 +512,44 @@ def _attach_adapter(model, base: str, adapter_dir: Path, trainable: bool):
         ) from err
 
 
+@contextlib.contextmanager
+def shared_image_features(model):
+    """Within the block, identical images of one batch go through the vision tower once.
+
+    A tile's MAgSeg prompts all show the tile, and the chain batches them together, so half of a batch's
+    images are one image. The features of each image are what the tower gives it; only the repeats are
+    not computed again (``benchmarks/bench_shared_images.py``: the same answers in less time). Models
+    without a vision tower are left as they are."""
+    import torch
+
+    owner = next(
+        (m for m in model.modules() if "vision_tower" in m._modules and hasattr(m, "get_image_features")),
+        None,
+    )
+    if owner is None:
+        yield
+        return
+    encode = owner.get_image_features
+
+    def once_per_image(pixel_values, **kwargs):
+        unique, inverse = torch.unique(pixel_values, dim=0, return_inverse=True)
+        if len(unique) == len(pixel_values):
+            return encode(pixel_values, **kwargs)
+        out = encode(unique, **kwargs)
+        if not isinstance(out, dict):  # a plain tuple: nothing to spread safely, encode every image
+            return encode(pixel_values, **kwargs)
+        for key, value in list(out.items()):
+            if torch.is_tensor(value) and value.shape[:1] == unique.shape[:1]:
+                out[key] = value[inverse]
+        return out
+
+    owner.get_image_features = once_per_image
+    try:
+        yield
+    finally:
+        del owner.get_image_features  # the class's method again
+
+
 def generate(
     model,
     processor,
@@ -520,13 +559,15 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     token_probs: Sequence[int] | None = None,
+    share_images: bool = True,
     **generate_kwargs,
 ):
     """Answers (text only) for ``examples`` = [dict(images=[PIL...], prompt=[messages])], in order.
 
     ``generate_kwargs`` go to ``model.generate`` (benchmarks force answer lengths with ``min_new_tokens``).
     With ``token_probs`` (token ids), returns ``(answers, steps)``: per answer, a list of
-    ``(generated token id, probabilities of the token_probs ids at that step)``, padding dropped."""
+    ``(generated token id, probabilities of the token_probs ids at that step)``, padding dropped.
+    ``share_images``: encode a batch's identical images once (:func:`shared_image_features`)."""
     import torch
 
     tokenizer = processor.tokenizer
@@ -538,35 +579,38 @@ def generate(
     answers: list[str] = []
     steps: list[list] = []
     try:
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start : start + batch_size]
-            texts = [
-                processor.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=False)
-                for ex in batch
-            ]
-            images = [list(ex["images"]) for ex in batch]
-            inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            scored = {"output_scores": True, "return_dict_in_generate": True} if token_probs else {}
-            with torch.inference_mode():
-                out = model.generate(
-                    **inputs,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **sampling,
-                    **scored,
-                    **generate_kwargs,
+        with shared_image_features(model) if share_images else contextlib.nullcontext():
+            for start in range(0, len(examples), batch_size):
+                batch = examples[start : start + batch_size]
+                texts = [
+                    processor.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=False)
+                    for ex in batch
+                ]
+                images = [list(ex["images"]) for ex in batch]
+                inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(
+                    model.device
                 )
-            sequences = out.sequences if token_probs else out
-            new = sequences[:, inputs["input_ids"].shape[1] :]
-            answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-            if token_probs:
-                probs = (
-                    torch.stack(out.scores, 1).float().softmax(-1)[..., list(token_probs)]
-                )  # batch, step, k
-                for ids, p in zip(new.tolist(), probs.numpy(), strict=True):
-                    steps.append([(t, p[i]) for i, t in enumerate(ids) if t != tokenizer.pad_token_id])
+                if "pixel_values" in inputs:
+                    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+                scored = {"output_scores": True, "return_dict_in_generate": True} if token_probs else {}
+                with torch.inference_mode():
+                    out = model.generate(
+                        **inputs,
+                        max_new_tokens=max_new_tokens,
+                        pad_token_id=tokenizer.pad_token_id,
+                        **sampling,
+                        **scored,
+                        **generate_kwargs,
+                    )
+                sequences = out.sequences if token_probs else out
+                new = sequences[:, inputs["input_ids"].shape[1] :]
+                answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+                if token_probs:
+                    probs = (
+                        torch.stack(out.scores, 1).float().softmax(-1)[..., list(token_probs)]
+                    )  # batch, step, k
+                    for ids, p in zip(new.tolist(), probs.numpy(), strict=True):
+                        steps.append([(t, p[i]) for i, t in enumerate(ids) if t != tokenizer.pad_token_id])
     finally:
         tokenizer.padding_side = old_side
     return (answers, steps) if token_probs else answers

@@ -103,6 +103,30 @@ def test_generate_batched_matches_single(loaded):
     assert processor.tokenizer.padding_side == "right" or processor.tokenizer.padding_side == "left"
 
 
+def test_a_batch_encodes_each_distinct_image_once_with_the_same_answers(loaded):
+    model, processor = loaded
+    tile = _image(4)  # four patch prompts of one tile: the tile and the patch's crop each
+    examples = [
+        prompts.make_example(tile, "magseg", 4, "plain", (r, c), 2, "crop") for r in (0, 1) for c in (0, 1)
+    ]
+    owner = next(m for m in model.modules() if "vision_tower" in m._modules)
+    seen = []
+    hook = owner.vision_tower.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(len(kwargs.get("pixel_values", args[0] if args else None))),
+        with_kwargs=True,
+    )
+    try:
+        shared = models.generate(model, processor, examples, max_new_tokens=12, batch_size=4)
+        every = models.generate(
+            model, processor, examples, max_new_tokens=12, batch_size=4, share_images=False
+        )
+    finally:
+        hook.remove()
+    assert shared == every and len(shared) == 4
+    assert seen == [5, 8]  # the tile once and four crops, then all eight images
+    assert "get_image_features" not in vars(owner)  # the class's method again after generating
+
+
 def test_generate_returns_the_probabilities_of_chosen_tokens_at_every_step(loaded):
     """``token_probs``: per answer, each generated token with the softmax probability of the given ids
     (scripts/soft_votes.py votes views with them); the answers are the greedy ones."""
