@@ -2,7 +2,7 @@
 validation scoring (``training.evaluate``, batch 16, the demo's views) of a run's MAgSeg adapter, with and
 without the sharing, interleaved and repeated, in one process; the answers of the two ways are compared.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_shared_images.py --run-dir runs/demo --rows 256
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_shared_images.py --run-dir runs/demo --rows 496
 
 Needs a run whose notebook 03 finished. Writes nothing. Keep the machine idle.
 """
@@ -30,7 +30,7 @@ def score(model, processor, ds, views: int, share: bool) -> tuple[float, list[di
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--rows", type=int, default=256, help="validation prompts (a tile has 16)")
+    p.add_argument("--rows", type=int, default=496, help="validation prompts (a tile has 16)")
     p.add_argument("--views", type=int, default=4, help="test-time views (the demo: 4)")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()

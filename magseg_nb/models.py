@@ -578,41 +578,39 @@ def generate(
         sampling.update(top_k=None, top_p=None, temperature=None)
     answers: list[str] = []
     steps: list[list] = []
-    try:
-        with shared_image_features(model) if share_images else contextlib.nullcontext():
-            for start in range(0, len(examples), batch_size):
-                batch = examples[start : start + batch_size]
-                texts = [
-                    processor.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=False)
-                    for ex in batch
-                ]
-                images = [list(ex["images"]) for ex in batch]
-                inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(
-                    model.device
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(setattr, tokenizer, "padding_side", old_side)
+        if share_images:
+            cleanup.enter_context(shared_image_features(model))
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            texts = [
+                processor.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=False)
+                for ex in batch
+            ]
+            images = [list(ex["images"]) for ex in batch]
+            inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            scored = {"output_scores": True, "return_dict_in_generate": True} if token_probs else {}
+            with torch.inference_mode():
+                out = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **sampling,
+                    **scored,
+                    **generate_kwargs,
                 )
-                if "pixel_values" in inputs:
-                    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-                scored = {"output_scores": True, "return_dict_in_generate": True} if token_probs else {}
-                with torch.inference_mode():
-                    out = model.generate(
-                        **inputs,
-                        max_new_tokens=max_new_tokens,
-                        pad_token_id=tokenizer.pad_token_id,
-                        **sampling,
-                        **scored,
-                        **generate_kwargs,
-                    )
-                sequences = out.sequences if token_probs else out
-                new = sequences[:, inputs["input_ids"].shape[1] :]
-                answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-                if token_probs:
-                    probs = (
-                        torch.stack(out.scores, 1).float().softmax(-1)[..., list(token_probs)]
-                    )  # batch, step, k
-                    for ids, p in zip(new.tolist(), probs.numpy(), strict=True):
-                        steps.append([(t, p[i]) for i, t in enumerate(ids) if t != tokenizer.pad_token_id])
-    finally:
-        tokenizer.padding_side = old_side
+            sequences = out.sequences if token_probs else out
+            new = sequences[:, inputs["input_ids"].shape[1] :]
+            answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+            if token_probs:
+                probs = (
+                    torch.stack(out.scores, 1).float().softmax(-1)[..., list(token_probs)]
+                )  # batch, step, k
+                for ids, p in zip(new.tolist(), probs.numpy(), strict=True):
+                    steps.append([(t, p[i]) for i, t in enumerate(ids) if t != tokenizer.pad_token_id])
     return (answers, steps) if token_probs else answers
 
 
