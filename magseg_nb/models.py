@@ -532,14 +532,22 @@ def shared_image_features(model):
     encode = owner.get_image_features
 
     def once_per_image(pixel_values, **kwargs):
-        unique, inverse = torch.unique(pixel_values, dim=0, return_inverse=True)
-        if len(unique) == len(pixel_values):
+        # Images are compared bit for bit (an integer view: exact, and sortable for every dtype on every device).
+        rows = pixel_values.reshape(len(pixel_values), -1).contiguous()
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[rows.element_size()]
+        _, inverse = torch.unique(rows.view(bits), dim=0, return_inverse=True)
+        n = int(inverse.max()) + 1
+        if n == len(pixel_values):
             return encode(pixel_values, **kwargs)
-        out = encode(unique, **kwargs)
+        order = torch.arange(len(inverse), device=inverse.device)
+        first = torch.full((n,), len(inverse), device=inverse.device).scatter_reduce(
+            0, inverse, order, "amin"
+        )
+        out = encode(pixel_values[first], **kwargs)
         if not isinstance(out, dict):  # a plain tuple: nothing to spread safely, encode every image
             return encode(pixel_values, **kwargs)
         for key, value in list(out.items()):
-            if torch.is_tensor(value) and value.shape[:1] == unique.shape[:1]:
+            if torch.is_tensor(value) and value.shape[:1] == (n,):
                 out[key] = value[inverse]
         return out
 

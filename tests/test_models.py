@@ -127,6 +127,18 @@ def test_a_batch_encodes_each_distinct_image_once_with_the_same_answers(loaded):
     assert "get_image_features" not in vars(owner)  # the class's method again after generating
 
 
+def test_shared_images_give_the_same_answers_in_bfloat16(tiny):
+    """bf16 (the GPU's dtype) is compared bit for bit through an int16 view."""
+    model, processor = models.load_model_and_processor(tiny, dtype="bfloat16", device="cpu")
+    tile = _image(5)
+    examples = [prompts.make_example(tile, "magseg", 4, "plain", (0, c), 2, "crop") for c in (0, 1)] * 2
+    shared = models.generate(model, processor, examples, max_new_tokens=8, batch_size=4)
+    assert shared == models.generate(
+        model, processor, examples, max_new_tokens=8, batch_size=4, share_images=False
+    )
+    assert shared[:2] == shared[2:]  # the same prompt twice in one batch, the same answer
+
+
 def test_generate_returns_the_probabilities_of_chosen_tokens_at_every_step(loaded):
     """``token_probs``: per answer, each generated token with the softmax probability of the given ids
     (scripts/soft_votes.py votes views with them); the answers are the greedy ones."""
