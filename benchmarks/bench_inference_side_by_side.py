@@ -6,28 +6,29 @@ change the last digits of a sum, and so, rarely, a greedy token).
 
     .venv/bin/python benchmarks/bench_inference_side_by_side.py --run-dir runs/demo --tiles 12
 
-Needs a run whose notebook 05 finished: its parameters are read from the plan it wrote
-(``05_inference/side_by_side/lane0.json``); the map scene is left out. Writes only under a temporary
+Needs a run whose notebook 05 finished: its parameters are read from the stage's record
+(``05_inference/state.json``); the map scene is left out. Writes only under a temporary
 folder. Keep the machine idle: the two ways are timed one after the other.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from magseg_nb import geo, inference, side_by_side, variant_runs
+from magseg_nb import chain, geo, inference, side_by_side, variant_runs
 
 
 def notebook05_params(run_dir: Path) -> dict:
-    """Notebook 05's parameters as that run used them (from the plan it wrote)."""
-    lane = run_dir / "05_inference" / variant_runs.LANES_DIR / "lane0.json"
-    if not lane.is_file():
-        raise SystemExit(f"{lane} does not exist: run notebook 05 on {run_dir} first (magseg-nb run --to 05)")
-    return json.loads(lane.read_text())["plan"]["params"]
+    """Notebook 05's parameters as that run used them (its stage record)."""
+    state = chain.read_state(run_dir / "05_inference")
+    if state is None:
+        raise SystemExit(
+            f"{run_dir / '05_inference'} holds no finished stage: run notebook 05 first (magseg-nb run --to 05)"
+        )
+    return state["params"]
 
 
 def plan_for(run_dir: Path, names: list[str], tiles: int, views: int, out: Path) -> variant_runs.Plan:

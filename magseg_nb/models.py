@@ -532,24 +532,23 @@ def shared_image_features(model):
     encode = owner.get_image_features
 
     def once_per_image(pixel_values, **kwargs):
-        # Images are compared bit for bit (an integer view: exact, and sortable for every dtype on every device).
+        # Images are compared bit for bit (an integer view: exact, and sortable for every dtype on every
+        # device); the unique rows, viewed back, are the distinct images themselves.
         rows = pixel_values.reshape(len(pixel_values), -1).contiguous()
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[rows.element_size()]
-        _, inverse = torch.unique(rows.view(bits), dim=0, return_inverse=True)
-        n = int(inverse.max()) + 1
-        if n == len(pixel_values):
+        unique, inverse = torch.unique(rows.view(bits), dim=0, return_inverse=True)
+        if len(unique) == len(pixel_values):
             return encode(pixel_values, **kwargs)
-        order = torch.arange(len(inverse), device=inverse.device)
-        first = torch.full((n,), len(inverse), device=inverse.device).scatter_reduce(
-            0, inverse, order, "amin"
-        )
-        out = encode(pixel_values[first], **kwargs)
-        if not isinstance(out, dict):  # a plain tuple: nothing to spread safely, encode every image
-            return encode(pixel_values, **kwargs)
-        for key, value in list(out.items()):
-            if torch.is_tensor(value) and value.shape[:1] == (n,):
-                out[key] = value[inverse]
-        return out
+        out = encode(unique.view(pixel_values.dtype).reshape(-1, *pixel_values.shape[1:]), **kwargs)
+
+        def spread(value):
+            return value[inverse] if torch.is_tensor(value) and value.shape[:1] == unique.shape[:1] else value
+
+        if isinstance(out, dict):  # a ModelOutput
+            for key, value in list(out.items()):
+                out[key] = spread(value)
+            return out
+        return tuple(spread(value) for value in out)
 
     owner.get_image_features = once_per_image
     try:

@@ -3,7 +3,6 @@ and the errors."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +12,7 @@ import pandas as pd
 import pytest
 import rasterio
 
-from magseg_nb import inference, prompts, side_by_side, variant_runs
+from magseg_nb import chain, inference, prompts, side_by_side, variant_runs
 
 from .test_inference import SPEC, blocky_semantic, make_run01
 
@@ -160,14 +159,11 @@ def test_the_benchmark_plans_with_notebook_05s_own_parameters(tiny_run, tmp_path
     bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_inference_side_by_side.py"))
     root = tmp_path / "run"
     shutil.copytree(tiny_run, root)
-    with pytest.raises(
-        SystemExit, match=r"05_inference/side_by_side/lane0.json does not exist: run notebook 05"
-    ):
+    with pytest.raises(SystemExit, match=r"05_inference holds no finished stage: run notebook 05 first"):
         bench["plan_for"](root, ["magseg-sft"], 2, 4, tmp_path / "out")
-    ran = _plan(root, tmp_path / "05", ["s0"], "magseg-grpo")  # what notebook 05 wrote, with its map
-    lane = root / "05_inference" / variant_runs.LANES_DIR / "lane0.json"
-    lane.parent.mkdir(parents=True)
-    lane.write_text(json.dumps({"plan": dataclasses.asdict(ran), "names": ["magseg-grpo"]}))
+    ran = _plan(root, tmp_path / "05", ["s0"], "magseg-grpo")  # notebook 05's plan, with its map
+    (root / "05_inference").mkdir()  # the stage's record, as chain.Stage writes it (params, outputs)
+    (root / "05_inference" / chain.STATE_FILE).write_text(json.dumps({"params": ran.params, "outputs": {}}))
     plan = bench["plan_for"](root, ["magseg-sft", "magseg-grpo"], 2, 4, tmp_path / "out")
     assert plan.params == {**ran.params, "map_scenes": "none", "test_views": 4}
     assert (plan.map_ids, plan.map_variant) == ([], "")
