@@ -89,7 +89,7 @@ class Recipe:
     text4seg_encoding: str = "rle"
     variant: str = "crop"
     # Proxy pretraining (full fine-tune of the random tiny model)
-    steps: int = 2000
+    steps: int = 4000
     learning_rate: float = 1e-3
     lr_scheduler: str = "cosine"
     warmup_steps: int = 50

@@ -121,9 +121,9 @@ def test_build_script_end_to_end(tmp_path):
 def test_shipped_base_writes_colour_codes(proxy_rows):
     """Pretrained: greedy answers to unseen proxy prompts are code grids (a random base writes noise).
 
-    Measured on the shipped base (2000 steps, plain 4x4 grids, 16 codes) on 16 such prompts: every cell
-    is one code letter, every answer a full 4x4 grid, agreeing with the true codes on 55 % of the cells
-    (chance 1/16; the previous base, R-RLE answers: 37 %).
+    Measured on the shipped base (4000 steps, plain 4x4 grids, 16 codes) on these 8 prompts: every answer
+    a full 4x4 grid of code letters, agreeing with the true codes on 70 % of the cells (chance 1/16; the
+    2000-step base, on 16 such prompts: 55 %; an older base with R-RLE answers: 37 %).
     """
     ds = prompts.load_conversations(proxy_rows, limit=8)
     proxy = [pretraining.proxy_example(row) for row in ds]
