@@ -4,7 +4,8 @@ experiments of docs/experiments.md).
 Trains one format's adapter with ``training.run_sft`` (or, with ``--grpo-from ADAPTER``,
 ``training.run_grpo`` from that SFT adapter) from the settings dataclasses' defaults, which are the
 demo's, with the overrides given, on ``RUN/02_instruction_format``; scores every validation answer per
-class with block intervals beside the pixel classifier, and, with ``--against``, the paired change
+class with block intervals beside the pixel classifier (and paired against it, as notebook 03 does),
+and, with ``--against``, the paired change
 against another run's answers on the same conversations.
 
     .venv/bin/python scripts/sft_experiment.py --run-dir runs/demo --out runs/exp/steps2400 \
@@ -195,6 +196,14 @@ def main(argv=None) -> dict:
             for (s, m), v in table.query("answers == 'all'").set_index(["scorer", "metric"])["value"].items()
         },
     }
+    if validation.PIXEL in frames:  # paired, as notebook 03 prints it: model minus the pixel classifier
+        versus = {
+            ("this run", validation.PIXEL): validation.compare(
+                frames[validation.PIXEL], frames[validation.MODEL], args.n_boot, 0.95, args.seed
+            )
+        }
+        summary["vs_pixel"] = validation.conclusions(versus)
+        print("\n".join(summary["vs_pixel"]))
     log = args.out / "log.csv"
     if args.grpo_from and log.exists():
         zero_std = pd.read_csv(log).get("frac_reward_zero_std")

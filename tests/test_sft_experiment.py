@@ -154,3 +154,26 @@ def test_headroom_refuses_a_run_without_answers(tmp_path):
             ]
         )
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_score_only_prints_the_paired_comparison_with_the_pixel_classifier(smoke_run, tmp_path):
+    """The script's model-minus-classifier sentences are notebook 03's: validation.conclusions on the
+    paired block comparison of the same answers."""
+    from magseg_nb import validation
+
+    adapter = smoke_run / "03_sft" / "magseg" / "adapter"
+    out = tmp_path / "out"
+    argv = ["--run-dir", str(smoke_run), "--out", str(out), "--model-id", "tiny-gemma3", "--score-only"]
+    argv += [str(adapter), "--set", "eval_max_examples=4", "--set", "test_views=1", "--n-boot", "50"]
+    summary = _script().main(argv)
+    run02 = smoke_run / "02_instruction_format"
+    frames = validation.answer_frames(
+        run02 / "magseg_val.jsonl", out / "answers.jsonl", smoke_run / "01_dataset_prep"
+    )
+    assert len(frames[validation.MODEL]) == 4
+    diff = validation.compare(frames[validation.PIXEL], frames[validation.MODEL], 50, 0.95, 0)
+    expected = validation.conclusions({("this run", validation.PIXEL): diff})
+    assert summary["vs_pixel"] == expected
+    assert summary["vs_pixel"][0].startswith("**this run vs the pixel classifier baseline** (Dice B - A")
+    assert json.loads((out / "experiment.json").read_text())["vs_pixel"] == expected
