@@ -230,6 +230,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "train_projector": BOOL,
         "train_embeddings": BOOL,
         "class_balance": FRACTION,
+        "tile_group": _int(1),
         "equal_tokens": BOOL,
         "train_side_by_side": SIDE_BY_SIDE,
         "conversation_layout": Rule(str, choices=("per_patch", "per_tile")),

@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,9 @@ class SFTSettings(CommonSettings):
     train_projector: bool = True
     train_embeddings: bool = True  # also train token embeddings/LM head + final norm (random tiny bases)
     full_finetune: bool = False  # train every weight and save a full model instead of an adapter
+    # >1: each run of this many rows in a batch shows one tile (tile_grouped_order), and a batch's copies
+    # of a tile image go through the vision tower once; one process only. 1: rows drawn at random.
+    tile_group: int = 1
 
 
 @dataclass
@@ -206,13 +210,20 @@ def inputs_hash(settings) -> str:
 # Settings that only change how the trained weights are scored: changing one re-scores a finished
 # adapter instead of training it again.
 EVAL_ONLY = ("eval_max_examples", "eval_batch_size", "max_new_tokens", "test_views")
+# Settings added after runs were made, at the value that trains as before: left out of the hash there,
+# so those finished runs stay valid.
+NEUTRAL = {"tile_group": 1}
 
 
 def settings_hash(settings) -> str:
     """The training settings and what they point at: a rebuilt base or rewritten conversations under the
     same path are new settings (a finished adapter of the old ones is not reused); the settings in
     ``EVAL_ONLY`` are not part of it."""
-    values = {k: v for k, v in dataclasses.asdict(settings).items() if k not in EVAL_ONLY}
+    values = {
+        k: v
+        for k, v in dataclasses.asdict(settings).items()
+        if k not in EVAL_ONLY and not (k in NEUTRAL and v == NEUTRAL[k])
+    }
     return files.sha256_json({**values, "inputs": inputs_hash(settings)})[:12]
 
 
@@ -270,6 +281,26 @@ def balanced_rows(ds, power: float, seed: int = 0):
     w = row_weights(ds["gt_mask"], power)
     idx = np.random.default_rng(seed).choice(len(ds), size=len(ds), replace=True, p=w / w.sum())
     return ds.select(np.sort(idx))
+
+
+def tile_grouped_order(tile_ids, group: int, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``n`` training draws in which each run of ``group`` rows shows one tile.
+
+    Pass after pass over the rows: each tile's rows are shuffled and cut into runs of ``group`` (a
+    tile's last run may be shorter), the runs are shuffled, and every row is drawn once per pass."""
+    if group < 1:
+        raise ValueError(f"tile_group must be at least 1, got {group}")
+    tiles = np.asarray(tile_ids).astype(str)
+    rng = np.random.default_rng(seed)
+    by_tile = [np.flatnonzero(tiles == t) for t in np.unique(tiles)]
+    order: list[int] = []
+    while len(order) < n:
+        runs = [
+            idx[i : i + group] for idx in map(rng.permutation, by_tile) for i in range(0, len(idx), group)
+        ]
+        for k in rng.permutation(len(runs)):
+            order.extend(runs[k].tolist())
+    return np.asarray(order[:n], dtype=int)
 
 
 def training_rows(s: CommonSettings, train_ds=None):
@@ -464,30 +495,46 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     """Run SFTTrainer (resuming from out/checkpoints) and return the trainer."""
     from trl import SFTConfig, SFTTrainer
 
+    rows, order = sft_dataset(train_ds), {}
+    if s.tile_group > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(
+                "tile_group > 1 trains in one process only: set tile_group: 1 for a multi-process run"
+            )
+        if "tile_id" not in train_ds.column_names:
+            raise ValueError(f"tile_group={s.tile_group} needs a 'tile_id' column in the training rows")
+        # The order is the sampler: n draws, read in sequence (a resumed run skips the batches it has seen).
+        n = s.max_steps * s.batch_size * s.grad_accum
+        rows = rows.select(tile_grouped_order(train_ds["tile_id"], s.tile_group, n, s.seed))
+        order = {"train_sampling_strategy": "sequential"}
     args = SFTConfig(
         **_common_args(s, out / "checkpoints"),
+        **order,
         max_length=None,  # never truncate: image tokens must stay whole
         completion_only_loss=True,  # the loss covers the answer (and <end_of_turn>) only
     )
     trainer = atomic_checkpoints(SFTTrainer)(
         model=model,
         args=args,
-        train_dataset=sft_dataset(train_ds),
+        train_dataset=rows,
         data_collator=sft_collator(train_ds, processor),
         processing_class=processor,
         peft_config=peft_config,
         callbacks=[log_callback(out / "log.csv", s.time_budget_s)],
     )
-    return fit(trainer, out)
+    return fit(trainer, out, share_images=s.tile_group > 1)
 
 
-def fit(trainer, out: Path):
-    """Train, resuming from the last complete checkpoint in ``out/checkpoints``; keep ``out/log.csv``."""
+def fit(trainer, out: Path, share_images: bool = False):
+    """Train, resuming from the last complete checkpoint in ``out/checkpoints``; keep ``out/log.csv``.
+    ``share_images``: a batch's identical images go through the vision tower once (the gradient of
+    each copy reaches the one encoding)."""
     _quiet(trainer)
     resume = last_checkpoint(out / "checkpoints")
     if resume:
         print(f"resuming from {resume}", flush=True)
-    trainer.train(resume_from_checkpoint=resume)
+    with models.shared_image_features(trainer.model) if share_images else nullcontext():
+        trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
         write_log_csv(trainer.state.log_history, out / "log.csv")
     return trainer

@@ -212,7 +212,9 @@ def test_pretrain_sft_resume_and_grpo_on_the_tiny_model(convs, tmp_path):
     assert same["eval"] == rescored["eval"] and eval_file.stat().st_mtime_ns == stamp
     # a scoring setting changed, or answers.jsonl gone: scored again
     one_view = training.run_sft({**cfg, "max_steps": 3, "eval_max_examples": 2, "test_views": 1})
-    assert one_view["eval"]["test_views"] == 1 and one_view["eval"]["scoring_key"] != same["eval"]["scoring_key"]
+    assert (
+        one_view["eval"]["test_views"] == 1 and one_view["eval"]["scoring_key"] != same["eval"]["scoring_key"]
+    )
     (out / "answers.jsonl").unlink()
     training.run_sft({**cfg, "max_steps": 3, "eval_max_examples": 2, "test_views": 1})
     assert len((out / "answers.jsonl").read_text().splitlines()) == 2
@@ -312,8 +314,35 @@ def test_settings_hash_leaves_out_the_scoring_settings_only(tmp_path):
         ("max_new_tokens", 9),
     ]:
         assert training.settings_hash(dataclasses.replace(s, **{name: value})) == h, name
-    for name, value in [("max_steps", 401), ("seed", 1), ("learning_rate", 3e-4), ("lora_r", 8)]:
+    for name, value in [
+        ("max_steps", 401),
+        ("seed", 1),
+        ("learning_rate", 3e-4),
+        ("lora_r", 8),
+        ("tile_group", 4),
+    ]:
         assert training.settings_hash(dataclasses.replace(s, **{name: value})) != h, name
+    # A setting added later is left out at its neutral value: runs finished before it keep their hash.
+    old = {
+        k: v for k, v in dataclasses.asdict(s).items() if k not in training.EVAL_ONLY and k != "tile_group"
+    }
+    assert h == files.sha256_json({**old, "inputs": training.inputs_hash(s)})[:12]
+
+
+def test_tile_grouped_order_draws_runs_of_one_tile_and_every_row_once_a_pass():
+    tiles = ["a"] * 4 + ["b"] * 4 + ["c"] * 2
+    order = training.tile_grouped_order(tiles, 2, 25, seed=3)
+    assert order.shape == (25,)
+    for start in (0, 10):  # each full pass draws every row once
+        assert sorted(order[start : start + 10].tolist()) == list(range(10))
+    pairs = order[:24].reshape(-1, 2)
+    assert all(tiles[i] == tiles[j] for i, j in pairs)  # every aligned run of 2 is one tile
+    assert not all(tiles[i] == tiles[j] for i, j in order[1:25].reshape(-1, 2))  # runs follow other tiles
+    assert training.tile_grouped_order(tiles, 2, 25, seed=3).tolist() == order.tolist()
+    assert training.tile_grouped_order(tiles, 2, 25, seed=4).tolist() != order.tolist()
+    assert training.tile_grouped_order(tiles, 1, 10, seed=3).tolist() != list(range(10))  # shuffled rows
+    with pytest.raises(ValueError, match="tile_group must be at least 1, got 0"):
+        training.tile_grouped_order(tiles, 0, 5)
 
 
 def test_a_finished_training_is_adopted_by_every_process_and_copied_by_the_main_one(tmp_path, monkeypatch):
@@ -375,3 +404,41 @@ def test_checkpoints_of_other_inputs_are_removed_not_resumed(tmp_path, capsys):
     (ck / training.INPUTS_STAMP).unlink()  # unstamped checkpoints (another version): not trusted
     training._drop_checkpoints_of_other_inputs(ck, "bbb")
     assert not (ck / "checkpoint-4").exists()
+
+
+@pytest.mark.slow
+def test_sft_with_tile_groups_encodes_each_batch_tile_image_once(convs, tmp_path, monkeypatch):
+    """tile_group=4 with batches of 4 on 4-patch tiles: every batch is one tile, so the vision tower sees
+    the tile image once and each patch's marked image (5 images, not 8), for every training step."""
+    from magseg_nb import models
+
+    base = models.resolve_model("tiny-gemma3", tmp_path / "models")
+    cfg = dict(
+        base_model=str(base),
+        train_jsonl=str(convs / "magseg_train.jsonl"),
+        output_dir=str(tmp_path / "sft"),
+        max_steps=3,
+        batch_size=4,
+        save_steps=3,
+        eval_max_examples=0,
+        tile_group=4,
+    )
+    seen = []
+    real_fit = training.fit
+
+    def counting_fit(trainer, out, share_images=False):
+        tower = next(m for n, m in trainer.model.named_modules() if n.endswith("vision_tower"))
+        tower.register_forward_pre_hook(
+            lambda mod, args, kw: seen.append(len((args or [kw["pixel_values"]])[0])), with_kwargs=True
+        )
+        return real_fit(trainer, out, share_images)
+
+    monkeypatch.setattr(training, "fit", counting_fit)
+    assert training.run_sft(cfg)["steps"] == 3
+    assert seen == [5, 5, 5]
+    no_tile = prompts.load_conversations(convs / "magseg_train.jsonl").remove_columns("tile_id")
+    with pytest.raises(ValueError, match="tile_group=4 needs a 'tile_id' column in the training rows"):
+        training.run_sft({**cfg, "output_dir": str(tmp_path / "b")}, train_ds=no_tile)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="tile_group > 1 trains in one process only"):
+        training.run_sft({**cfg, "output_dir": str(tmp_path / "c")})
