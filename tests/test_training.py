@@ -31,6 +31,17 @@ def convs(tmp_path_factory):
     return out
 
 
+def _tiny_sft(convs, tmp_path, fmt: str, **over) -> dict:
+    """SFT settings for a few steps of the random tiny model on the fixture's ``fmt`` rows, scoring off."""
+    from magseg_nb import models
+
+    base = models.resolve_model("tiny-gemma3", tmp_path / "models")
+    cfg = dict(
+        base_model=str(base), train_jsonl=str(convs / f"{fmt}_train.jsonl"), output_dir=str(tmp_path / "sft")
+    )
+    return {**cfg, "max_steps": 2, "batch_size": 4, "save_steps": 2, "eval_max_examples": 0, **over}
+
+
 def test_score_masks_pools_cells_and_ignores_nodata():
     gt = np.array([[1, 1], [0, NODATA]])
     pred = np.array([[1, 0], [0, 3]])
@@ -265,19 +276,7 @@ def test_pretrain_sft_resume_and_grpo_on_the_tiny_model(convs, tmp_path):
 
 
 def test_tokens_per_step_counts_what_the_trainer_counts(convs, tmp_path):
-    from magseg_nb import models
-
-    base = models.resolve_model("tiny-gemma3", tmp_path / "models")
-    cfg = dict(
-        base_model=str(base),
-        train_jsonl=str(convs / "text4seg_train.jsonl"),
-        output_dir=str(tmp_path / "t4s"),
-        max_steps=2,
-        batch_size=4,
-        save_steps=2,
-        logging_steps=1,
-        eval_max_examples=0,
-    )
+    cfg = _tiny_sft(convs, tmp_path, "text4seg", output_dir=str(tmp_path / "t4s"), logging_steps=1)
     s = training.SFTSettings(**cfg)
     per_step = training.tokens_per_step(s)
     # 6 training rows at batch 4: one epoch is 2 steps (4 rows, then 2), so 2 steps see every row once.
@@ -287,6 +286,7 @@ def test_tokens_per_step_counts_what_the_trainer_counts(convs, tmp_path):
     assert training.planned_tokens(s) == round(2 * per_step) == res["tokens_seen"]  # known before training
     # Notebook 03's plans: MAgSeg first; Text4Seg's steps hold MAgSeg's planned tokens, before either trains.
     params = {"max_steps": 3, "batch_size": 4, "equal_tokens": True, "conversation_layout": "per_patch"}
+    base = cfg["base_model"]
     plans = training.sft_plans(params, ["text4seg", "magseg"], base, convs, tmp_path / "stage")
     assert list(plans) == ["magseg", "text4seg"] and plans["magseg"].max_steps == 3
     assert plans["text4seg"].output_dir == str(tmp_path / "stage" / "text4seg")
@@ -410,19 +410,7 @@ def test_checkpoints_of_other_inputs_are_removed_not_resumed(tmp_path, capsys):
 def test_sft_with_tile_groups_encodes_each_batch_tile_image_once(convs, tmp_path, monkeypatch):
     """tile_group=4 with batches of 4 on 4-patch tiles: every batch is one tile, so the vision tower sees
     the tile image once and each patch's marked image (5 images, not 8), for every training step."""
-    from magseg_nb import models
-
-    base = models.resolve_model("tiny-gemma3", tmp_path / "models")
-    cfg = dict(
-        base_model=str(base),
-        train_jsonl=str(convs / "magseg_train.jsonl"),
-        output_dir=str(tmp_path / "sft"),
-        max_steps=3,
-        batch_size=4,
-        save_steps=3,
-        eval_max_examples=0,
-        tile_group=4,
-    )
+    cfg = _tiny_sft(convs, tmp_path, "magseg", max_steps=3, save_steps=3, tile_group=4)
     seen = []
     real_fit = training.fit
 
