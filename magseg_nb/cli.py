@@ -3,12 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 
 from magseg_nb import chain, progress
 
 INTERRUPTED = 130  # the shell's code for a run stopped with Ctrl-C
+
+
+class _OrphanedCellError(logging.Filter):
+    """Drops the two log records of a kernel found dead after Ctrl-C: nbclient's "Kernel died while
+    waiting for execute reply." and asyncio's "Task exception was never retrieved" for its
+    ``DeadKernelError``.
+
+    Ctrl-C leaves papermill's cell task pending; when the kernel shutdown that follows lasts over a
+    second (a loaded machine), the task's kernel poll finds the kernel gone and the task ends with
+    that error, which nobody awaits. asyncio then logged its traceback when the task was freed, after
+    the runner's one-line message (seen in CI). A kernel that dies on its own still raises
+    ``DeadKernelError`` through papermill, and the runner reports it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return type(exc).__name__ != "DeadKernelError" and not record.getMessage().startswith(
+            "Kernel died while waiting for execute reply"
+        )
+
+
+def quiet_orphaned_cell_errors() -> None:
+    """Install ``_OrphanedCellError`` on the loggers of asyncio and papermill (once)."""
+    for name in ("asyncio", "papermill"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _OrphanedCellError) for f in log.filters):
+            log.addFilter(_OrphanedCellError())
 
 
 def report_error(prog: str, err: BaseException, debug: bool) -> int:
@@ -49,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("profiles", help="list the profiles")
     args = parser.parse_args(argv)
+    quiet_orphaned_cell_errors()
 
     try:
         if args.command == "profiles":

@@ -599,6 +599,53 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
 # --- 8. Ctrl-C -----------------------------------------------------------------------------------
 
 
+def test_an_orphaned_cell_task_that_finds_the_kernel_dead_prints_nothing(caplog):
+    """The race behind a CI failure: after Ctrl-C, the cell's task ended with DeadKernelError that
+    nobody awaited, and asyncio printed its traceback below the runner's one line."""
+    import asyncio
+    import gc
+    import logging
+
+    from nbclient.exceptions import DeadKernelError
+
+    log, pm_log = logging.getLogger("asyncio"), logging.getLogger("papermill")
+    installed = list(log.filters), list(pm_log.filters)  # cli.main, run by an earlier test, installs them
+    log.filters[:], pm_log.filters[:] = [], []
+
+    async def fails(err):
+        raise err
+
+    def orphan(err) -> None:
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(fails(err))
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert task.done()
+        loop.close()
+        del task
+        gc.collect()
+
+    def logged(err) -> list[str]:
+        caplog.clear()
+        orphan(err)
+        return [f"{r.getMessage()} {r.exc_info[1]!r}" for r in caplog.records if r.name == "asyncio"]
+
+    assert "DeadKernelError('Kernel died')" in logged(DeadKernelError("Kernel died"))[0]  # before the fix
+    cli.quiet_orphaned_cell_errors()
+    cli.quiet_orphaned_cell_errors()
+    try:
+        assert logged(DeadKernelError("Kernel died")) == []
+        lost = logged(ValueError("another bug"))  # other lost errors still show
+        assert len(lost) == 1 and lost[0].startswith("Task exception was never retrieved")
+        assert lost[0].endswith("ValueError('another bug')")
+        assert sum(isinstance(f, cli._OrphanedCellError) for f in log.filters) == 1
+        caplog.clear()
+        pm_log.error("Kernel died while waiting for execute reply.")  # nbclient's line, through papermill
+        pm_log.error("Timeout waiting for execute reply (5s).")
+        assert [r.getMessage() for r in caplog.records] == ["Timeout waiting for execute reply (5s)."]
+    finally:
+        log.filters[:], pm_log.filters[:] = installed
+
+
 def test_ctrl_c_prints_one_line_and_keeps_the_last_good_notebook(repo):
     run = repo / "runs" / "t"
     chain.run_chain("t", log=lambda *_: None)
