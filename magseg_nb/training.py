@@ -96,6 +96,9 @@ class SFTSettings(CommonSettings):
     # >1: each run of this many rows in a batch shows one tile (tile_grouped_order), and a batch's copies
     # of a tile image go through the vision tower once; one process only. 1: rows drawn at random.
     tile_group: int = 1
+    # Loss weight of each class's label token in the answers, e.g. {"tree": 2.0}; unnamed classes and every
+    # other token weigh 1, and each batch's loss is the weighted mean. None: TRL's plain token mean.
+    label_weights: dict[str, float] | None = None
 
 
 @dataclass
@@ -214,7 +217,7 @@ def inputs_hash(settings) -> str:
 EVAL_ONLY = ("eval_max_examples", "eval_batch_size", "max_new_tokens", "test_views")
 # Settings added after runs were made, at the value that trains as before: left out of the hash there,
 # so those finished runs stay valid.
-NEUTRAL = {"tile_group": 1}
+NEUTRAL = {"tile_group": 1, "label_weights": None}
 
 
 def settings_hash(settings) -> str:
@@ -515,7 +518,8 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
         max_length=None,  # never truncate: image tokens must stay whole
         completion_only_loss=True,  # the loss covers the answer (and <end_of_turn>) only
     )
-    trainer = atomic_checkpoints(SFTTrainer)(
+    trainer_cls = label_weighted(SFTTrainer, label_token_weights(processor, s.label_weights))
+    trainer = atomic_checkpoints(trainer_cls)(
         model=model,
         args=args,
         train_dataset=rows,
@@ -525,6 +529,47 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
         callbacks=[log_callback(out / "log.csv", s.time_budget_s)],
     )
     return fit(trainer, out, share_images=s.tile_group > 1)
+
+
+def label_token_weights(processor, weights: dict[str, float] | None):
+    """``{token id: weight}`` for the tokens that write each named class in an answer; None for None."""
+    if not weights:
+        return None
+    unknown = set(weights) - set(CLASSES)
+    if unknown:
+        raise ValueError(f"label_weights: unknown classes {sorted(unknown)}; the classes are {list(CLASSES)}")
+    tok = getattr(processor, "tokenizer", processor)
+    ids = {name: tok(name, add_special_tokens=False)["input_ids"] for name in CLASSES}
+    out = {}
+    for name, w in weights.items():
+        shared = [c for c in CLASSES if c != name and set(ids[c]) & set(ids[name])]
+        if shared:
+            raise ValueError(f"label_weights: '{name}' shares a token with {shared}; weigh them together")
+        out.update({i: float(w) for i in ids[name]})
+    return out
+
+
+def label_weighted(trainer_cls, token_weights: dict[int, float] | None):
+    """``trainer_cls`` (an SFTTrainer) whose loss weighs each answer token by ``token_weights`` (1 for
+    the rest): the weighted mean over a batch's answer tokens. Unchanged for None."""
+    if not token_weights:
+        return trainer_cls
+    torch = _torch()
+    lookup = torch.ones(max(token_weights) + 1)  # weight by token id; ids past the end weigh 1
+    lookup[list(token_weights)] = torch.tensor(list(token_weights.values()))
+
+    class LabelWeighted(trainer_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)  # log-probs of the shifted labels, 0 where ignored
+            ids = inputs["labels"][:, 1:].clamp(min=0)
+            table = lookup.to(ids.device)
+            weight = torch.where(ids < len(table), table[ids.clamp(max=len(table) - 1)], 1.0)
+            weight = weight * outputs.label_mask
+            loss = -(outputs.log_probs * weight).sum() / weight.sum().clamp(min=1e-6)
+            return (loss, outputs) if return_outputs else loss
+
+    return LabelWeighted
 
 
 def fit(trainer, out: Path, share_images: bool = False):

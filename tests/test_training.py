@@ -320,11 +320,14 @@ def test_settings_hash_leaves_out_the_scoring_settings_only(tmp_path):
         ("learning_rate", 3e-4),
         ("lora_r", 8),
         ("tile_group", 4),
+        ("label_weights", {"tree": 2.0}),
     ]:
         assert training.settings_hash(dataclasses.replace(s, **{name: value})) != h, name
     # A setting added later is left out at its neutral value: runs finished before it keep their hash.
     old = {
-        k: v for k, v in dataclasses.asdict(s).items() if k not in training.EVAL_ONLY and k != "tile_group"
+        k: v
+        for k, v in dataclasses.asdict(s).items()
+        if k not in training.EVAL_ONLY and k not in ("tile_group", "label_weights")
     }
     assert h == files.sha256_json({**old, "inputs": training.inputs_hash(s)})[:12]
 
@@ -430,3 +433,38 @@ def test_sft_with_tile_groups_encodes_each_batch_tile_image_once(convs, tmp_path
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="tile_group > 1 trains in one process only"):
         training.run_sft({**cfg, "output_dir": str(tmp_path / "c")})
+
+
+def test_label_weights_weigh_the_class_tokens_of_the_answer(convs, tmp_path):
+    """A class's label token weighs more in the loss; weight 1 is TRL's own loss, to the last digit."""
+    import types
+
+    import torch
+    from transformers import AutoProcessor
+
+    class Base:
+        pass
+
+    fake = training.label_weighted(Base, {7: 3.0})
+    model = lambda **kw: types.SimpleNamespace(  # noqa: E731 - the fused head's outputs
+        log_probs=torch.tensor([[-1.0, -2.0, -3.0, 0.0]]), label_mask=torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    )
+    labels = torch.tensor([[-100, 5, 7, 900, -100]])  # 900: past the weighted ids, weighs 1
+    loss = fake().compute_loss(model, {"labels": labels})
+    assert float(loss) == pytest.approx((1 * 1 + 3 * 2 + 1 * 3) / (1 + 3 + 1))
+    assert training.label_weighted(Base, None) is Base
+
+    cfg = _tiny_sft(convs, tmp_path, "magseg", logging_steps=1)
+    tok = AutoProcessor.from_pretrained(cfg["base_model"]).tokenizer
+    weights = training.label_token_weights(tok, {"tree": 2.0})
+    assert weights == {tok("tree", add_special_tokens=False)["input_ids"][0]: 2.0}
+    with pytest.raises(ValueError, match=r"label_weights: unknown classes \['trees'\]; the classes are"):
+        training.label_token_weights(tok, {"trees": 2.0})
+
+    def first_loss(name, **over):
+        training.run_sft({**cfg, "output_dir": str(tmp_path / name), **over})
+        return pd.read_csv(tmp_path / name / "log.csv")["loss"].dropna().iloc[0]
+
+    plain = first_loss("plain")
+    assert first_loss("one", label_weights={"tree": 1.0}) == pytest.approx(plain, abs=1e-4)
+    assert abs(first_loss("five", label_weights={"tree": 5.0, "water": 5.0}) - plain) > 1e-3
