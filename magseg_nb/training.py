@@ -544,7 +544,7 @@ def label_token_weights(processor, weights: dict[str, float] | None):
     for name, w in weights.items():
         shared = [c for c in CLASSES if c != name and set(ids[c]) & set(ids[name])]
         if shared:
-            raise ValueError(f"label_weights: '{name}' shares a token with {shared}; weigh them together")
+            raise ValueError(f"label_weights: '{name}' shares a token with {shared} in this tokenizer")
         out.update({i: float(w) for i in ids[name]})
     return out
 
