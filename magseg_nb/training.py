@@ -554,18 +554,15 @@ def label_weighted(trainer_cls, token_weights: dict[int, float] | None):
     the rest): the weighted mean over a batch's answer tokens. Unchanged for None."""
     if not token_weights:
         return trainer_cls
-    torch = _torch()
-    lookup = torch.ones(max(token_weights) + 1)  # weight by token id; ids past the end weigh 1
-    lookup[list(token_weights)] = torch.tensor(list(token_weights.values()))
 
     class LabelWeighted(trainer_cls):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
             outputs = model(**inputs, fused_lm_head=True)  # log-probs of the shifted labels, 0 where ignored
-            ids = inputs["labels"][:, 1:].clamp(min=0)
-            table = lookup.to(ids.device)
-            weight = torch.where(ids < len(table), table[ids.clamp(max=len(table) - 1)], 1.0)
-            weight = weight * outputs.label_mask
+            labels = inputs["labels"][:, 1:]
+            weight = outputs.label_mask.to(outputs.log_probs.dtype)  # 1 on answer tokens, 0 elsewhere
+            for i, w in token_weights.items():  # a few class tokens; ignored positions hold -100, never i
+                weight = weight.masked_fill(labels == i, w)
             loss = -(outputs.log_probs * weight).sum() / weight.sum().clamp(min=1e-6)
             return (loss, outputs) if return_outputs else loss
 
