@@ -99,6 +99,9 @@ class SFTSettings(CommonSettings):
     # Loss weight of each class's label token in the answers, e.g. {"tree": 2.0}; unnamed classes and every
     # other token weigh 1, and each batch's loss is the weighted mean. None: TRL's plain token mean.
     label_weights: dict[str, float] | None = None
+    # LoRA+ (PEFT's create_loraplus_optimizer): the LoRA B matrices (and 1-d weights) learn this many times
+    # faster than learning_rate. None: one learning rate for every weight.
+    loraplus_lr_ratio: float | None = None
 
 
 @dataclass
@@ -217,7 +220,7 @@ def inputs_hash(settings) -> str:
 EVAL_ONLY = ("eval_max_examples", "eval_batch_size", "max_new_tokens", "test_views")
 # Settings added after runs were made, at the value that trains as before: left out of the hash there,
 # so those finished runs stay valid.
-NEUTRAL = {"tile_group": 1, "label_weights": None}
+NEUTRAL = {"tile_group": 1, "label_weights": None, "loraplus_lr_ratio": None}
 
 
 def settings_hash(settings) -> str:
@@ -519,6 +522,7 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
         completion_only_loss=True,  # the loss covers the answer (and <end_of_turn>) only
     )
     trainer_cls = label_weighted(SFTTrainer, label_token_weights(processor, s.label_weights))
+    trainer_cls = loraplus(trainer_cls, s.loraplus_lr_ratio)
     trainer = atomic_checkpoints(trainer_cls)(
         model=model,
         args=args,
@@ -567,6 +571,34 @@ def label_weighted(trainer_cls, token_weights: dict[int, float] | None):
             return (loss, outputs) if return_outputs else loss
 
     return LabelWeighted
+
+
+def loraplus(trainer_cls, ratio: float | None):
+    """``trainer_cls`` whose optimizer is PEFT's LoRA+ AdamW (B matrices at ``ratio`` x the learning
+    rate), with the trainer's betas, eps and weight decay; unchanged for None."""
+    if ratio is None:
+        return trainer_cls
+    if ratio < 1:
+        raise ValueError(f"loraplus_lr_ratio must be >= 1 (LoRA+ speeds up the B matrices), not {ratio}")
+
+    class LoraPlus(trainer_cls):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                from peft.optimizers import create_loraplus_optimizer
+
+                a = self.args
+                self.optimizer = create_loraplus_optimizer(
+                    self.model if model is None else model,
+                    _torch().optim.AdamW,
+                    lr=a.learning_rate,
+                    loraplus_lr_ratio=ratio,
+                    betas=(a.adam_beta1, a.adam_beta2),
+                    eps=a.adam_epsilon,
+                    loraplus_weight_decay=a.weight_decay,
+                )
+            return self.optimizer
+
+    return LoraPlus
 
 
 def fit(trainer, out: Path, share_images: bool = False):

@@ -321,13 +321,14 @@ def test_settings_hash_leaves_out_the_scoring_settings_only(tmp_path):
         ("lora_r", 8),
         ("tile_group", 4),
         ("label_weights", {"tree": 2.0}),
+        ("loraplus_lr_ratio", 16.0),
     ]:
         assert training.settings_hash(dataclasses.replace(s, **{name: value})) != h, name
     # A setting added later is left out at its neutral value: runs finished before it keep their hash.
     old = {
         k: v
         for k, v in dataclasses.asdict(s).items()
-        if k not in training.EVAL_ONLY and k not in ("tile_group", "label_weights")
+        if k not in training.EVAL_ONLY and k not in ("tile_group", "label_weights", "loraplus_lr_ratio")
     }
     assert h == files.sha256_json({**old, "inputs": training.inputs_hash(s)})[:12]
 
@@ -468,3 +469,45 @@ def test_label_weights_weigh_the_class_tokens_of_the_answer(convs, tmp_path):
     plain = first_loss("plain")
     assert first_loss("one", label_weights={"tree": 1.0}) == pytest.approx(plain, abs=1e-4)
     assert abs(first_loss("five", label_weights={"tree": 5.0, "water": 5.0}) - plain) > 1e-3
+
+
+def test_loraplus_trains_the_b_matrices_faster(convs, tmp_path):
+    """LoRA+: every B matrix (and 1-d weight) in a group at ratio x the learning rate, every other
+    trainable weight at the learning rate; ratio 1 trains as the Trainer's own AdamW does."""
+    import types
+
+    from peft import get_peft_model
+
+    from magseg_nb import models
+
+    class Base:
+        optimizer = None
+
+    cfg = _tiny_sft(convs, tmp_path, "magseg", logging_steps=1, max_steps=3, save_steps=3)
+    model, _ = models.load_model_and_processor(cfg["base_model"], dtype="float32", device="cpu", trainable=True)
+    peft_model = get_peft_model(model, models.lora_config(target_modules="all", train_embeddings=True))
+    fake = training.loraplus(Base, 4.0)()
+    fake.model = peft_model
+    fake.args = types.SimpleNamespace(
+        learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0
+    )
+    opt = fake.create_optimizer()
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert set(lr_of) == {id(p) for p in trainable.values()}
+    fast = {n for n, p in trainable.items() if lr_of[id(p)] == pytest.approx(4e-3)}
+    assert fast == {n for n, p in trainable.items() if "lora_B" in n or p.ndim == 1}
+    assert any("lora_B" in n for n in fast) and all(lr_of[id(trainable[n])] == 1e-3 for n in set(trainable) - fast)
+    assert fake.create_optimizer() is opt  # made once
+    assert training.loraplus(Base, None) is Base
+    with pytest.raises(ValueError, match="loraplus_lr_ratio must be >= 1"):
+        training.loraplus(Base, 0.5)
+
+    def losses(name, **over):
+        training.run_sft({**cfg, "output_dir": str(tmp_path / name), **over})
+        return pd.read_csv(tmp_path / name / "log.csv")["loss"].dropna().tolist()
+
+    plain = losses("plain")
+    assert losses("one", loraplus_lr_ratio=1.0) == pytest.approx(plain, abs=1e-4)
+    sixteen = losses("sixteen", loraplus_lr_ratio=16.0)
+    assert sixteen[0] == pytest.approx(plain[0], abs=1e-6) and abs(sixteen[-1] - plain[-1]) > 1e-3
