@@ -148,6 +148,15 @@ def patch_purity(tile_mask, patch, patch_layout: int, grid: int) -> np.ndarray:
     return np.where(total > 0, counts.max(axis=0) / np.maximum(total, 1), np.nan)
 
 
+def cell_shares(tile_mask, patch, patch_layout: int, grid: int) -> np.ndarray:
+    """(grid * grid, classes) share of each cell's valid pixels held by each class, cells row-major (the
+    order an answer writes them); a cell without a valid pixel is all zeros."""
+    counts = cell_class_counts(patch_pixels(tile_mask, patch, patch_layout), grid).astype(np.float64)
+    total = counts.sum(axis=0)
+    shares = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
+    return shares.reshape(len(counts), -1).T
+
+
 def patch_target(tile_mask, patch, patch_layout: int, grid: int) -> np.ndarray:
     """(grid, grid) class ids of one patch of a tile's semantic mask (patch=None: the whole tile)."""
     return downsample_mask(patch_pixels(tile_mask, patch, patch_layout), grid)

@@ -102,6 +102,11 @@ class SFTSettings(CommonSettings):
     # LoRA+ (PEFT's create_loraplus_optimizer): the LoRA B matrices (and 1-d weights) learn this many times
     # faster than learning_rate. None: one learning rate for every weight.
     loraplus_lr_ratio: float | None = None
+    # >0: each class label token of an answer is trained towards (1 - soft_labels) x its written label +
+    # soft_labels x the shares of its cell's pixels per class (read from ``pixel_labels``, notebook 01's
+    # folder), so a cell that is 55 % tree and 45 % field says so; 0: the written labels only.
+    soft_labels: float = 0.0
+    pixel_labels: str = ""
 
 
 @dataclass
@@ -220,7 +225,7 @@ def inputs_hash(settings) -> str:
 EVAL_ONLY = ("eval_max_examples", "eval_batch_size", "max_new_tokens", "test_views")
 # Settings added after runs were made, at the value that trains as before: left out of the hash there,
 # so those finished runs stay valid.
-NEUTRAL = {"tile_group": 1, "label_weights": None, "loraplus_lr_ratio": None}
+NEUTRAL = {"tile_group": 1, "label_weights": None, "loraplus_lr_ratio": None, "soft_labels": 0.0, "pixel_labels": ""}
 
 
 def settings_hash(settings) -> str:
@@ -523,6 +528,9 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     )
     trainer_cls = label_weighted(SFTTrainer, label_token_weights(processor, s.label_weights))
     trainer_cls = loraplus(trainer_cls, s.loraplus_lr_ratio)
+    if s.soft_labels:
+        rows = with_cell_shares(rows, train_ds, s)
+        trainer_cls = soft_labelled(trainer_cls, class_token_ids(processor), s.soft_labels)
     trainer = atomic_checkpoints(trainer_cls)(
         model=model,
         args=args,
@@ -532,7 +540,94 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
         peft_config=peft_config,
         callbacks=[log_callback(out / "log.csv", s.time_budget_s)],
     )
+    if s.soft_labels:
+        trainer.data_collator = SharesCollator(trainer.data_collator)
     return fit(trainer, out, share_images=s.tile_group > 1)
+
+
+def with_cell_shares(rows, train_ds, s: SFTSettings):
+    """``rows`` with a ``cell_shares`` column (cells x classes, :func:`prompts.cell_shares`) from the tile
+    masks of ``s.pixel_labels``."""
+    if not 0 < s.soft_labels <= 1:
+        raise ValueError(f"soft_labels must be in (0, 1], not {s.soft_labels}")
+    if not s.pixel_labels:
+        raise ValueError("soft_labels needs pixel_labels: notebook 01's folder (for example runs/demo/01_dataset_prep)")
+    if "tile_id" not in train_ds.column_names or "patch_row" not in train_ds.column_names:
+        raise ValueError("soft_labels needs MAgSeg rows with tile_id and patch_row/patch_col columns")
+    from magseg_nb import geo
+
+    masks: dict[str, np.ndarray] = {}
+    shares = []
+    for row in train_ds.select_columns(["tile_id", "patch_row", "patch_col", "patch_layout", "grid"]):
+        tid = row["tile_id"]
+        if tid not in masks:
+            masks[tid] = geo.read_tile(s.pixel_labels, tid).semantic
+        patch = prompts.row_patch(row)
+        shares.append(prompts.cell_shares(masks[tid], patch, prompts.row_layout(row), int(row["grid"])).tolist())
+    return rows.add_column("cell_shares", shares)
+
+
+def class_token_ids(processor) -> list[int]:
+    """The one token id that writes each class, in class order."""
+    tok = getattr(processor, "tokenizer", processor)
+    ids = [tok(name, add_special_tokens=False)["input_ids"] for name in CLASSES]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"soft_labels needs one token per class name; this tokenizer writes {dict(zip(CLASSES, ids, strict=True))}")
+    return [i[0] for i in ids]
+
+
+class SharesCollator:
+    """TRL's collator, plus the rows' ``cell_shares`` as a (batch, cells, classes) tensor."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        torch = _torch()
+        shares = [ex.pop("cell_shares") for ex in examples]
+        batch = self.inner(examples)
+        batch["cell_shares"] = torch.tensor(shares, dtype=torch.float32)
+        return batch
+
+
+def soft_labelled(trainer_cls, class_ids: list[int], alpha: float):
+    """``trainer_cls`` (an SFTTrainer) whose loss trains the k-th class token of each answer towards
+    ``(1 - alpha) x`` its written label ``+ alpha x`` the k-th cell's pixel shares (a cell without valid
+    pixels keeps its label); every other answer token as before; the mean over answer tokens."""
+
+    class SoftLabelled(trainer_cls):
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "cell_shares" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "cell_shares"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            torch = _torch()
+            shares = inputs.pop("cell_shares")
+            labels = inputs.pop("labels")[:, 1:]
+            inputs["use_cache"] = False
+            outputs = model(**inputs)
+            logp = torch.log_softmax(outputs.logits[:, :-1].float(), dim=-1)
+            answer = labels != -100
+            per_token = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * answer
+            ids = torch.tensor(class_ids, device=labels.device)
+            is_class = torch.isin(labels, ids)
+            counts = is_class.sum(dim=1)
+            if not bool((counts == shares.shape[1]).all()):
+                raise ValueError(
+                    f"soft_labels: answers hold {counts.tolist()} class tokens, their cells {shares.shape[1]}"
+                )
+            written = torch.nn.functional.one_hot(
+                (labels[is_class].unsqueeze(-1) == ids).float().argmax(-1), len(class_ids)
+            ).float()
+            cell = shares.to(logp.device).reshape(-1, len(class_ids))
+            cell = torch.where(cell.sum(-1, keepdim=True) > 0, cell, written)
+            target = (1 - alpha) * written + alpha * cell
+            per_token[is_class] = -(target * logp[is_class][:, ids]).sum(-1)
+            loss = per_token.sum() / answer.sum().clamp(min=1)
+            return (loss, outputs) if return_outputs else loss
+
+    return SoftLabelled
 
 
 def label_token_weights(processor, weights: dict[str, float] | None):

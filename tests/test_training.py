@@ -322,13 +322,14 @@ def test_settings_hash_leaves_out_the_scoring_settings_only(tmp_path):
         ("tile_group", 4),
         ("label_weights", {"tree": 2.0}),
         ("loraplus_lr_ratio", 16.0),
+        ("soft_labels", 0.5),
     ]:
         assert training.settings_hash(dataclasses.replace(s, **{name: value})) != h, name
     # A setting added later is left out at its neutral value: runs finished before it keep their hash.
     old = {
         k: v
         for k, v in dataclasses.asdict(s).items()
-        if k not in training.EVAL_ONLY and k not in ("tile_group", "label_weights", "loraplus_lr_ratio")
+        if k not in training.EVAL_ONLY and k not in ("tile_group", "label_weights", "loraplus_lr_ratio", "soft_labels", "pixel_labels")
     }
     assert h == files.sha256_json({**old, "inputs": training.inputs_hash(s)})[:12]
 
@@ -511,3 +512,62 @@ def test_loraplus_trains_the_b_matrices_faster(convs, tmp_path):
     assert losses("one", loraplus_lr_ratio=1.0) == pytest.approx(plain, abs=1e-4)
     sixteen = losses("sixteen", loraplus_lr_ratio=16.0)
     assert sixteen[0] == pytest.approx(plain[0], abs=1e-6) and abs(sixteen[-1] - plain[-1]) > 1e-3
+
+
+def test_cell_shares_count_each_cells_pixels_row_major():
+    mask = np.array([[0, 0, 1, 1], [0, 2, 1, 1], [3, 3, 3, 3], [3, 3, 1, NODATA]])
+    shares = prompts.cell_shares(mask, None, 1, 2)
+    expected = [[0.75, 0, 0.25, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 1 / 3, 0, 2 / 3]]
+    np.testing.assert_allclose(shares, expected)
+    assert prompts.cell_shares(np.full((4, 4), NODATA), None, 1, 2).sum() == 0  # no valid pixel: zeros
+    np.testing.assert_allclose(prompts.cell_shares(mask, (1, 1), 2, 1), [[0, 1 / 3, 0, 2 / 3]])  # one patch
+
+
+def test_soft_labels_train_class_tokens_towards_the_cells_pixel_shares(tmp_path, monkeypatch):
+    """The k-th class token's target mixes its label with cell k's shares; alpha ~0 is TRL's own loss."""
+    import types
+
+    import torch
+
+    from magseg_nb import geo
+
+    class Base:
+        pass
+
+    logits = torch.log_softmax(torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(0)), -1)
+    model = lambda **kw: types.SimpleNamespace(logits=logits)  # noqa: E731
+    labels = torch.tensor([[-100, 2, 1, 4]])  # class tokens 2..5 (others, field, tree, water); 1 a separator
+    shares = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, 0.4, 0.6, 0.0]]])  # cell 0 holds no valid pixel
+    fake = training.soft_labelled(Base, [2, 3, 4, 5], 0.5)()
+    loss = fake.compute_loss(model, {"labels": labels, "cell_shares": shares})
+    lp = logits[0]
+    cell1 = 0.5 * lp[2, 4] + 0.5 * (0.4 * lp[2, 3] + 0.6 * lp[2, 4])  # written tree, shares field 0.4, tree 0.6
+    assert float(loss) == pytest.approx(float(-(lp[0, 2] + lp[1, 1] + cell1) / 3), abs=1e-6)
+    with pytest.raises(ValueError, match=r"soft_labels: answers hold \[2\] class tokens, their cells 3"):
+        fake.compute_loss(model, {"labels": labels, "cell_shares": torch.zeros(1, 3, 4)})
+
+    # A real run on plain answers over mixed cells; the tile masks stand in for notebook 01's.
+    rng = np.random.default_rng(1)
+    tiles = []
+    for i in range(4):
+        sem = np.kron(rng.integers(0, 4, (4, 4)), np.ones((16, 16), int)).astype(np.uint8)
+        flip = rng.random(sem.shape) < 0.3
+        sem[flip] = rng.integers(0, 4, int(flip.sum()))
+        img = np.array([CLASS_COLORS[CLASSES[c]] for c in sem.ravel()]).reshape(64, 64, 3).astype(np.uint8)
+        tiles.append(prompts.TileRecord(f"m{i}", "s0", "train", img, sem))
+    prompts.write_conversations(tiles, tmp_path / "plain", "magseg", 4, "plain", 2, "crop")
+    masks = {t.tile_id: t.semantic for t in tiles}
+    monkeypatch.setattr(geo, "read_tile", lambda run01, tid: types.SimpleNamespace(semantic=masks[tid]))
+    cfg = _tiny_sft(tmp_path / "plain", tmp_path, "magseg", logging_steps=1, pixel_labels="run01")
+
+    def losses(name, **over):
+        training.run_sft({**cfg, "output_dir": str(tmp_path / name), **over})
+        return pd.read_csv(tmp_path / name / "log.csv")["loss"].dropna().tolist()
+
+    plain = losses("plain_run")
+    assert losses("tiny", soft_labels=1e-9) == pytest.approx(plain, abs=1e-4)
+    assert abs(losses("soft", soft_labels=1.0)[0] - plain[0]) > 1e-3  # mixed cells change the first loss
+    with pytest.raises(ValueError, match="soft_labels needs pixel_labels: notebook 01's folder"):
+        training.run_sft({**cfg, "output_dir": str(tmp_path / "x"), "soft_labels": 0.5, "pixel_labels": ""})
+    with pytest.raises(ValueError, match=r"soft_labels must be in \(0, 1\], not 1.5"):
+        training.run_sft({**cfg, "output_dir": str(tmp_path / "y"), "soft_labels": 1.5})
