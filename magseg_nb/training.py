@@ -509,6 +509,8 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     from trl import SFTConfig, SFTTrainer
 
     rows, order = sft_dataset(train_ds), {}
+    if s.soft_labels:  # before any reordering: the shares follow train_ds's rows
+        rows = with_cell_shares(rows, train_ds, s)
     if s.tile_group > 1:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError(
@@ -529,7 +531,6 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     trainer_cls = label_weighted(SFTTrainer, label_token_weights(processor, s.label_weights))
     trainer_cls = loraplus(trainer_cls, s.loraplus_lr_ratio)
     if s.soft_labels:
-        rows = with_cell_shares(rows, train_ds, s)
         trainer_cls = soft_labelled(trainer_cls, class_token_ids(processor), s.soft_labels)
     trainer = atomic_checkpoints(trainer_cls)(
         model=model,
@@ -550,6 +551,8 @@ def with_cell_shares(rows, train_ds, s: SFTSettings):
     masks of ``s.pixel_labels``."""
     if not 0 < s.soft_labels <= 1:
         raise ValueError(f"soft_labels must be in (0, 1], not {s.soft_labels}")
+    if s.label_weights:
+        raise ValueError("soft_labels and label_weights each define the loss of the class tokens: set one of them")
     if not s.pixel_labels:
         raise ValueError("soft_labels needs pixel_labels: notebook 01's folder (for example runs/demo/01_dataset_prep)")
     if "tile_id" not in train_ds.column_names or "patch_row" not in train_ds.column_names:

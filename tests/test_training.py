@@ -571,3 +571,16 @@ def test_soft_labels_train_class_tokens_towards_the_cells_pixel_shares(tmp_path,
         training.run_sft({**cfg, "output_dir": str(tmp_path / "x"), "soft_labels": 0.5, "pixel_labels": ""})
     with pytest.raises(ValueError, match=r"soft_labels must be in \(0, 1\], not 1.5"):
         training.run_sft({**cfg, "output_dir": str(tmp_path / "y"), "soft_labels": 1.5})
+    with pytest.raises(ValueError, match="soft_labels and label_weights each define the loss"):
+        training.run_sft({**cfg, "output_dir": str(tmp_path / "z"), "soft_labels": 0.5, "label_weights": {"tree": 2}})
+    # Each row carries its own cells' shares, so batches of one tile's patches (reordered rows) keep them.
+    ds = prompts.load_conversations(tmp_path / "plain" / "magseg_train.jsonl")
+    s = training.SFTSettings(**{**cfg, "soft_labels": 1.0})
+    rows = training.with_cell_shares(training.sft_dataset(ds), ds, s)
+    row = ds[5]
+    expected = prompts.cell_shares(masks[row["tile_id"]], prompts.row_patch(row), 2, 4)
+    np.testing.assert_allclose(rows[5]["cell_shares"], expected)
+    np.testing.assert_allclose(rows.select([5, 0])[0]["cell_shares"], expected)
+    assert 0 < expected.max(axis=1).min() < 1  # a mixed cell: the shares differ from the label
+    grouped = losses("grouped", soft_labels=1.0, tile_group=4)
+    assert np.isfinite(grouped).all() and len(grouped) == 2
