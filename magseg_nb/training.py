@@ -107,6 +107,9 @@ class SFTSettings(CommonSettings):
     # folder), so a cell that is 55 % tree and 45 % field says so; 0: the written labels only.
     soft_labels: float = 0.0
     pixel_labels: str = ""
+    # Loss weight of the class tokens of mixed cells (purity under MIXED_PURITY, from ``pixel_labels``); every
+    # other answer token weighs 1 and each batch's loss is the weighted mean. 1: no weighting.
+    mixed_cell_weight: float = 1.0
 
 
 @dataclass
@@ -225,7 +228,17 @@ def inputs_hash(settings) -> str:
 EVAL_ONLY = ("eval_max_examples", "eval_batch_size", "max_new_tokens", "test_views")
 # Settings added after runs were made, at the value that trains as before: left out of the hash there,
 # so those finished runs stay valid.
-NEUTRAL = {"tile_group": 1, "label_weights": None, "loraplus_lr_ratio": None, "soft_labels": 0.0, "pixel_labels": ""}
+NEUTRAL = {
+    "tile_group": 1,
+    "label_weights": None,
+    "loraplus_lr_ratio": None,
+    "soft_labels": 0.0,
+    "pixel_labels": "",
+    "mixed_cell_weight": 1.0,
+}
+# A cell whose majority class holds under this share of its pixels is mixed (``mixed_cell_weight``): the
+# upper edge of the mixed bins of ``validation.errors_by_purity``.
+MIXED_PURITY = 0.8  # not imported from validation: training runs where the geo stack is absent (the GPU image)
 
 
 def settings_hash(settings) -> str:
@@ -509,7 +522,8 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     from trl import SFTConfig, SFTTrainer
 
     rows, order = sft_dataset(train_ds), {}
-    if s.soft_labels:  # before any reordering: the shares follow train_ds's rows
+    by_cells = bool(s.soft_labels) or s.mixed_cell_weight != 1
+    if by_cells:  # before any reordering: the shares follow train_ds's rows
         rows = with_cell_shares(rows, train_ds, s)
     if s.tile_group > 1:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -530,8 +544,9 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     )
     trainer_cls = label_weighted(SFTTrainer, label_token_weights(processor, s.label_weights))
     trainer_cls = loraplus(trainer_cls, s.loraplus_lr_ratio)
-    if s.soft_labels:
-        trainer_cls = soft_labelled(trainer_cls, class_token_ids(processor), s.soft_labels)
+    if by_cells:
+        ids = class_token_ids(processor)
+        trainer_cls = soft_labelled(trainer_cls, ids, s.soft_labels, s.mixed_cell_weight)
     trainer = atomic_checkpoints(trainer_cls)(
         model=model,
         args=args,
@@ -541,7 +556,7 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
         peft_config=peft_config,
         callbacks=[log_callback(out / "log.csv", s.time_budget_s)],
     )
-    if s.soft_labels:
+    if by_cells:
         trainer.data_collator = SharesCollator(trainer.data_collator)
     return fit(trainer, out, share_images=s.tile_group > 1)
 
@@ -549,8 +564,10 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
 def with_cell_shares(rows, train_ds, s: SFTSettings):
     """``rows`` with a ``cell_shares`` column (cells x classes, :func:`prompts.cell_shares`) from the tile
     masks of ``s.pixel_labels``."""
-    if not 0 < s.soft_labels <= 1:
-        raise ValueError(f"soft_labels must be in (0, 1], not {s.soft_labels}")
+    if not 0 <= s.soft_labels <= 1:
+        raise ValueError(f"soft_labels must be in [0, 1], not {s.soft_labels}")
+    if s.mixed_cell_weight < 0:
+        raise ValueError(f"mixed_cell_weight must be >= 0, not {s.mixed_cell_weight}")
     if s.label_weights:
         raise ValueError("soft_labels and label_weights each define the loss of the class tokens: set one of them")
     if not s.pixel_labels:
@@ -593,10 +610,11 @@ class SharesCollator:
         return batch
 
 
-def soft_labelled(trainer_cls, class_ids: list[int], alpha: float):
+def soft_labelled(trainer_cls, class_ids: list[int], alpha: float, mixed_weight: float = 1.0):
     """``trainer_cls`` (an SFTTrainer) whose loss trains the k-th class token of each answer towards
     ``(1 - alpha) x`` its written label ``+ alpha x`` the k-th cell's pixel shares (a cell without valid
-    pixels keeps its label); every other answer token as before; the mean over answer tokens."""
+    pixels keeps its label), weighing it ``mixed_weight`` where the cell is mixed (purity under
+    ``MIXED_PURITY``); every other answer token as before, weight 1; the weighted mean over answer tokens."""
 
     class SoftLabelled(trainer_cls):
         def _set_signature_columns_if_needed(self):
@@ -627,7 +645,9 @@ def soft_labelled(trainer_cls, class_ids: list[int], alpha: float):
             cell = torch.where(cell.sum(-1, keepdim=True) > 0, cell, written)
             target = (1 - alpha) * written + alpha * cell
             per_token[is_class] = -(target * logp[is_class][:, ids]).sum(-1)
-            loss = per_token.sum() / answer.sum().clamp(min=1)
+            weight = answer.to(per_token.dtype)
+            weight[is_class] = torch.where(cell.max(-1).values < MIXED_PURITY, mixed_weight, 1.0)
+            loss = (per_token * weight).sum() / weight.sum().clamp(min=1e-6)
             return (loss, outputs) if return_outputs else loss
 
     return SoftLabelled

@@ -323,13 +323,14 @@ def test_settings_hash_leaves_out_the_scoring_settings_only(tmp_path):
         ("label_weights", {"tree": 2.0}),
         ("loraplus_lr_ratio", 16.0),
         ("soft_labels", 0.5),
+        ("mixed_cell_weight", 2.0),
     ]:
         assert training.settings_hash(dataclasses.replace(s, **{name: value})) != h, name
     # A setting added later is left out at its neutral value: runs finished before it keep their hash.
     old = {
         k: v
         for k, v in dataclasses.asdict(s).items()
-        if k not in training.EVAL_ONLY and k not in ("tile_group", "label_weights", "loraplus_lr_ratio", "soft_labels", "pixel_labels")
+        if k not in training.EVAL_ONLY and k not in ("tile_group", "label_weights", "loraplus_lr_ratio", "soft_labels", "pixel_labels", "mixed_cell_weight")
     }
     assert h == files.sha256_json({**old, "inputs": training.inputs_hash(s)})[:12]
 
@@ -543,6 +544,10 @@ def test_soft_labels_train_class_tokens_towards_the_cells_pixel_shares(tmp_path,
     lp = logits[0]
     cell1 = 0.5 * lp[2, 4] + 0.5 * (0.4 * lp[2, 3] + 0.6 * lp[2, 4])  # written tree, shares field 0.4, tree 0.6
     assert float(loss) == pytest.approx(float(-(lp[0, 2] + lp[1, 1] + cell1) / 3), abs=1e-6)
+    # Mixed cells (purity under 0.8) weigh mixed_weight: cell 1 (0.6 tree) counts three times, with written labels.
+    heavy = training.soft_labelled(Base, [2, 3, 4, 5], 0.0, 3.0)()
+    loss = heavy.compute_loss(model, {"labels": labels, "cell_shares": shares})
+    assert float(loss) == pytest.approx(float(-(lp[0, 2] + lp[1, 1] + 3 * lp[2, 4]) / 5), abs=1e-6)
     with pytest.raises(ValueError, match=r"soft_labels: answers hold \[2\] class tokens, their cells 3"):
         fake.compute_loss(model, {"labels": labels, "cell_shares": torch.zeros(1, 3, 4)})
 
@@ -569,7 +574,11 @@ def test_soft_labels_train_class_tokens_towards_the_cells_pixel_shares(tmp_path,
     assert abs(losses("soft", soft_labels=1.0)[0] - plain[0]) > 1e-3  # mixed cells change the first loss
     with pytest.raises(ValueError, match="soft_labels needs pixel_labels: notebook 01's folder"):
         training.run_sft({**cfg, "output_dir": str(tmp_path / "x"), "soft_labels": 0.5, "pixel_labels": ""})
-    with pytest.raises(ValueError, match=r"soft_labels must be in \(0, 1\], not 1.5"):
+    assert losses("mixed_one", mixed_cell_weight=1.0 + 1e-9) == pytest.approx(plain, abs=1e-4)
+    assert abs(losses("mixed_zero", mixed_cell_weight=0.0)[0] - plain[0]) > 1e-3
+    with pytest.raises(ValueError, match="mixed_cell_weight must be >= 0, not -1"):
+        training.run_sft({**cfg, "output_dir": str(tmp_path / "w"), "mixed_cell_weight": -1.0})
+    with pytest.raises(ValueError, match=r"soft_labels must be in \[0, 1\], not 1.5"):
         training.run_sft({**cfg, "output_dir": str(tmp_path / "y"), "soft_labels": 1.5})
     with pytest.raises(ValueError, match="soft_labels and label_weights each define the loss"):
         training.run_sft({**cfg, "output_dir": str(tmp_path / "z"), "soft_labels": 0.5, "label_weights": {"tree": 2}})
