@@ -143,9 +143,8 @@ def patch_purity(tile_mask, patch, patch_layout: int, grid: int) -> np.ndarray:
     """(grid, grid) share of each cell's valid pixels that hold its majority label (NaN: no valid pixel).
 
     A cell of purity 1 holds one class; near 0.5, its label depends on counting pixels."""
-    counts = cell_class_counts(patch_pixels(tile_mask, patch, patch_layout), grid)
-    total = counts.sum(axis=0)
-    return np.where(total > 0, counts.max(axis=0) / np.maximum(total, 1), np.nan)
+    shares = cell_shares(tile_mask, patch, patch_layout, grid)
+    return np.where(shares.sum(axis=1) > 0, shares.max(axis=1), np.nan).reshape(grid, grid)
 
 
 def cell_shares(tile_mask, patch, patch_layout: int, grid: int) -> np.ndarray:

@@ -587,13 +587,18 @@ def with_cell_shares(rows, train_ds, s: SFTSettings):
     return rows.add_column("cell_shares", shares)
 
 
+def class_name_ids(processor) -> dict[str, list[int]]:
+    """The token ids that write each class name in an answer, in class order."""
+    tok = getattr(processor, "tokenizer", processor)
+    return {name: tok(name, add_special_tokens=False)["input_ids"] for name in CLASSES}
+
+
 def class_token_ids(processor) -> list[int]:
     """The one token id that writes each class, in class order."""
-    tok = getattr(processor, "tokenizer", processor)
-    ids = [tok(name, add_special_tokens=False)["input_ids"] for name in CLASSES]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError(f"soft_labels needs one token per class name; this tokenizer writes {dict(zip(CLASSES, ids, strict=True))}")
-    return [i[0] for i in ids]
+    ids = class_name_ids(processor)
+    if any(len(i) != 1 for i in ids.values()):
+        raise ValueError(f"soft_labels needs one token per class name; this tokenizer writes {ids}")
+    return [i[0] for i in ids.values()]
 
 
 class SharesCollator:
@@ -660,8 +665,7 @@ def label_token_weights(processor, weights: dict[str, float] | None):
     unknown = set(weights) - set(CLASSES)
     if unknown:
         raise ValueError(f"label_weights: unknown classes {sorted(unknown)}; the classes are {list(CLASSES)}")
-    tok = getattr(processor, "tokenizer", processor)
-    ids = {name: tok(name, add_special_tokens=False)["input_ids"] for name in CLASSES}
+    ids = class_name_ids(processor)
     out = {}
     for name, w in weights.items():
         shared = [c for c in CLASSES if c != name and set(ids[c]) & set(ids[name])]
