@@ -111,6 +111,47 @@ class SFTSettings(CommonSettings):
     # other answer token weighs 1 and each batch's loss is the weighted mean. 1: no weighting.
     mixed_cell_weight: float = 1.0
 
+    def __post_init__(self):
+        # Checked when the settings are read, so a bad value fails before the model loads.
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1:
+            raise ValueError(
+                f"loraplus_lr_ratio must be >= 1 (LoRA+ speeds up the B matrices), not {self.loraplus_lr_ratio}"
+            )
+        if not 0 <= self.soft_labels <= 1:
+            raise ValueError(f"soft_labels must be in [0, 1], not {self.soft_labels}")
+        if self.mixed_cell_weight < 0:
+            raise ValueError(f"mixed_cell_weight must be >= 0, not {self.mixed_cell_weight}")
+        if not self.by_cells:
+            return
+        named = self.cell_settings
+        if self.label_weights:
+            raise ValueError(
+                f"{named} and label_weights each define the loss of the class tokens: set one of them"
+            )
+        if not self.pixel_labels:
+            raise ValueError(
+                f"{named}: the cells' pixel shares come from pixel_labels; set it to notebook 01's folder "
+                "(for example runs/demo/01_dataset_prep)"
+            )
+
+    @property
+    def by_cells(self) -> bool:
+        """Whether the loss reads each cell's pixel shares (soft labels or mixed-cell weights)."""
+        return bool(self.soft_labels) or self.mixed_cell_weight != 1
+
+    @property
+    def cell_settings(self) -> str:
+        """The settings that ask for the cells' pixel shares, as a message names them."""
+        named = [
+            k
+            for k, on in (
+                ("soft_labels", self.soft_labels),
+                ("mixed_cell_weight", self.mixed_cell_weight != 1),
+            )
+            if on
+        ]
+        return " and ".join(named)
+
 
 @dataclass
 class GRPOSettings(CommonSettings):
@@ -238,7 +279,9 @@ NEUTRAL = {
 }
 # A cell whose majority class holds under this share of its pixels is mixed (``mixed_cell_weight``): the
 # upper edge of the mixed bins of ``validation.errors_by_purity``.
-MIXED_PURITY = 0.8  # not imported from validation: training runs where the geo stack is absent (the GPU image)
+MIXED_PURITY = (
+    0.8  # not imported from validation: training runs where the geo stack is absent (the GPU image)
+)
 
 
 def settings_hash(settings) -> str:
@@ -522,7 +565,7 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     from trl import SFTConfig, SFTTrainer
 
     rows, order = sft_dataset(train_ds), {}
-    by_cells = bool(s.soft_labels) or s.mixed_cell_weight != 1
+    by_cells = s.by_cells
     if by_cells:  # before any reordering: the shares follow train_ds's rows
         rows = with_cell_shares(rows, train_ds, s)
     if s.tile_group > 1:
@@ -563,17 +606,11 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
 
 def with_cell_shares(rows, train_ds, s: SFTSettings):
     """``rows`` with a ``cell_shares`` column (cells x classes, :func:`prompts.cell_shares`) from the tile
-    masks of ``s.pixel_labels``."""
-    if not 0 <= s.soft_labels <= 1:
-        raise ValueError(f"soft_labels must be in [0, 1], not {s.soft_labels}")
-    if s.mixed_cell_weight < 0:
-        raise ValueError(f"mixed_cell_weight must be >= 0, not {s.mixed_cell_weight}")
-    if s.label_weights:
-        raise ValueError("soft_labels and label_weights each define the loss of the class tokens: set one of them")
-    if not s.pixel_labels:
-        raise ValueError("soft_labels needs pixel_labels: notebook 01's folder (for example runs/demo/01_dataset_prep)")
+    masks of ``s.pixel_labels`` (the settings themselves are checked by :class:`SFTSettings`)."""
     if "tile_id" not in train_ds.column_names or "patch_row" not in train_ds.column_names:
-        raise ValueError("soft_labels needs MAgSeg rows with tile_id and patch_row/patch_col columns")
+        raise ValueError(
+            f"{s.cell_settings}: the training rows lack tile_id/patch_row/patch_col (MAgSeg rows have them)"
+        )
     from magseg_nb import geo
 
     masks: dict[str, np.ndarray] = {}
@@ -583,7 +620,9 @@ def with_cell_shares(rows, train_ds, s: SFTSettings):
         if tid not in masks:
             masks[tid] = geo.read_tile(s.pixel_labels, tid).semantic
         patch = prompts.row_patch(row)
-        shares.append(prompts.cell_shares(masks[tid], patch, prompts.row_layout(row), int(row["grid"])).tolist())
+        shares.append(
+            prompts.cell_shares(masks[tid], patch, prompts.row_layout(row), int(row["grid"])).tolist()
+        )
     return rows.add_column("cell_shares", shares)
 
 
@@ -597,7 +636,9 @@ def class_token_ids(processor) -> list[int]:
     """The one token id that writes each class, in class order."""
     ids = class_name_ids(processor)
     if any(len(i) != 1 for i in ids.values()):
-        raise ValueError(f"soft_labels needs one token per class name; this tokenizer writes {ids}")
+        raise ValueError(
+            f"soft labels and mixed-cell weights need one token per class name; this tokenizer writes {ids}"
+        )
     return [i[0] for i in ids.values()]
 
 

@@ -303,6 +303,38 @@ def test_tokens_per_step_counts_what_the_trainer_counts(convs, tmp_path):
         training.tokens_per_step(training.SFTSettings(**{**cfg, "train_jsonl": str(empty)}))
 
 
+def test_sft_settings_check_the_loss_settings_when_read(tmp_path):
+    """Bad loss settings fail when the settings are read (before a model loads) and name what was set."""
+    bad = [
+        ({"loraplus_lr_ratio": 0.5}, "loraplus_lr_ratio must be >= 1"),
+        ({"soft_labels": 1.5}, r"soft_labels must be in \[0, 1\], not 1.5"),
+        ({"mixed_cell_weight": -1.0}, "mixed_cell_weight must be >= 0, not -1"),
+        (
+            {"soft_labels": 0.5},
+            "^soft_labels: the cells' pixel shares come from pixel_labels; set it to notebook 01's folder",
+        ),
+        ({"mixed_cell_weight": 2.0}, "^mixed_cell_weight: the cells' pixel shares come from pixel_labels"),
+        (
+            {"soft_labels": 0.5, "mixed_cell_weight": 0.0},
+            "^soft_labels and mixed_cell_weight: the cells' pixel shares",
+        ),
+        (
+            {"mixed_cell_weight": 2.0, "pixel_labels": "run01", "label_weights": {"tree": 2}},
+            "^mixed_cell_weight and label_weights each define the loss of the class tokens",
+        ),
+    ]
+    for over, message in bad:
+        with pytest.raises(ValueError, match=message):
+            training.run_sft(
+                {"base_model": "x", "train_jsonl": "y", "output_dir": str(tmp_path / "z"), **over}
+            )
+        assert not (tmp_path / "z").exists()  # nothing written
+    ok = training.SFTSettings(mixed_cell_weight=0.0, pixel_labels="run01")
+    assert ok.by_cells and ok.cell_settings == "mixed_cell_weight"
+    assert not training.SFTSettings().by_cells
+    assert training.SFTSettings(label_weights={"tree": 2.0}).label_weights == {"tree": 2.0}
+
+
 def test_settings_hash_leaves_out_the_scoring_settings_only(tmp_path):
     """Scoring settings re-score a finished adapter; training settings make a new one."""
     s = training.SFTSettings(base_model="google/gemma-3-4b-it", train_jsonl="", output_dir=str(tmp_path))
@@ -325,12 +357,29 @@ def test_settings_hash_leaves_out_the_scoring_settings_only(tmp_path):
         ("soft_labels", 0.5),
         ("mixed_cell_weight", 2.0),
     ]:
-        assert training.settings_hash(dataclasses.replace(s, **{name: value})) != h, name
+        # the cell-share settings need pixel_labels: compared against the same settings with it alone
+        base = (
+            dataclasses.replace(s, pixel_labels="run01")
+            if name in ("soft_labels", "mixed_cell_weight")
+            else s
+        )
+        assert training.settings_hash(dataclasses.replace(base, **{name: value})) != training.settings_hash(
+            base
+        ), name
     # A setting added later is left out at its neutral value: runs finished before it keep their hash.
     old = {
         k: v
         for k, v in dataclasses.asdict(s).items()
-        if k not in training.EVAL_ONLY and k not in ("tile_group", "label_weights", "loraplus_lr_ratio", "soft_labels", "pixel_labels", "mixed_cell_weight")
+        if k not in training.EVAL_ONLY
+        and k
+        not in (
+            "tile_group",
+            "label_weights",
+            "loraplus_lr_ratio",
+            "soft_labels",
+            "pixel_labels",
+            "mixed_cell_weight",
+        )
     }
     assert h == files.sha256_json({**old, "inputs": training.inputs_hash(s)})[:12]
 
@@ -486,7 +535,9 @@ def test_loraplus_trains_the_b_matrices_faster(convs, tmp_path):
         optimizer = None
 
     cfg = _tiny_sft(convs, tmp_path, "magseg", logging_steps=1, max_steps=3, save_steps=3)
-    model, _ = models.load_model_and_processor(cfg["base_model"], dtype="float32", device="cpu", trainable=True)
+    model, _ = models.load_model_and_processor(
+        cfg["base_model"], dtype="float32", device="cpu", trainable=True
+    )
     peft_model = get_peft_model(model, models.lora_config(target_modules="all", train_embeddings=True))
     fake = training.loraplus(Base, 4.0)()
     fake.model = peft_model
@@ -499,7 +550,9 @@ def test_loraplus_trains_the_b_matrices_faster(convs, tmp_path):
     assert set(lr_of) == {id(p) for p in trainable.values()}
     fast = {n for n, p in trainable.items() if lr_of[id(p)] == pytest.approx(4e-3)}
     assert fast == {n for n, p in trainable.items() if "lora_B" in n or p.ndim == 1}
-    assert any("lora_B" in n for n in fast) and all(lr_of[id(trainable[n])] == 1e-3 for n in set(trainable) - fast)
+    assert any("lora_B" in n for n in fast) and all(
+        lr_of[id(trainable[n])] == 1e-3 for n in set(trainable) - fast
+    )
     assert fake.create_optimizer() is opt  # made once
     assert training.loraplus(Base, None) is Base
     with pytest.raises(ValueError, match="loraplus_lr_ratio must be >= 1"):
@@ -542,7 +595,9 @@ def test_soft_labels_train_class_tokens_towards_the_cells_pixel_shares(tmp_path,
     fake = training.soft_labelled(Base, [2, 3, 4, 5], 0.5)()
     loss = fake.compute_loss(model, {"labels": labels, "cell_shares": shares})
     lp = logits[0]
-    cell1 = 0.5 * lp[2, 4] + 0.5 * (0.4 * lp[2, 3] + 0.6 * lp[2, 4])  # written tree, shares field 0.4, tree 0.6
+    cell1 = 0.5 * lp[2, 4] + 0.5 * (
+        0.4 * lp[2, 3] + 0.6 * lp[2, 4]
+    )  # written tree, shares field 0.4, tree 0.6
     assert float(loss) == pytest.approx(float(-(lp[0, 2] + lp[1, 1] + cell1) / 3), abs=1e-6)
     # Mixed cells (purity under 0.8) weigh mixed_weight: cell 1 (0.6 tree) counts three times, with written labels.
     heavy = training.soft_labelled(Base, [2, 3, 4, 5], 0.0, 3.0)()
@@ -572,16 +627,8 @@ def test_soft_labels_train_class_tokens_towards_the_cells_pixel_shares(tmp_path,
     plain = losses("plain_run")
     assert losses("tiny", soft_labels=1e-9) == pytest.approx(plain, abs=1e-4)
     assert abs(losses("soft", soft_labels=1.0)[0] - plain[0]) > 1e-3  # mixed cells change the first loss
-    with pytest.raises(ValueError, match="soft_labels needs pixel_labels: notebook 01's folder"):
-        training.run_sft({**cfg, "output_dir": str(tmp_path / "x"), "soft_labels": 0.5, "pixel_labels": ""})
     assert losses("mixed_one", mixed_cell_weight=1.0 + 1e-9) == pytest.approx(plain, abs=1e-4)
     assert abs(losses("mixed_zero", mixed_cell_weight=0.0)[0] - plain[0]) > 1e-3
-    with pytest.raises(ValueError, match="mixed_cell_weight must be >= 0, not -1"):
-        training.run_sft({**cfg, "output_dir": str(tmp_path / "w"), "mixed_cell_weight": -1.0})
-    with pytest.raises(ValueError, match=r"soft_labels must be in \[0, 1\], not 1.5"):
-        training.run_sft({**cfg, "output_dir": str(tmp_path / "y"), "soft_labels": 1.5})
-    with pytest.raises(ValueError, match="soft_labels and label_weights each define the loss"):
-        training.run_sft({**cfg, "output_dir": str(tmp_path / "z"), "soft_labels": 0.5, "label_weights": {"tree": 2}})
     # Each row carries its own cells' shares, so batches of one tile's patches (reordered rows) keep them.
     ds = prompts.load_conversations(tmp_path / "plain" / "magseg_train.jsonl")
     s = training.SFTSettings(**{**cfg, "soft_labels": 1.0})
