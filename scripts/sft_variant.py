@@ -1,0 +1,76 @@
+"""``scripts/sft_experiment.py`` with one optimiser or adapter change patched in that the package does not offer
+as a setting (the measured, not adopted levers of docs/experiments.md):
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/sft_variant.py --lora-init pissa -- \
+        --run-dir runs/demo --out runs/exp/pissa --against runs/exp/bs4_1650
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/sft_variant.py --adam-beta2 0.95 -- \
+        --run-dir runs/demo --out runs/exp/b2_095 --against runs/exp/bs4_1650
+
+``--lora-init``: PEFT's ``init_lora_weights`` (``pissa``, ``olora``, ...). Those inits move the base weights
+into the adapter, so the adapter saved under ``--out`` does not apply to the unchanged base: the scores come
+from the trained model in memory (as ``training.run_sft`` scores any run it has just trained), and the saved
+adapter is removed afterwards so that nothing loads it by mistake.
+``--adam-beta2``: AdamW's second-moment decay (the Trainer's default 0.999).
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+from magseg_nb import models, training
+
+SCRIPT = Path(__file__).with_name("sft_experiment.py")
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        raise SystemExit(
+            "usage: sft_variant.py [--lora-init INIT] [--adam-beta2 B2] -- <sft_experiment.py arguments>"
+        )
+    cut = argv.index("--")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lora-init", help="PEFT init_lora_weights, e.g. pissa or olora")
+    p.add_argument("--adam-beta2", type=float, help="AdamW beta2 (the Trainer's default: 0.999)")
+    args, rest = p.parse_args(argv[:cut]), argv[cut + 1 :]
+    if args.lora_init is None and args.adam_beta2 is None:
+        raise SystemExit(
+            "sft_variant.py: name a change (--lora-init or --adam-beta2); else run sft_experiment.py"
+        )
+    if args.lora_init:
+        plain_config = models.lora_config
+
+        def lora_config(**kw):
+            config = plain_config(**kw)
+            config.init_lora_weights = args.lora_init
+            return config
+
+        models.lora_config = lora_config
+    if args.adam_beta2 is not None:
+        plain_args = training._common_args
+
+        def common_args(s, ckpt_dir):
+            return {**plain_args(s, ckpt_dir), "adam_beta2": args.adam_beta2}
+
+        training._common_args = common_args
+    print(f"sft_variant: lora_init={args.lora_init} adam_beta2={args.adam_beta2}", flush=True)
+    sys.argv = [str(SCRIPT), *rest]
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    finally:
+        if args.lora_init and "--out" in rest:
+            adapter = Path(rest[rest.index("--out") + 1]) / "adapter"
+            if adapter.is_dir():
+                shutil.rmtree(adapter)
+                print(
+                    f"removed {adapter}: a {args.lora_init} adapter does not apply to the unchanged base",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
