@@ -16,6 +16,7 @@ adapter is removed afterwards so that nothing loads it by mistake.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import runpy
 import shutil
 import sys
@@ -24,6 +25,37 @@ from pathlib import Path
 from magseg_nb import models, training
 
 SCRIPT = Path(__file__).with_name("sft_experiment.py")
+
+
+@contextlib.contextmanager
+def patched(lora_init: str | None = None, adam_beta2: float | None = None):
+    """``models.lora_config`` and ``training._common_args`` with the change in, restored on exit."""
+    plain_config, plain_args = models.lora_config, training._common_args
+
+    def lora_config(**kw):
+        config = plain_config(**kw)
+        config.init_lora_weights = lora_init
+        return config
+
+    def common_args(s, ckpt_dir):
+        return {**plain_args(s, ckpt_dir), "adam_beta2": adam_beta2}
+
+    if lora_init:
+        models.lora_config = lora_config
+    if adam_beta2 is not None:
+        training._common_args = common_args
+    try:
+        yield
+    finally:
+        models.lora_config, training._common_args = plain_config, plain_args
+
+
+def drop_adapter(out: Path, lora_init: str | None) -> None:
+    """Remove a run's saved adapter when its init moved base weights into it (it would load wrongly)."""
+    adapter = Path(out) / "adapter"
+    if lora_init and adapter.is_dir():
+        shutil.rmtree(adapter)
+        print(f"removed {adapter}: a {lora_init} adapter does not apply to the unchanged base", flush=True)
 
 
 def main(argv=None) -> None:
@@ -41,35 +73,14 @@ def main(argv=None) -> None:
         raise SystemExit(
             "sft_variant.py: name a change (--lora-init or --adam-beta2); else run sft_experiment.py"
         )
-    if args.lora_init:
-        plain_config = models.lora_config
-
-        def lora_config(**kw):
-            config = plain_config(**kw)
-            config.init_lora_weights = args.lora_init
-            return config
-
-        models.lora_config = lora_config
-    if args.adam_beta2 is not None:
-        plain_args = training._common_args
-
-        def common_args(s, ckpt_dir):
-            return {**plain_args(s, ckpt_dir), "adam_beta2": args.adam_beta2}
-
-        training._common_args = common_args
     print(f"sft_variant: lora_init={args.lora_init} adam_beta2={args.adam_beta2}", flush=True)
     sys.argv = [str(SCRIPT), *rest]
-    try:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
-    finally:
-        if args.lora_init and "--out" in rest:
-            adapter = Path(rest[rest.index("--out") + 1]) / "adapter"
-            if adapter.is_dir():
-                shutil.rmtree(adapter)
-                print(
-                    f"removed {adapter}: a {args.lora_init} adapter does not apply to the unchanged base",
-                    flush=True,
-                )
+    with patched(args.lora_init, args.adam_beta2):
+        try:
+            runpy.run_path(str(SCRIPT), run_name="__main__")
+        finally:
+            if "--out" in rest:
+                drop_adapter(Path(rest[rest.index("--out") + 1]), args.lora_init)
 
 
 if __name__ == "__main__":

@@ -177,3 +177,38 @@ def test_score_only_prints_the_paired_comparison_with_the_pixel_classifier(smoke
     assert summary["vs_pixel"] == expected
     assert summary["vs_pixel"][0].startswith("**this run vs the pixel classifier baseline** (Dice B - A")
     assert json.loads((out / "experiment.json").read_text())["vs_pixel"] == expected
+
+
+def test_sft_variant_patches_the_change_in_and_restores_it(tmp_path):
+    from magseg_nb import models, training
+
+    variant = _load("sft_variant")
+    plain_config, plain_args = models.lora_config, training._common_args
+    kw = dict(
+        r=4, alpha=8, dropout=0.0, target_modules="language", train_projector=True, train_embeddings=True
+    )
+    s = training.SFTSettings(base_model="x", train_jsonl="y", output_dir=str(tmp_path))
+    assert plain_args(s, tmp_path).get("adam_beta2") is None and plain_config(**kw).init_lora_weights is True
+    with variant.patched(lora_init="pissa", adam_beta2=0.95):
+        assert models.lora_config(**kw).init_lora_weights == "pissa"
+        assert training._common_args(s, tmp_path)["adam_beta2"] == 0.95
+        assert training._common_args(s, tmp_path)["learning_rate"] == s.learning_rate  # the rest unchanged
+    assert (models.lora_config, training._common_args) == (plain_config, plain_args)
+    with variant.patched(adam_beta2=0.9):
+        assert models.lora_config is plain_config  # only what is named changes
+    (tmp_path / "adapter").mkdir()
+    variant.drop_adapter(tmp_path, None)
+    assert (tmp_path / "adapter").is_dir()  # a plain init's adapter loads on the base: kept
+    variant.drop_adapter(tmp_path, "pissa")
+    assert not (tmp_path / "adapter").exists()
+    with pytest.raises(SystemExit, match="usage: sft_variant.py"):
+        variant.main(["--adam-beta2", "0.95"])
+    with pytest.raises(SystemExit, match="name a change"):
+        variant.main(["--", "--run-dir", "x"])
+    with pytest.raises(
+        SystemExit, match="is not a finished stage"
+    ):  # sft_experiment's own refusal, patched run
+        variant.main(
+            ["--adam-beta2", "0.95", "--", "--run-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
+        )
+    assert training._common_args is plain_args
