@@ -278,10 +278,9 @@ NEUTRAL = {
     "mixed_cell_weight": 1.0,
 }
 # A cell whose majority class holds under this share of its pixels is mixed (``mixed_cell_weight``): the
-# upper edge of the mixed bins of ``validation.errors_by_purity``.
-MIXED_PURITY = (
-    0.8  # not imported from validation: training runs where the geo stack is absent (the GPU image)
-)
+# upper edge of the mixed bins of ``validation.errors_by_purity`` (not imported from validation: training
+# runs where the geo stack is absent, the GPU image).
+MIXED_PURITY = 0.8
 
 
 def settings_hash(settings) -> str:
