@@ -253,10 +253,15 @@ def test_a_save_cut_off_midway_never_becomes_a_checkpoint(convs, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         training.run_sft(cfg)
     ck = out / "checkpoints"
+
     # README.md is the model card; INPUTS stamps which inputs wrote these checkpoints
-    listing = lambda: sorted(p.name for p in ck.iterdir() if p.name not in ("README.md", training.INPUTS_STAMP))  # noqa: E731
+    def listing():
+        return sorted(p.name for p in ck.iterdir() if p.name not in ("README.md", training.INPUTS_STAMP))
+
     assert listing() == [".saving", "checkpoint-1"]
-    assert (ck / training.INPUTS_STAMP).read_text().strip() == training.inputs_hash(training.SFTSettings(**cfg))
+    assert (ck / training.INPUTS_STAMP).read_text().strip() == training.inputs_hash(
+        training.SFTSettings(**cfg)
+    )
     assert (ck / ".saving" / "checkpoint-2" / "adapter_model.safetensors").exists()  # the weights got out
     assert not (ck / ".saving" / "checkpoint-2" / "trainer_state.json").exists()
 

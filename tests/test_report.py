@@ -83,7 +83,11 @@ def test_the_section_round_trips_the_run_folders_numbers(run_dir, tmp_path):
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("# x\n\nintro") and text.endswith("## after\n")
     section = text[text.index(report.BEGIN) : text.index(report.END)]
-    assert "commit `abc1234`" in section and "2 CPU cores (AMD EPYC); torch" in section and "torch 2.14.1" in section
+    assert (
+        "commit `abc1234`" in section
+        and "2 CPU cores (AMD EPYC); torch" in section
+        and "torch 2.14.1" in section
+    )
     assert "0.912 [0.862, 0.952]" in section and "0.871 [0.821, 0.911]" in section  # from eval_table.csv
     assert "373 of 800 steps (**stopped early by a time budget**)" in section
     assert "well-formed answers 97.5 %" in section
