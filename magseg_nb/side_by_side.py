@@ -101,10 +101,10 @@ class Child:
             self.proc.wait()
 
 
-def start_child(name: str, module_args: list[str], threads: int, log: Path) -> Child:
-    """``python -m <module_args>`` with ``threads`` threads; its output goes, prefixed with ``name``, to
-    this process's stdout and to ``log``."""
-    env = {**thread_env(threads), "PYTHONUNBUFFERED": "1"}
+def start_child(name: str, module_args: list[str], threads: int, log: Path, env: dict | None = None) -> Child:
+    """``python -m <module_args>`` with ``threads`` threads (and ``env`` added to its environment); its
+    output goes, prefixed with ``name``, to this process's stdout and to ``log``."""
+    env = {**thread_env(threads), "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", *module_args],
         stdout=subprocess.PIPE,
@@ -122,8 +122,14 @@ def start_child(name: str, module_args: list[str], threads: int, log: Path) -> C
 def _start(name: str, s: training.SFTSettings, threads: int) -> Child:
     out = Path(s.output_dir)
     files.write_text(out / CONFIG_FILE, yaml.safe_dump(_config(s), sort_keys=False))
+    # Its scoring hands half the validation rows to a helper of as many threads (training.helper_answers):
+    # the run that finishes last then scores on the cores the others have left.
     return start_child(
-        name, ["magseg_nb.training", "sft", "--config", str(out / CONFIG_FILE)], threads, out / LOG_FILE
+        name,
+        ["magseg_nb.training", "sft", "--config", str(out / CONFIG_FILE)],
+        threads,
+        out / LOG_FILE,
+        env={training.SCORING_HELPER_ENV: str(threads)},
     )
 
 

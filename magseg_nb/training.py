@@ -960,8 +960,10 @@ def _result(s, dest: Path, done, model, processor, val_ds, full: bool = False) -
             model, processor = _load_trained(s.base_model, dest, full)
         else:  # the trained model, saved above; nothing trains it further
             model = models.merge_lora(model)
+        helper = os.environ.get(SCORING_HELPER_ENV)
+        answers_of = helper_answers(s, dest, full, int(helper)) if helper and val_ds is None else None
         result["eval"] = evaluate_split(
-            model, processor, s, val_ds=val_ds, train_jsonl=s.train_jsonl, key=key
+            model, processor, s, val_ds=val_ds, train_jsonl=s.train_jsonl, key=key, answers_of=answers_of
         )
     return result
 
@@ -1146,23 +1148,44 @@ def view_answers(
     return out
 
 
+def answers_by_view(
+    model, processor, ds, views: Sequence[int], *, max_new_tokens, batch_size
+) -> list[list[str]]:
+    """Greedy answers of every row of ``ds`` as it is and in each extra view: one list per view, in order."""
+    examples = [{"images": r["images"], "prompt": r["prompt"]} for r in ds]
+    plain = models.generate(model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [
+        plain,
+        *view_answers(model, processor, ds, views, max_new_tokens=max_new_tokens, batch_size=batch_size),
+    ]
+
+
 def evaluate(
-    model, processor, ds, *, max_new_tokens=None, batch_size=16, train_gts=None, test_views: int = 1
+    model,
+    processor,
+    ds,
+    *,
+    max_new_tokens=None,
+    batch_size=16,
+    train_gts=None,
+    test_views: int = 1,
+    answers_of=None,
 ) -> tuple[dict, list[dict]]:
     """Greedy answers for every row of ``ds``, decoded and scored against gt_mask, with the baselines.
 
     With ``test_views`` > 1 each row is also answered in flipped/turned views and the views vote per cell
-    (:mod:`magseg_nb.views`); the scores are the voted grids', the well-formed share the plain answers'."""
+    (:mod:`magseg_nb.views`); the scores are the voted grids', the well-formed share the plain answers'.
+    ``answers_of``: computes the answers in place of :func:`answers_by_view` (same arguments and result)."""
 
     views = views_mod.view_ids(test_views)
     refs = [rewards.completion_text(c) for c in ds["completion"]] if "completion" in ds.column_names else []
     if max_new_tokens is None:
         max_new_tokens = answer_budget(processor, refs) if refs else 512
-    examples = [{"images": r["images"], "prompt": r["prompt"]} for r in ds]
     t0 = time.time()
     model.eval()
-    texts = models.generate(model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    extra = view_answers(model, processor, ds, views, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    texts, *extra = (answers_of or answers_by_view)(
+        model, processor, ds, views, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     seconds = time.time() - t0
     gts = [np.asarray(g) for g in ds["gt_mask"]]
     decoded = [textgrid.decode(t, shape=g.shape) for t, g in zip(texts, gts, strict=True)]
@@ -1196,12 +1219,95 @@ def evaluate(
     return report, answers
 
 
-def evaluate_split(model, processor, s: CommonSettings, val_ds=None, train_jsonl=None, key=None) -> dict:
-    """Evaluate on the validation split and write answers.jsonl, then eval.json (with ``key``, see
-    :func:`scoring_key`), into ``s.output_dir``."""
+def validation_rows(s: CommonSettings, val_ds=None):
+    """The rows ``s`` is scored on: ``val_ds`` or its validation file, a seeded subset of
+    ``eval_max_examples`` when set."""
     val_ds = val_ds if val_ds is not None else load_split(s.val_jsonl, s.eval_max_examples, s.seed)
     if s.eval_max_examples and len(val_ds) > s.eval_max_examples:
         val_ds = val_ds.shuffle(seed=s.seed).select(range(s.eval_max_examples))
+    return val_ds
+
+
+# Set (to a thread count) by ``side_by_side`` for the processes it trains in: each then scores the second half
+# of its validation rows in a helper process of that many threads while it answers the first half, so the
+# last training's scoring does not leave a core idle. The batches, so the answers, are the same either way.
+SCORING_HELPER_ENV = "MAGSEG_SCORING_HELPER_THREADS"
+
+
+def split_row(n: int, batch_size: int) -> int:
+    """Where the helper's rows start: about half of ``n``, at a batch boundary (every batch stays whole)."""
+    half = (n + 1) // 2
+    return min(n, (half + batch_size - 1) // batch_size * batch_size)
+
+
+def helper_answers(s: CommonSettings, weights: Path, full: bool, threads: int):
+    """An ``answers_of`` for :func:`evaluate` that hands the rows from :func:`split_row` on to
+    ``python -m magseg_nb.training answers`` (``threads`` threads, the saved ``weights``) and answers the
+    rest itself; the two lists of each view are joined in row order."""
+
+    def answers_of(model, processor, ds, views, *, max_new_tokens, batch_size):
+        start = split_row(len(ds), batch_size)
+        if start >= len(ds):
+            return answers_by_view(
+                model, processor, ds, views, max_new_tokens=max_new_tokens, batch_size=batch_size
+            )
+        import yaml
+
+        from magseg_nb import side_by_side  # it imports this module
+
+        out = Path(s.output_dir)
+        config, result = out / "scoring_config.yaml", out / "scoring_helper.json"
+        result.unlink(missing_ok=True)
+        files.write_text(config, yaml.safe_dump(dataclasses.asdict(s), sort_keys=False))
+        args = ["magseg_nb.training", "answers", "--config", str(config), "--weights", str(weights)]
+        args += ["--from-row", str(start), "--max-new-tokens", str(max_new_tokens), "--out", str(result)]
+        helper = side_by_side.start_child(
+            "scoring helper", args + (["--full"] if full else []), threads, out / "scoring_helper.log"
+        )
+        try:
+            mine = answers_by_view(
+                model,
+                processor,
+                ds.select(range(start)),
+                views,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            )
+            helper.wait(f"scoring validation rows {start}-{len(ds) - 1} of {out}")
+        finally:
+            helper.stop()
+        theirs = json.loads(result.read_text())
+        result.unlink()
+        config.unlink()
+        return [a + b for a, b in zip(mine, theirs, strict=True)]
+
+    return answers_of
+
+
+def answer_rows_from(
+    s: CommonSettings, weights: Path, full: bool, start: int, max_new_tokens: int
+) -> list[list[str]]:
+    """What the scoring helper computes: the answers of validation rows ``start:`` of ``s`` in every view."""
+    model, processor = _load_trained(s.base_model, Path(weights), full)
+    model.eval()
+    ds = validation_rows(s)
+    ds = ds.select(range(start, len(ds)))
+    return answers_by_view(
+        model,
+        processor,
+        ds,
+        views_mod.view_ids(s.test_views),
+        max_new_tokens=max_new_tokens,
+        batch_size=s.eval_batch_size,
+    )
+
+
+def evaluate_split(
+    model, processor, s: CommonSettings, val_ds=None, train_jsonl=None, key=None, answers_of=None
+) -> dict:
+    """Evaluate on the validation split and write answers.jsonl, then eval.json (with ``key``, see
+    :func:`scoring_key`), into ``s.output_dir``. ``answers_of``: see :func:`evaluate`."""
+    val_ds = validation_rows(s, val_ds)
     train_gts = None
     if train_jsonl and Path(train_jsonl).exists():
         # gt masks only: reading the JSON lines directly avoids opening every image
@@ -1215,6 +1321,7 @@ def evaluate_split(model, processor, s: CommonSettings, val_ds=None, train_jsonl
         batch_size=s.eval_batch_size,
         train_gts=train_gts,
         test_views=s.test_views,
+        answers_of=answers_of,
     )
     out = Path(s.output_dir)
     if key is not None:
@@ -1432,11 +1539,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m magseg_nb.training",
         description="LoRA SFT or GRPO from a YAML config (also under `accelerate launch -m magseg_nb.training`).",
     )
-    parser.add_argument("mode", choices=["sft", "grpo"])
+    parser.add_argument(
+        "mode", choices=["sft", "grpo", "answers"], help="answers: the scoring helper (internal)"
+    )
     parser.add_argument(
         "--config", required=True, help="YAML file whose keys are SFTSettings/GRPOSettings fields"
     )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    helper = parser.add_argument_group("answers (the scoring helper of a side-by-side training)")
+    helper.add_argument("--weights", help="the trained adapter (or full model) folder")
+    helper.add_argument("--full", action="store_true", help="--weights is a full model")
+    helper.add_argument("--from-row", type=int, default=0, help="the first validation row to answer")
+    helper.add_argument("--max-new-tokens", type=int, help="the scoring's answer budget")
+    helper.add_argument("--out", help="JSON file for the answers, one list per view")
     args = parser.parse_args(argv)
     path = Path(args.config)
     if not path.exists():
@@ -1445,6 +1560,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         cfg[key] = yaml.safe_load(value)
+    if args.mode == "answers":
+        if not (args.weights and args.out and args.max_new_tokens):
+            parser.error("answers needs --weights, --out and --max-new-tokens")
+        s = _settings(GRPOSettings if "adapter_dir" in cfg else SFTSettings, cfg)
+        texts = answer_rows_from(s, Path(args.weights), args.full, args.from_row, args.max_new_tokens)
+        files.write_json(Path(args.out), texts)
+        return 0
     run = run_sft if args.mode == "sft" else run_grpo
     result = run(cfg)
     if _is_main():

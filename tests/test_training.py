@@ -640,3 +640,37 @@ def test_soft_labels_train_class_tokens_towards_the_cells_pixel_shares(tmp_path,
     assert 0 < expected.max(axis=1).min() < 1  # a mixed cell: the shares differ from the label
     grouped = losses("grouped", soft_labels=1.0, tile_group=4)
     assert np.isfinite(grouped).all() and len(grouped) == 2
+
+
+def test_split_row_keeps_batches_whole():
+    assert training.split_row(992, 16) == 496  # the demo's validation rows: 31 batches each
+    assert training.split_row(10, 4) == 8 and training.split_row(9, 2) == 6
+    assert training.split_row(3, 16) == 3 and training.split_row(1, 1) == 1  # nothing left for a helper
+
+
+def test_a_scoring_helper_gives_the_same_answers(convs, tmp_path, monkeypatch):
+    """With side_by_side's variable set, the training's scoring hands the second half of the rows to a helper
+    process (the saved adapter, the same batches): answers and scores equal those of one process."""
+    cfg = _tiny_sft(
+        convs,
+        tmp_path,
+        "magseg",
+        val_jsonl=str(convs / "magseg_val.jsonl"),
+        eval_max_examples=6,
+        eval_batch_size=2,
+        test_views=4,
+        max_new_tokens=12,
+    )
+    alone = training.run_sft({**cfg, "output_dir": str(tmp_path / "alone")})
+    monkeypatch.setenv(training.SCORING_HELPER_ENV, "1")
+    helped = training.run_sft({**cfg, "output_dir": str(tmp_path / "helped")})
+    log = (tmp_path / "helped" / "scoring_helper.log").read_text()
+    assert "Traceback" not in log
+    assert not (tmp_path / "alone" / "scoring_helper.log").exists()
+    assert not list((tmp_path / "helped").glob("scoring_helper.json")) + list(
+        (tmp_path / "helped").glob("scoring_config.yaml")
+    )  # the hand-over files are gone
+    assert (tmp_path / "helped" / "answers.jsonl").read_bytes() == (
+        tmp_path / "alone" / "answers.jsonl"
+    ).read_bytes()
+    assert helped["eval"]["model"] == alone["eval"]["model"] and helped["eval"]["model"]["n"] == 6
