@@ -5,8 +5,10 @@ The tiny model's matmuls are too small to keep two threads busy: on the demo's 2
 SFT step takes 0.28 s with two threads and 0.41 s with one, and two one-thread trainings side by side
 run at almost their one-thread speed (``benchmarks/bench_side_by_side.py`` measures it). Notebook 03
 therefore trains its formats side by side on a CPU. Each process also scores its training on the
-validation split as soon as it has finished, so the scorings overlap too; ``training.run_sft`` in the
-kernel then finds the finished training and its scores (``training.scored_before``) and reads them.
+validation split as soon as it has finished, so the scorings overlap too, and hands the second half of its
+rows to a helper process of as many threads (``training.helper_answers``): the training that finishes last
+would otherwise score alone, on one core of two. ``training.run_sft`` in the kernel then finds the finished
+training and its scores (``training.scored_before``) and reads them.
 
 Each process is ``python -m magseg_nb.training sft --config <out>/train_config.yaml`` with the run's
 settings; its output goes, line by line and prefixed with its name, to this process's

@@ -39,7 +39,7 @@ def test_side_by_side_trains_what_one_process_trains_and_names_a_failed_log(tmp_
     _convs(tmp_path)
     base = models.resolve_model("tiny-gemma3", tmp_path / "models")
     common = dict(base_model=str(base), max_steps=2, batch_size=2, save_steps=2, logging_steps=1)
-    common.update(eval_max_examples=2, eval_batch_size=2, max_new_tokens=8)
+    common.update(eval_max_examples=4, eval_batch_size=2, max_new_tokens=8)
 
     def plan(fmt, out):
         return training.SFTSettings(
@@ -68,7 +68,7 @@ def test_side_by_side_trains_what_one_process_trains_and_names_a_failed_log(tmp_
         assert "step 2/2:" in (tmp_path / "sbs" / fmt / side_by_side.LOG_FILE).read_text()
         # each process scored its training; the caller reads the scores instead of computing them again
         ev = json.loads((tmp_path / "sbs" / fmt / "eval.json").read_text())
-        assert ev["model"]["n"] == {"magseg": 2, "text4seg": 1}[fmt] and ev[
+        assert ev["model"]["n"] == {"magseg": 4, "text4seg": 1}[fmt] and ev[
             "scoring_key"
         ] == training.scoring_key(s, done)
         stamp = (tmp_path / "sbs" / fmt / "eval.json").stat().st_mtime_ns
@@ -85,7 +85,11 @@ def test_side_by_side_trains_what_one_process_trains_and_names_a_failed_log(tmp_
     a = (tmp_path / "alone" / "magseg" / "adapter" / "adapter_model.safetensors").read_bytes()
     b = (tmp_path / "sbs" / "magseg" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert a == b
-    # and the answers it scored in its own process are those of the in-process run
+    # and the answers it scored in its own process, the last two rows in a helper process of its own (one
+    # batch of two each; a single row leaves nothing to hand on), are those of the in-process run
+    assert (tmp_path / "sbs" / "magseg" / "scoring_helper.log").is_file()
+    assert not (tmp_path / "sbs" / "text4seg" / "scoring_helper.log").exists()
+    assert not (tmp_path / "alone" / "magseg" / "scoring_helper.log").exists()
     assert (tmp_path / "alone" / "magseg" / "answers.jsonl").read_bytes() == (
         tmp_path / "sbs" / "magseg" / "answers.jsonl"
     ).read_bytes()
