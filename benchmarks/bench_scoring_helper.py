@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from magseg_nb import training
+from magseg_nb import inference, training
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for key, helper in (("one process", False), ("with a helper process", True)):
             s = training.SFTSettings(
-                base_model=_base_of(args.adapter),
+                base_model=inference.adapter_base(args.adapter),
                 train_jsonl=str(args.run_dir / "02_instruction_format" / "magseg_train.jsonl"),
                 output_dir=str(Path(tmp) / key.replace(" ", "_")),
                 val_jsonl=str(args.run_dir / "02_instruction_format" / "magseg_val.jsonl"),
@@ -53,13 +53,6 @@ def main() -> None:
         print(f"| {key} | {n} | {seconds:.1f} | {seconds / base:.2f} |")
     same = rows["one process"][2] == rows["with a helper process"][2]
     print(f"answers byte-identical: {'yes' if same else 'NO'}")
-
-
-def _base_of(adapter: Path) -> str:
-    """The base model folder the adapter was trained on (its adapter_config.json)."""
-    import json
-
-    return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 if __name__ == "__main__":

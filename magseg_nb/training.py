@@ -564,8 +564,7 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     from trl import SFTConfig, SFTTrainer
 
     rows, order = sft_dataset(train_ds), {}
-    by_cells = s.by_cells
-    if by_cells:  # before any reordering: the shares follow train_ds's rows
+    if s.by_cells:  # before any reordering: the shares follow train_ds's rows
         rows = with_cell_shares(rows, train_ds, s)
     if s.tile_group > 1:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -586,7 +585,7 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     )
     trainer_cls = label_weighted(SFTTrainer, label_token_weights(processor, s.label_weights))
     trainer_cls = loraplus(trainer_cls, s.loraplus_lr_ratio)
-    if by_cells:
+    if s.by_cells:
         ids = class_token_ids(processor)
         trainer_cls = soft_labelled(trainer_cls, ids, s.soft_labels, s.mixed_cell_weight)
     trainer = atomic_checkpoints(trainer_cls)(
@@ -598,7 +597,7 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
         peft_config=peft_config,
         callbacks=[log_callback(out / "log.csv", s.time_budget_s)],
     )
-    if by_cells:
+    if s.by_cells:
         trainer.data_collator = SharesCollator(trainer.data_collator)
     return fit(trainer, out, share_images=s.tile_group > 1)
 
