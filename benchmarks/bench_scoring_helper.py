@@ -1,7 +1,8 @@
 """What the scoring helper buys: a trained MAgSeg adapter scored on a run's validation rows as notebook 03's
 side-by-side process scores it, once alone in this process with one thread, then with the second half of the
-rows handed to a one-thread helper process (``training.helper_answers``), in one run on one machine. The
-answers of the two ways are compared byte for byte (the helper keeps every batch whole).
+rows handed to a one-thread helper process (``training.helper_answers``, started here whatever the row count;
+the chain starts it only from ``training.SCORING_HELPER_MIN_ANSWERS`` answers), in one run on one machine.
+The answers of the two ways are compared byte for byte (the helper keeps every batch whole).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_scoring_helper.py --run-dir runs/demo \
         --adapter runs/exp/bs4_1650/adapter --rows 256
@@ -42,7 +43,7 @@ def main() -> None:
             )
             Path(s.output_dir).mkdir(parents=True)
             model, processor = training._load_trained(s.base_model, args.adapter)
-            answers_of = training.helper_answers(s, args.adapter, False, 1) if helper else None
+            answers_of = training.helper_answers(s, args.adapter, False, 1, min_answers=1) if helper else None
             t0 = time.perf_counter()
             report = training.evaluate_split(model, processor, s, answers_of=answers_of)
             seconds = time.perf_counter() - t0

@@ -121,7 +121,7 @@ def start_child(name: str, module_args: list[str], threads: int, log: Path, env:
     return Child(name, proc, relay, log)
 
 
-def _start(name: str, s: training.SFTSettings, threads: int) -> Child:
+def _start(name: str, s: training.SFTSettings, threads: int, helper_min_answers: int) -> Child:
     out = Path(s.output_dir)
     files.write_text(out / CONFIG_FILE, yaml.safe_dump(_config(s), sort_keys=False))
     # Its scoring hands half the validation rows to a helper of as many threads (training.helper_answers):
@@ -131,12 +131,18 @@ def _start(name: str, s: training.SFTSettings, threads: int) -> Child:
         ["magseg_nb.training", "sft", "--config", str(out / CONFIG_FILE)],
         threads,
         out / LOG_FILE,
-        env={training.SCORING_HELPER_ENV: str(threads)},
+        env={
+            training.SCORING_HELPER_ENV: str(threads),
+            training.SCORING_HELPER_MIN_ENV: str(helper_min_answers),
+        },
     )
 
 
 def train_sft(
-    runs: dict[str, training.SFTSettings], threads: int, reuse: dict[str, Path] | None = None
+    runs: dict[str, training.SFTSettings],
+    threads: int,
+    reuse: dict[str, Path] | None = None,
+    helper_min_answers: int = training.SCORING_HELPER_MIN_ANSWERS,
 ) -> Iterator[str]:
     """Train and score the SFT ``runs`` (name -> settings) at once, each in its own process with
     ``threads`` threads, and yield each name, in the order given, once its process has finished; the
@@ -145,7 +151,8 @@ def train_sft(
     but not scored) is scored with the same threads as the rest. A run already finished in its
     ``output_dir`` with these settings, or in ``reuse[name]`` (then copied, as ``training.run_sft``
     does), is not started. A run that fails raises, naming its log; the others are stopped and keep
-    their checkpoints for a rerun."""
+    their checkpoints for a rerun. Each run scores with a helper process when it hands on at least
+    ``helper_min_answers`` answers (``training.split_row``)."""
     torch = training._torch()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -154,7 +161,7 @@ def train_sft(
         for name, s in runs.items():
             Path(s.output_dir).mkdir(parents=True, exist_ok=True)
             if training.finished_training(s, training.weights_dir_name(s), (reuse or {}).get(name)) is None:
-                procs[name] = _start(name, s, threads)
+                procs[name] = _start(name, s, threads, helper_min_answers)
         if procs:
             print(f"training {', '.join(procs)} side by side, {threads} thread(s) each", flush=True)
         for name in runs:

@@ -959,8 +959,9 @@ def _result(s, dest: Path, done, model, processor, val_ds, full: bool = False) -
             model, processor = _load_trained(s.base_model, dest, full)
         else:  # the trained model, saved above; nothing trains it further
             model = models.merge_lora(model)
-        helper = os.environ.get(SCORING_HELPER_ENV)
-        answers_of = helper_answers(s, dest, full, int(helper)) if helper and val_ds is None else None
+        helper, least = os.environ.get(SCORING_HELPER_ENV), os.environ.get(SCORING_HELPER_MIN_ENV)
+        least = SCORING_HELPER_MIN_ANSWERS if least is None else int(least)
+        answers_of = helper_answers(s, dest, full, int(helper), least) if helper and val_ds is None else None
         result["eval"] = evaluate_split(
             model, processor, s, val_ds=val_ds, train_jsonl=s.train_jsonl, key=key, answers_of=answers_of
         )
@@ -1231,21 +1232,32 @@ def validation_rows(s: CommonSettings, val_ds=None):
 # of its validation rows in a helper process of that many threads while it answers the first half, so the
 # last training's scoring does not leave a core idle. The batches, so the answers, are the same either way.
 SCORING_HELPER_ENV = "MAGSEG_SCORING_HELPER_THREADS"
+SCORING_HELPER_MIN_ENV = "MAGSEG_SCORING_HELPER_MIN_ANSWERS"
+# The fewest answers (rows x views) worth a helper: starting one (a process that loads the model) cost about
+# 6.4 s on the 2-core Intel Xeon host (64 rows in one view: 8.8 s with it, 2.4 s without), and one thread
+# writes about 30 answers a second there (992 rows x 4 views in 118 s), so it pays from about 200 answers.
+SCORING_HELPER_MIN_ANSWERS = 256
 
 
-def split_row(n: int, batch_size: int) -> int:
-    """Where the helper's rows start: about half of ``n``, at a batch boundary (every batch stays whole)."""
+def split_row(n: int, batch_size: int, n_views: int = 1, min_answers: int = 0) -> int:
+    """Where the helper's rows start: about half of ``n``, at a batch boundary (every batch stays whole);
+    ``n`` (nothing handed on) when the helper's rows would give fewer than ``min_answers`` answers in
+    ``n_views`` views."""
     half = (n + 1) // 2
-    return min(n, (half + batch_size - 1) // batch_size * batch_size)
+    start = min(n, (half + batch_size - 1) // batch_size * batch_size)
+    return start if (n - start) * n_views >= max(min_answers, 1) else n
 
 
-def helper_answers(s: CommonSettings, weights: Path, full: bool, threads: int):
+def helper_answers(
+    s: CommonSettings, weights: Path, full: bool, threads: int, min_answers: int = SCORING_HELPER_MIN_ANSWERS
+):
     """An ``answers_of`` for :func:`evaluate` that hands the rows from :func:`split_row` on to
     ``python -m magseg_nb.training answers`` (``threads`` threads, the saved ``weights``) and answers the
-    rest itself; the two lists of each view are joined in row order."""
+    rest itself; the two lists of each view are joined in row order. Too few rows for ``min_answers``:
+    it answers them all itself."""
 
     def answers_of(model, processor, ds, views, *, max_new_tokens, batch_size):
-        start = split_row(len(ds), batch_size)
+        start = split_row(len(ds), batch_size, len(views), min_answers)
         if start >= len(ds):
             return answers_by_view(
                 model, processor, ds, views, max_new_tokens=max_new_tokens, batch_size=batch_size

@@ -11,6 +11,9 @@ into the adapter, so the adapter saved under ``--out`` does not apply to the unc
 from the trained model in memory (as ``training.run_sft`` scores any run it has just trained), and the saved
 adapter is removed afterwards so that nothing loads it by mistake.
 ``--adam-beta2``: AdamW's second-moment decay (the Trainer's default 0.999).
+``--ema``: keep an exponential moving average of the trained weights (this decay per step, warmed up as
+``min(decay, (1 + step) / (10 + step))``) and put it into the model when training ends, so that the saved
+adapter and the scores are the average's.
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+from transformers import TrainerCallback
+
 from magseg_nb import models, training
 
 SCRIPT = Path(__file__).with_name("sft_experiment.py")
 
 
 @contextlib.contextmanager
-def patched(lora_init: str | None = None, adam_beta2: float | None = None):
-    """``models.lora_config`` and ``training._common_args`` with the change in, restored on exit."""
-    plain_config, plain_args = models.lora_config, training._common_args
+def patched(lora_init: str | None = None, adam_beta2: float | None = None, ema: float | None = None):
+    """``models.lora_config``, ``training._common_args`` and ``training.fit`` with the change in, restored
+    on exit."""
+    plain_config, plain_args, plain_fit = models.lora_config, training._common_args, training.fit
 
     def lora_config(**kw):
         config = plain_config(**kw)
@@ -40,14 +47,48 @@ def patched(lora_init: str | None = None, adam_beta2: float | None = None):
     def common_args(s, ckpt_dir):
         return {**plain_args(s, ckpt_dir), "adam_beta2": adam_beta2}
 
+    def fit(trainer, out, **kw):
+        trainer.add_callback(EmaCallback(ema))
+        return plain_fit(trainer, out, **kw)
+
     if lora_init:
         models.lora_config = lora_config
     if adam_beta2 is not None:
         training._common_args = common_args
+    if ema is not None:
+        training.fit = fit
     try:
         yield
     finally:
-        models.lora_config, training._common_args = plain_config, plain_args
+        models.lora_config, training._common_args, training.fit = plain_config, plain_args, plain_fit
+
+
+class EmaCallback(TrainerCallback):
+    """An exponential moving average of the trainable weights, copied into them when training ends."""
+
+    def __init__(self, decay: float):
+        self.decay, self.shadow = decay, None
+
+    def _params(self, model):
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        params = self._params(model)
+        if self.shadow is None:
+            self.shadow = [p.detach().clone() for p in params]
+            return
+        d = min(self.decay, (1 + state.global_step) / (10 + state.global_step))
+        with torch.no_grad():
+            for s, p in zip(self.shadow, params, strict=True):
+                s.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        if self.shadow is None:
+            return
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self._params(model), strict=True):
+                p.copy_(s)
+        print(f"EMA ({self.decay}) weights put into the model after step {state.global_step}", flush=True)
 
 
 def drop_adapter(out: Path, lora_init: str | None) -> None:
@@ -62,20 +103,21 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
         raise SystemExit(
-            "usage: sft_variant.py [--lora-init INIT] [--adam-beta2 B2] -- <sft_experiment.py arguments>"
+            "usage: sft_variant.py [--lora-init INIT] [--adam-beta2 B2] [--ema DECAY] -- <sft_experiment.py arguments>"
         )
     cut = argv.index("--")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lora-init", help="PEFT init_lora_weights, e.g. pissa or olora")
     p.add_argument("--adam-beta2", type=float, help="AdamW beta2 (the Trainer's default: 0.999)")
+    p.add_argument("--ema", type=float, help="decay of a moving average of the weights, e.g. 0.998")
     args, rest = p.parse_args(argv[:cut]), argv[cut + 1 :]
-    if args.lora_init is None and args.adam_beta2 is None:
+    if args.lora_init is None and args.adam_beta2 is None and args.ema is None:
         raise SystemExit(
-            "sft_variant.py: name a change (--lora-init or --adam-beta2); else run sft_experiment.py"
+            "sft_variant.py: name a change (--lora-init, --adam-beta2 or --ema); else run sft_experiment.py"
         )
-    print(f"sft_variant: lora_init={args.lora_init} adam_beta2={args.adam_beta2}", flush=True)
+    print(f"sft_variant: lora_init={args.lora_init} adam_beta2={args.adam_beta2} ema={args.ema}", flush=True)
     sys.argv = [str(SCRIPT), *rest]
-    with patched(args.lora_init, args.adam_beta2):
+    with patched(args.lora_init, args.adam_beta2, args.ema):
         try:
             runpy.run_path(str(SCRIPT), run_name="__main__")
         finally:

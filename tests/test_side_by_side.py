@@ -54,7 +54,7 @@ def test_side_by_side_trains_what_one_process_trains_and_names_a_failed_log(tmp_
 
     threads = torch.get_num_threads()
     seen = []
-    for name in side_by_side.train_sft(runs, threads=1):
+    for name in side_by_side.train_sft(runs, threads=1, helper_min_answers=1):
         seen.append((name, (tmp_path / "sbs" / name / training.DONE_FILE).exists(), torch.get_num_threads()))
     assert seen == [("magseg", True, 1), ("text4seg", True, 1)]  # each once trained; the caller scores with 1
     assert torch.get_num_threads() == threads

@@ -646,6 +646,12 @@ def test_split_row_keeps_batches_whole():
     assert training.split_row(992, 16) == 496  # the demo's validation rows: 31 batches each
     assert training.split_row(10, 4) == 8 and training.split_row(9, 2) == 6
     assert training.split_row(3, 16) == 3 and training.split_row(1, 1) == 1  # nothing left for a helper
+    # too few answers to pay for the helper's start: every row stays with the scoring process
+    least = training.SCORING_HELPER_MIN_ANSWERS
+    assert least == 256
+    assert training.split_row(992, 16, 4, least) == 496  # the demo: 496 rows x 4 views handed on
+    assert training.split_row(64, 16, 1, least) == 64  # 32 answers: not worth a process
+    assert training.split_row(120, 16, 4, least) == 120 and training.split_row(160, 16, 4, least) == 80
 
 
 def test_a_scoring_helper_gives_the_same_answers(convs, tmp_path, monkeypatch):
@@ -663,6 +669,10 @@ def test_a_scoring_helper_gives_the_same_answers(convs, tmp_path, monkeypatch):
     )
     alone = training.run_sft({**cfg, "output_dir": str(tmp_path / "alone")})
     monkeypatch.setenv(training.SCORING_HELPER_ENV, "1")
+    few = training.run_sft({**cfg, "output_dir": str(tmp_path / "few")})  # 12 answers: under the least
+    assert not (tmp_path / "few" / "scoring_helper.log").exists()
+    assert few["eval"]["model"] == alone["eval"]["model"]
+    monkeypatch.setenv(training.SCORING_HELPER_MIN_ENV, "1")
     helped = training.run_sft({**cfg, "output_dir": str(tmp_path / "helped")})
     log = (tmp_path / "helped" / "scoring_helper.log").read_text()
     assert "Traceback" not in log
