@@ -212,3 +212,28 @@ def test_sft_variant_patches_the_change_in_and_restores_it(tmp_path):
             ["--adam-beta2", "0.95", "--", "--run-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
         )
     assert training._common_args is plain_args
+
+
+def test_sft_variant_ema_averages_the_weights_and_puts_them_in(tmp_path):
+    import torch
+    from transformers import TrainerState
+
+    from magseg_nb import training
+
+    variant = _load("sft_variant")
+    plain_fit = training.fit
+    with variant.patched(ema=0.5):
+        assert training.fit is not plain_fit
+    assert training.fit is plain_fit
+    model = torch.nn.Linear(1, 1, bias=False)
+    frozen = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+    model.register_parameter("frozen", frozen)
+    ema, state = variant.EmaCallback(0.5), TrainerState()
+    for step, w in enumerate([1.0, 3.0, 5.0], start=1):
+        model.weight.data.fill_(w)
+        state.global_step = step
+        ema.on_step_end(None, state, None, model=model)
+    # step 1 starts the average at 1; then d = min(0.5, (1 + step) / (10 + step)): 3/12 at step 2, 4/13 at 3
+    expected = 4 / 13 * (3 / 12 * 1.0 + 9 / 12 * 3.0) + 9 / 13 * 5.0
+    ema.on_train_end(None, state, None, model=model)
+    assert model.weight.item() == pytest.approx(expected) and frozen.item() == 0.0  # only trained weights
