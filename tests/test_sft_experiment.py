@@ -196,6 +196,15 @@ def test_sft_variant_patches_the_change_in_and_restores_it(tmp_path):
     assert (models.lora_config, training._common_args) == (plain_config, plain_args)
     with variant.patched(adam_beta2=0.9):
         assert models.lora_config is plain_config  # only what is named changes
+    assert variant.trainer_arg("neftune_noise_alpha=5") == ("neftune_noise_alpha", 5)
+    with variant.patched(trainer_args=dict([variant.trainer_arg("max_grad_norm=0.3")])):
+        assert training._common_args(s, tmp_path)["max_grad_norm"] == 0.3
+        assert "adam_beta2" not in training._common_args(s, tmp_path)
+    for bad in ("max_grad_norm", "no_such_field=1"):
+        with pytest.raises(
+            SystemExit, match=f"--trainer-arg '{bad}' is not KEY=VALUE with a TrainingArguments"
+        ):
+            variant.trainer_arg(bad)
     (tmp_path / "adapter").mkdir()
     variant.drop_adapter(tmp_path, None)
     assert (tmp_path / "adapter").is_dir()  # a plain init's adapter loads on the base: kept
