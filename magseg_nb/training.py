@@ -1233,9 +1233,9 @@ def validation_rows(s: CommonSettings, val_ds=None):
 # last training's scoring does not leave a core idle. The batches, so the answers, are the same either way.
 SCORING_HELPER_ENV = "MAGSEG_SCORING_HELPER_THREADS"
 SCORING_HELPER_MIN_ENV = "MAGSEG_SCORING_HELPER_MIN_ANSWERS"
-# The fewest answers (rows x views) worth a helper: starting one (a process that loads the model) cost about
-# 6.4 s on the 2-core Intel Xeon host (64 rows in one view: 8.8 s with it, 2.4 s without), and one thread
-# writes about 30 answers a second there (992 rows x 4 views in 118 s), so it pays from about 200 answers.
+# The fewest answers (rows x views) handed on that are worth a helper, which loads the model again: on the
+# 2-core Intel Xeon host 32 answers took 3.27 x the time with a helper, 256 answers 0.91 x, 512 answers 0.70 x
+# (benchmarks/bench_scoring_helper.py, benchmarks/README.md).
 SCORING_HELPER_MIN_ANSWERS = 256
 
 
