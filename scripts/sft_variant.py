@@ -15,7 +15,10 @@ adapter is removed afterwards so that nothing loads it by mistake.
 or ``max_grad_norm=0.3`` (the value read as YAML).
 ``--ema``: keep an exponential moving average of the trained weights (this decay per step, warmed up as
 ``min(decay, (1 + step) / (10 + step))``) and put it into the model when training ends, so that the saved
-adapter and the scores are the average's.
+adapter and the scores are the average's. A resumed run starts the average again from where it resumes.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/sft_variant.py --trainer-arg max_grad_norm=3 -- \
+        --run-dir runs/demo --out runs/exp/gn3 --against runs/exp/bs4_1650
 """
 
 from __future__ import annotations
