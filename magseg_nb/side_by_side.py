@@ -26,9 +26,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
-
-from magseg_nb import files, training
+from magseg_nb import training
 
 CONFIG_FILE = "train_config.yaml"
 LOG_FILE = "train.log"
@@ -65,11 +63,6 @@ def _relay(stream, name: str, log_path: Path) -> None:
             log.write(line)
             log.flush()
             print(f"[{name}] {line}", end="", flush=True)
-
-
-def _config(s: training.SFTSettings) -> dict:
-    """The settings as ``python -m magseg_nb.training`` reads them."""
-    return dataclasses.asdict(s)
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -123,7 +116,7 @@ def start_child(name: str, module_args: list[str], threads: int, log: Path, env:
 
 def _start(name: str, s: training.SFTSettings, threads: int, helper_min_answers: int) -> Child:
     out = Path(s.output_dir)
-    files.write_text(out / CONFIG_FILE, yaml.safe_dump(_config(s), sort_keys=False))
+    training.write_config(s, out / CONFIG_FILE)
     # Its scoring hands half the validation rows to a helper of as many threads (training.helper_answers):
     # the run that finishes last then scores on the cores the others have left.
     return start_child(

@@ -175,6 +175,13 @@ class GRPOSettings(CommonSettings):
     loss_type: str = "dapo"
 
 
+def write_config(s, path: Path) -> None:
+    """The settings ``s`` as the YAML file that ``python -m magseg_nb.training --config`` reads."""
+    import yaml
+
+    files.write_text(Path(path), yaml.safe_dump(dataclasses.asdict(s), sort_keys=False))
+
+
 def _settings(cls, cfg):
     if isinstance(cfg, cls):
         return cfg
@@ -1262,14 +1269,12 @@ def helper_answers(
             return answers_by_view(
                 model, processor, ds, views, max_new_tokens=max_new_tokens, batch_size=batch_size
             )
-        import yaml
-
         from magseg_nb import side_by_side  # it imports this module
 
         out = Path(s.output_dir)
         config, result = out / "scoring_config.yaml", out / "scoring_helper.json"
         result.unlink(missing_ok=True)
-        files.write_text(config, yaml.safe_dump(dataclasses.asdict(s), sort_keys=False))
+        write_config(s, config)
         args = ["magseg_nb.training", "answers", "--config", str(config), "--weights", str(weights)]
         args += ["--from-row", str(start), "--max-new-tokens", str(max_new_tokens), "--out", str(result)]
         helper = side_by_side.start_child(
