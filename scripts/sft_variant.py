@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import runpy
 import shutil
 import sys
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+import yaml
+from transformers import TrainerCallback, TrainingArguments
 
 from magseg_nb import models, training
 
@@ -79,26 +81,22 @@ class EmaCallback(TrainerCallback):
     """An exponential moving average of the trainable weights, copied into them when training ends."""
 
     def __init__(self, decay: float):
-        self.decay, self.shadow = decay, None
-
-    def _params(self, model):
-        return [p for p in model.parameters() if p.requires_grad]
+        self.decay, self.pairs = decay, None  # (average, trained weight), from the first step on
 
     def on_step_end(self, args, state, control, model=None, **kw):
-        params = self._params(model)
-        if self.shadow is None:
-            self.shadow = [p.detach().clone() for p in params]
+        if self.pairs is None:
+            self.pairs = [(p.detach().clone(), p) for p in model.parameters() if p.requires_grad]
             return
         d = min(self.decay, (1 + state.global_step) / (10 + state.global_step))
         with torch.no_grad():
-            for s, p in zip(self.shadow, params, strict=True):
+            for s, p in self.pairs:
                 s.mul_(d).add_(p.detach(), alpha=1 - d)
 
     def on_train_end(self, args, state, control, model=None, **kw):
-        if self.shadow is None:
+        if self.pairs is None:
             return
         with torch.no_grad():
-            for s, p in zip(self.shadow, self._params(model), strict=True):
+            for s, p in self.pairs:
                 p.copy_(s)
         print(f"EMA ({self.decay}) weights put into the model after step {state.global_step}", flush=True)
 
@@ -113,11 +111,6 @@ def drop_adapter(out: Path, lora_init: str | None) -> None:
 
 def trainer_arg(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` as (key, YAML value), for a field ``TrainingArguments`` has; else a clear error."""
-    import dataclasses
-
-    import yaml
-    from transformers import TrainingArguments
-
     key, sep, value = text.partition("=")
     if not sep or key not in {f.name for f in dataclasses.fields(TrainingArguments)}:
         raise SystemExit(
