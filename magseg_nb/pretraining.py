@@ -28,6 +28,11 @@ PROXY_INSTRUCTION = "Colour and texture codes (a-p) of the cells, same layout as
 # generic image statistic that tells them apart (on the demo's training cells: median 9.0 for tree
 # cells, 3.3 for field cells, 3.2 for water; measured once to choose this value, see docs/experiments.md).
 TEXTURED_STD = 6.0
+# How a cell's code is read: "mean" codes the cell's mean colour and grey-level spread (the shipped base);
+# "majority" codes every pixel (lightly smoothed colour, grey-level spread in a TEXTURE_WINDOW square
+# around it) and writes the commonest code, the way a cell's label is the majority of its pixels.
+PROXY_RULES = ("mean", "majority")
+TEXTURE_WINDOW = 9
 
 
 def colour_codes(cell_rgb: np.ndarray, cell_std: np.ndarray) -> np.ndarray:
@@ -67,6 +72,42 @@ def cell_stds(image, box: tuple[int, int, int, int], grid: int) -> np.ndarray:
     return np.sqrt(np.maximum(means[1] - means[0] ** 2, 0.0))
 
 
+def pixel_codes(image) -> np.ndarray:
+    """(H, W) code 0..15 of every pixel of a PIL image (``colour_codes`` of its Gaussian-smoothed colour
+    (sigma 1) and of the grey-level spread in the ``TEXTURE_WINDOW`` square around it)."""
+    from scipy import ndimage
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    smooth = np.stack([ndimage.gaussian_filter(rgb[..., c], 1.0) for c in range(3)], axis=-1)
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    mean = ndimage.uniform_filter(grey, TEXTURE_WINDOW)
+    spread = np.sqrt(np.maximum(ndimage.uniform_filter(grey**2, TEXTURE_WINDOW) - mean**2, 0.0))
+    return colour_codes(smooth, spread)
+
+
+def majority_codes(image, box: tuple[int, int, int, int], grid: int) -> np.ndarray:
+    """(grid, grid) commonest pixel code (``pixel_codes``) in each cell of ``box`` (left, top, right,
+    bottom px; ties go to the lower code)."""
+    left, top, right, bottom = box
+    codes = pixel_codes(image)[top:bottom, left:right]
+    rows = np.array_split(np.arange(codes.shape[0]), grid)
+    cols = np.array_split(np.arange(codes.shape[1]), grid)
+    out = np.zeros((grid, grid), dtype=int)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            out[i, j] = np.bincount(codes[np.ix_(r, c)].ravel(), minlength=len(PROXY_CODES)).argmax()
+    return out
+
+
+def cell_codes(image, box: tuple[int, int, int, int], grid: int, rule: str = "mean") -> np.ndarray:
+    """(grid, grid) proxy codes of the cells of ``box`` read by ``rule`` (one of ``PROXY_RULES``)."""
+    if rule == "mean":
+        return colour_codes(cell_means(image, box, grid), cell_stds(image, box, grid))
+    if rule == "majority":
+        return majority_codes(image, box, grid)
+    raise ValueError(f"proxy rule {rule!r} is not one of {PROXY_RULES}")
+
+
 def encode_codes(codes: np.ndarray, encoding: str) -> str:
     """A code grid written like the label grids (plain ``a|b|...`` or run-length ``a *3| b *2``)."""
     rows = []
@@ -84,7 +125,7 @@ def encode_codes(codes: np.ndarray, encoding: str) -> str:
     return "\n".join(rows)
 
 
-def proxy_example(row: dict) -> dict:
+def proxy_example(row: dict, rule: str = "mean") -> dict:
     """The label-free proxy version of one conversation: same images and prompt, codes as answer.
 
     The answer describes the same cells the real answer labels (the marked patch for MAgSeg, the
@@ -95,8 +136,7 @@ def proxy_example(row: dict) -> dict:
     grid = len(row["gt_mask"])
     tile = row["images"][0]
     top, bottom, left, right = prompts.row_bounds(row, (tile.height, tile.width))
-    box = (left, top, right, bottom)
-    codes = colour_codes(cell_means(tile, box, grid), cell_stds(tile, box, grid))
+    codes = cell_codes(tile, (left, top, right, bottom), grid, rule)
     prompt = json.loads(json.dumps(row["prompt"]))  # deep copy
     for part in prompt[-1]["content"]:
         if part.get("type") == "text":
@@ -110,15 +150,17 @@ def proxy_example(row: dict) -> dict:
     }
 
 
-def proxy_dataset(train_jsonls: Sequence[str | Path], max_examples: int | None = None, seed: int = 0):
+def proxy_dataset(
+    train_jsonls: Sequence[str | Path], max_examples: int | None = None, seed: int = 0, rule: str = "mean"
+):
     """Proxy conversations built from the training conversations of every format (labels unused),
-    an equal share of ``max_examples`` from each file."""
+    an equal share of ``max_examples`` from each file, cells coded by ``rule``."""
     from datasets import Dataset
 
     share = None if max_examples is None else max(1, max_examples // len(train_jsonls))
     rows = []
     for path in train_jsonls:
-        rows += [proxy_example(row) for row in load_split(path, share, seed)]
+        rows += [proxy_example(row, rule) for row in load_split(path, share, seed)]
     return Dataset.from_list(rows).shuffle(seed=seed)
 
 

@@ -88,7 +88,9 @@ class Recipe:
     magseg_encoding: str = "plain"
     text4seg_encoding: str = "rle"
     variant: str = "crop"
-    # Proxy pretraining (full fine-tune of the random tiny model)
+    # Proxy pretraining (full fine-tune of the random tiny model, or of ``init_from``)
+    proxy_rule: str = "mean"  # how a cell's code is read (pretraining.PROXY_RULES)
+    init_from: str | None = None  # a model folder to go on from (None: the random tiny model)
     steps: int = 4000
     learning_rate: float = 1e-3
     lr_scheduler: str = "cosine"
@@ -103,6 +105,10 @@ class Recipe:
             raise ValueError("seed 0 is the profiles' seed: pretrain on other landscapes")
         if len(self.difficulties) != len(self.seeds):
             raise ValueError(f"one difficulty per seed: {len(self.seeds)} seeds, {self.difficulties}")
+        if self.proxy_rule not in pretraining.PROXY_RULES:
+            raise ValueError(f"proxy rule {self.proxy_rule!r} is not one of {pretraining.PROXY_RULES}")
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").exists():
+            raise ValueError(f"init_from {self.init_from}: no config.json there; give a saved model folder")
         unknown = set(self.difficulties) - set(DIFFICULTY_MIX)
         if unknown:
             raise ValueError(f"unknown difficulties {sorted(unknown)}; known: {sorted(DIFFICULTY_MIX)}")
@@ -227,13 +233,19 @@ def build(out_dir: Path, recipe: Recipe, work_dir: Path, command: str | None = N
     jsonls = build_conversations(recipe, work_dir, log)
     t_data = time.time() - t_start
     spec = models.REGISTRY["tiny-gemma3"].tiny
-    random_base = models.build_tiny(work_dir / "random-base", spec)
-    ds = pretraining.proxy_dataset(jsonls, recipe.max_examples, recipe.train_seed)
+    if recipe.init_from is None:
+        start = models.build_tiny(work_dir / "random-base", spec)
+    else:
+        start = Path(recipe.init_from)
+        info = models.model_info(str(start))
+        if info is None or info.tiny != spec:
+            raise ValueError(f"init_from {start}: not a tiny Gemma 3 of the registry's shape ({spec})")
+    ds = pretraining.proxy_dataset(jsonls, recipe.max_examples, recipe.train_seed, recipe.proxy_rule)
     log(f"{len(ds)} proxy conversations from {len(jsonls)} files; {recipe.steps} steps")
     train_out = work_dir / "pretrain"
     shutil.rmtree(train_out, ignore_errors=True)  # a fixed recipe: never resume another run's checkpoint
     settings = training.SFTSettings(
-        base_model=str(random_base),
+        base_model=str(start),
         train_jsonl=str(jsonls[0]),
         output_dir=str(train_out),
         full_finetune=True,
@@ -269,9 +281,15 @@ def build(out_dir: Path, recipe: Recipe, work_dir: Path, command: str | None = N
             "instruction": pretraining.PROXY_INSTRUCTION.strip(),
             "codes": PROXY_CODES,
             "textured_std": pretraining.TEXTURED_STD,
+            **(
+                {"rule": "majority", "texture_window": pretraining.TEXTURE_WINDOW}
+                if recipe.proxy_rule == "majority"
+                else {}
+            ),
         },
         "command": command or BUILD_COMMAND,
         "recipe": dataclasses.asdict(recipe),
+        **({"init_from_sha256": files.sha256_file(start / "model.safetensors")} if recipe.init_from else {}),
         "difficulty_settings": {name: DIFFICULTY_MIX[name] for name in recipe.difficulties},
         "tiny_spec": dataclasses.asdict(spec),
         "tiny_spec_hash": spec.config_hash(),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from magseg_nb import textgrid, tiny_base  # noqa: E402
+from magseg_nb import pretraining, textgrid, tiny_base  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--magseg-grid", type=int, default=d.magseg_grid, help="MAgSeg cells per patch side")
     p.add_argument("--magseg-encoding", default=d.magseg_encoding, choices=textgrid.ENCODINGS)
     p.add_argument("--text4seg-encoding", default=d.text4seg_encoding, choices=textgrid.ENCODINGS)
+    p.add_argument(
+        "--proxy-rule",
+        default=d.proxy_rule,
+        choices=pretraining.PROXY_RULES,
+        help="how a cell's code is read: its mean colour, or the commonest code of its pixels",
+    )
+    p.add_argument("--init-from", default=d.init_from, help="a model folder to go on from (default: random)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.learning_rate)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
@@ -53,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         magseg_grid=args.magseg_grid,
         magseg_encoding=args.magseg_encoding,
         text4seg_encoding=args.text4seg_encoding,
+        proxy_rule=args.proxy_rule,
+        init_from=args.init_from,
         steps=args.steps,
         learning_rate=args.lr,
         warmup_steps=args.warmup_steps,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from magseg_nb import chain, files, models, pretraining, prompts, tiny_base, training
 
@@ -116,6 +117,35 @@ def test_build_script_end_to_end(tmp_path):
     model, processor = models.load_model_and_processor(str(out))
     assert model.config.text_config.hidden_size == models.TinySpec().hidden
     assert len(processor.tokenizer) == model.config.text_config.vocab_size
+
+
+def test_build_script_goes_on_from_a_base_with_the_majority_rule(tmp_path):
+    out = tmp_path / "base"
+    cmd = [sys.executable, str(ROOT / "scripts" / "build_tiny_base.py"), "--out", str(out),
+           "--work-dir", str(tmp_path / "work"), "--steps", "2", "--warmup-steps", "1", "--logging-steps", "1",
+           "--seeds", "1001", "--difficulties", "demo", "--countries", "india", "--scene-size", "256",
+           "--proxy-rule", "majority", "--init-from", str(SHIPPED), "--lr", "3e-4"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recipe = json.loads((out / "RECIPE.json").read_text())
+    assert recipe["recipe"]["proxy_rule"] == "majority" and recipe["recipe"]["init_from"] == str(SHIPPED)
+    assert recipe["proxy_task"]["rule"] == "majority"
+    assert recipe["proxy_task"]["texture_window"] == pretraining.TEXTURE_WINDOW
+    assert recipe["init_from_sha256"] == files.sha256_file(SHIPPED / "model.safetensors")
+    assert recipe["steps_done"] == 2 and recipe["recipe"]["learning_rate"] == 3e-4
+    # it went on from the shipped weights: changed by two small steps, not a new random model
+    before, after = load_file(SHIPPED / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    moved = [np.abs(after[k] - before[k]).max() for k in before]
+    assert 0 < max(moved) < 0.05
+
+
+def test_recipe_refuses_an_unknown_rule_and_a_missing_start(tmp_path):
+    with pytest.raises(ValueError, match="proxy rule 'median' is not one of"):
+        tiny_base.Recipe(proxy_rule="median")
+    with pytest.raises(ValueError, match=f"init_from {tmp_path}: no config.json there"):
+        tiny_base.Recipe(init_from=str(tmp_path))
 
 
 def test_shipped_base_writes_colour_codes(proxy_rows):

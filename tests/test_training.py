@@ -90,6 +90,24 @@ def test_cell_stds_are_the_grey_level_spread_of_each_cell():
     assert pretraining.cell_means(image, (4, 0, 8, 4), 1)[0, 0].tolist() == [100, 100, 100]
 
 
+def test_majority_codes_count_pixels_where_the_mean_blends_them():
+    """A cell 10/16 blue, 6/16 green: its mean colour is blue but its grey levels spread (textured blue, 9);
+    the commonest pixel code is smooth blue (8), as the cell's label would be the majority class."""
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[:, :10] = (0, 0, 200)
+    rgb[:, 10:] = (0, 150, 0)
+    image = Image.fromarray(rgb)
+    pixels = pretraining.pixel_codes(image)
+    assert pixels.shape == (32, 32)
+    # smooth blue, then textured within TEXTURE_WINDOW // 2 of the edge, then smooth green (dark: 4)
+    assert pixels[0].tolist() == [8] * 6 + [9] * 4 + [5] * 4 + [4] * 18
+    assert pretraining.cell_codes(image, (0, 0, 32, 32), 2, "majority").tolist() == [[8, 4], [8, 4]]
+    assert pretraining.cell_codes(image, (0, 0, 32, 32), 2, "mean").tolist() == [[9, 4], [9, 4]]
+    assert pretraining.cell_codes(image, (16, 0, 32, 16), 1, "majority").tolist() == [[4]]  # a box
+    with pytest.raises(ValueError, match="proxy rule 'median' is not one of"):
+        pretraining.cell_codes(image, (0, 0, 32, 32), 2, "median")
+
+
 def test_proxy_example_describes_the_patch_without_labels():
     img = np.zeros((64, 64, 3), np.uint8)
     img[32:, 32:] = (40, 110, 220)  # the bottom-right patch is blue
@@ -110,6 +128,8 @@ def test_proxy_example_describes_the_patch_without_labels():
     assert row["prompt"][0]["content"][1]["text"] == "Segment."  # the original is not modified
     whole = pretraining.proxy_example({**row, "patch_row": None, "patch_col": None, "patch_layout": 1})
     assert whole["completion"][0]["content"][0]["text"] == "a|a\na|k"
+    # the majority rule: one code per cell as well (flat cells: the same codes as the mean rule)
+    assert pretraining.proxy_example(row, "majority")["completion"][0]["content"][0]["text"] == "k|k\nk|k"
 
 
 def test_settings_reject_unknown_keys_and_bad_batches(tmp_path):
