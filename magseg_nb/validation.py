@@ -345,10 +345,7 @@ def errors_by_purity(val_jsonl, answers_jsonl, run01, read_semantic=None) -> pd.
             )
         )
     cells = pd.concat(rows, ignore_index=True)
-    lo, hi = PURITY_EDGES
-    labels = [f"< {lo}", f"{lo}-{hi}", f"{hi}-1", "pure"]
-    edges = [-np.inf, lo, hi, 1.0 - 1e-9, np.inf]  # a pure cell's purity is 1 up to rounding
-    cells["bin"] = pd.cut(cells["purity"], edges, right=False, labels=labels)
+    cells["bin"] = purity_bins(cells["purity"])
     out = (
         cells.assign(model_error=cells["model"] != cells["cls"], pixel_error=cells["pixel"] != cells["cls"])
         .groupby(["bin", "cls"], observed=True)
@@ -357,6 +354,49 @@ def errors_by_purity(val_jsonl, answers_jsonl, run01, read_semantic=None) -> pd.
     )
     out["class"] = [CLASSES[c] for c in out.pop("cls")]
     return out[["bin", "class", "cells", "model_error", "pixel_error"]]
+
+
+def purity_bins(purity: pd.Series) -> pd.Series:
+    """Each cell's purity bin (``PURITY_EDGES``): < 0.6, 0.6-0.8, 0.8-1, pure."""
+    lo, hi = PURITY_EDGES
+    labels = [f"< {lo}", f"{lo}-{hi}", f"{hi}-1", "pure"]
+    edges = [-np.inf, lo, hi, 1.0 - 1e-9, np.inf]  # a pure cell's purity is 1 up to rounding
+    return pd.cut(purity, edges, right=False, labels=labels)
+
+
+def proxy_code_cells(jsonl, run01, rule: str, limit: int | None = None, read_semantic=None) -> pd.DataFrame:
+    """One row per labelled cell of MAgSeg conversations: its label, purity and proxy code read by
+    ``rule`` (``pretraining.cell_codes``) from the tile image the conversation shows.
+    ``read_semantic(tile_id)`` gives a tile's pixel labels (default: notebook 01's tile)."""
+    from magseg_nb import pretraining
+
+    read_semantic = read_semantic or (lambda tid: geo.read_tile(run01, tid).semantic)
+    sems: dict[str, np.ndarray] = {}
+    frames = []
+    for row in prompts.load_conversations(jsonl, limit=limit):
+        tid = str(row["tile_id"])
+        if tid not in sems:
+            sems[tid] = np.asarray(read_semantic(tid))
+        gt = np.asarray(row["gt_mask"])
+        patch, grid = prompts.row_patch(row), int(row["grid"])
+        purity = prompts.patch_purity(sems[tid], patch, prompts.row_layout(row), grid)
+        tile = row["images"][0]
+        top, bottom, left, right = prompts.row_bounds(row, (tile.height, tile.width))
+        codes = pretraining.cell_codes(tile, (left, top, right, bottom), grid, rule)
+        keep = (gt != NODATA) & ~np.isnan(purity)
+        frames.append(pd.DataFrame({"cls": gt[keep], "purity": purity[keep], "code": codes[keep]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def proxy_code_accuracy(train: pd.DataFrame, val: pd.DataFrame) -> pd.DataFrame:
+    """How much a proxy code says about the label: each code's commonest label on the training cells
+    (``proxy_code_cells``), scored on the validation cells per purity bin (unseen codes: field)."""
+    lookup = train.groupby("code")["cls"].agg(lambda s: s.value_counts().idxmax())
+    guess = val["code"].map(lookup).fillna(CLASS_IDS["field"]).astype(int)
+    right = (guess == val["cls"]).rename("accuracy")
+    out = right.groupby(purity_bins(val["purity"]), observed=True).agg(["size", "mean"])
+    out.loc["all"] = [len(right), right.mean()]
+    return out.rename(columns={"size": "cells", "mean": "accuracy"}).rename_axis("bin").reset_index()
 
 
 def confusions_by_block(frames: dict[str, pd.DataFrame], true: str, pred: str) -> pd.DataFrame:

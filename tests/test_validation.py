@@ -12,7 +12,7 @@ from rasterio.transform import from_origin
 
 from magseg_nb import geo, textgrid, training, validation
 
-F, T = 1, 2  # field, tree
+F, T, W = 1, 2, 3  # field, tree, water
 
 
 def _fake_run(tmp_path, n_blocks: int = 6):
@@ -260,6 +260,40 @@ def test_errors_by_purity_split_mixed_from_pure_cells(tmp_path):
     assert (mixed["cells"], mixed["model_error"], mixed["pixel_error"]) == (6, 0.0, 1.0)  # 6 tiles
     assert rows["pure", "tree"]["cells"] == 6 * 7 and rows["pure", "tree"]["pixel_error"] == 1.0
     assert rows["pure", "field"]["cells"] == 6 * 8 and rows["pure", "field"]["pixel_error"] == 0.0
+
+
+def test_proxy_codes_per_rule_and_how_much_they_say_about_labels(tmp_path):
+    """A tile whose left 10 of 16 columns per cell are water (blue), the rest field (dark green): the
+    majority rule codes the mixed cell as smooth blue (8), the mean rule as textured blue (9)."""
+    from PIL import Image
+
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[:, :10], rgb[:, 10:] = (0, 0, 200), (0, 150, 0)
+    (tmp_path / "images").mkdir()
+    Image.fromarray(rgb).save(tmp_path / "images" / "t0.png")
+    sem = np.full((32, 32), F)
+    sem[:, :10] = W
+    row = {"id": "t0", "tile_id": "t0", "grid": 2, "patch_row": None, "gt_mask": [[W, F], [W, F]],
+           "image_paths": ["images/t0.png"], "prompt": [], "completion": []}  # fmt: skip
+    (tmp_path / "x_val.jsonl").write_text(json.dumps(row) + "\n")
+    cells = {
+        rule: validation.proxy_code_cells(tmp_path / "x_val.jsonl", None, rule, read_semantic=lambda t: sem)
+        for rule in ("majority", "mean")
+    }
+    assert cells["majority"]["code"].tolist() == [8, 4, 8, 4] and cells["mean"]["code"].tolist() == [
+        9,
+        4,
+        9,
+        4,
+    ]
+    assert cells["mean"]["cls"].tolist() == [W, F, W, F]
+    assert cells["mean"]["purity"].tolist() == pytest.approx([10 / 16, 1, 10 / 16, 1])
+    # training cells say: smooth blue is water, textured blue is field (a blurred edge), dark green field
+    train = pd.DataFrame({"cls": [W, F, F, F], "code": [8, 9, 9, 4], "purity": [1.0] * 4})
+    acc = {rule: validation.proxy_code_accuracy(train, c).set_index("bin") for rule, c in cells.items()}
+    assert acc["majority"]["accuracy"].to_dict() == {"0.6-0.8": 1.0, "pure": 1.0, "all": 1.0}
+    assert acc["mean"]["accuracy"].to_dict() == {"0.6-0.8": 0.0, "pure": 1.0, "all": 0.5}
+    assert acc["mean"]["cells"].to_dict() == {"0.6-0.8": 2, "pure": 2, "all": 4}
 
 
 def test_confusions_by_block_count_one_error_per_scorer_and_block(tmp_path):
