@@ -89,6 +89,7 @@ def majority_codes(image, box: tuple[int, int, int, int], grid: int) -> np.ndarr
     """(grid, grid) commonest pixel code (``pixel_codes``) in each cell of ``box`` (left, top, right,
     bottom px; ties go to the lower code)."""
     left, top, right, bottom = box
+    # The whole image is coded, then cut: a pixel at the box's edge gets its spread from its real neighbours.
     codes = pixel_codes(image)[top:bottom, left:right]
     rows = np.array_split(np.arange(codes.shape[0]), grid)
     cols = np.array_split(np.arange(codes.shape[1]), grid)

@@ -368,7 +368,7 @@ def proxy_code_cells(jsonl, run01, rule: str, limit: int | None = None, read_sem
     """One row per labelled cell of MAgSeg conversations: its label, purity and proxy code read by
     ``rule`` (``pretraining.cell_codes``) from the tile image the conversation shows.
     ``read_semantic(tile_id)`` gives a tile's pixel labels (default: notebook 01's tile)."""
-    from magseg_nb import pretraining
+    from magseg_nb import pretraining  # here: pretraining imports training, which imports this module
 
     read_semantic = read_semantic or (lambda tid: geo.read_tile(run01, tid).semantic)
     sems: dict[str, np.ndarray] = {}
