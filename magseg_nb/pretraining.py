@@ -126,6 +126,14 @@ def encode_codes(codes: np.ndarray, encoding: str) -> str:
     return "\n".join(rows)
 
 
+def row_codes(row: dict, rule: str = "mean") -> np.ndarray:
+    """(grid, grid) proxy codes of the cells a conversation row's answer describes (its patch of the tile
+    image, or the whole tile), read by ``rule``."""
+    tile = row["images"][0]
+    top, bottom, left, right = prompts.row_bounds(row, (tile.height, tile.width))
+    return cell_codes(tile, (left, top, right, bottom), len(row["gt_mask"]), rule)
+
+
 def proxy_example(row: dict, rule: str = "mean") -> dict:
     """The label-free proxy version of one conversation: same images and prompt, codes as answer.
 
@@ -134,10 +142,7 @@ def proxy_example(row: dict, rule: str = "mean") -> dict:
     the LoRA SFT then has to learn which colours and textures are which class.
     """
 
-    grid = len(row["gt_mask"])
-    tile = row["images"][0]
-    top, bottom, left, right = prompts.row_bounds(row, (tile.height, tile.width))
-    codes = cell_codes(tile, (left, top, right, bottom), grid, rule)
+    codes = row_codes(row, rule)
     prompt = json.loads(json.dumps(row["prompt"]))  # deep copy
     for part in prompt[-1]["content"]:
         if part.get("type") == "text":

@@ -378,11 +378,10 @@ def proxy_code_cells(jsonl, run01, rule: str, limit: int | None = None, read_sem
         if tid not in sems:
             sems[tid] = np.asarray(read_semantic(tid))
         gt = np.asarray(row["gt_mask"])
-        patch, grid = prompts.row_patch(row), int(row["grid"])
-        purity = prompts.patch_purity(sems[tid], patch, prompts.row_layout(row), grid)
-        tile = row["images"][0]
-        top, bottom, left, right = prompts.row_bounds(row, (tile.height, tile.width))
-        codes = pretraining.cell_codes(tile, (left, top, right, bottom), grid, rule)
+        purity = prompts.patch_purity(
+            sems[tid], prompts.row_patch(row), prompts.row_layout(row), int(row["grid"])
+        )
+        codes = pretraining.row_codes(row, rule)
         keep = (gt != NODATA) & ~np.isnan(purity)
         frames.append(pd.DataFrame({"cls": gt[keep], "purity": purity[keep], "code": codes[keep]}))
     return pd.concat(frames, ignore_index=True)
