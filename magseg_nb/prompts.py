@@ -147,6 +147,11 @@ def patch_purity(tile_mask, patch, patch_layout: int, grid: int) -> np.ndarray:
     return np.where(shares.sum(axis=1) > 0, shares.max(axis=1), np.nan).reshape(grid, grid)
 
 
+def row_purity(row: dict, tile_mask) -> np.ndarray:
+    """``patch_purity`` of the cells a conversation row's answer describes, from its tile's pixel labels."""
+    return patch_purity(tile_mask, row_patch(row), row_layout(row), int(row["grid"]))
+
+
 def cell_shares(tile_mask, patch, patch_layout: int, grid: int) -> np.ndarray:
     """(grid * grid, classes) share of each cell's valid pixels held by each class, cells row-major (the
     order an answer writes them); a cell without a valid pixel is all zeros."""

@@ -333,9 +333,7 @@ def errors_by_purity(val_jsonl, answers_jsonl, run01, read_semantic=None) -> pd.
             sems[tid] = np.asarray(read_semantic(tid))
             preds[tid] = pixel_baseline.read_tile_prediction(pixel_dir, tid)
         gt = np.asarray(row["gt_mask"])
-        purity = prompts.patch_purity(
-            sems[tid], prompts.row_patch(row), prompts.row_layout(row), int(row["grid"])
-        )
+        purity = prompts.row_purity(row, sems[tid])
         model = textgrid.decode(ans["answer"], shape=gt.shape).mask
         pixel = pixel_baseline.conversation_cells(preds[tid], row)
         keep = (gt != NODATA) & ~np.isnan(purity)
@@ -378,9 +376,7 @@ def proxy_code_cells(jsonl, run01, rule: str, limit: int | None = None, read_sem
         if tid not in sems:
             sems[tid] = np.asarray(read_semantic(tid))
         gt = np.asarray(row["gt_mask"])
-        purity = prompts.patch_purity(
-            sems[tid], prompts.row_patch(row), prompts.row_layout(row), int(row["grid"])
-        )
+        purity = prompts.row_purity(row, sems[tid])
         codes = pretraining.row_codes(row, rule)
         keep = (gt != NODATA) & ~np.isnan(purity)
         frames.append(pd.DataFrame({"cls": gt[keep], "purity": purity[keep], "code": codes[keep]}))
