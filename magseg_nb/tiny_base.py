@@ -91,6 +91,8 @@ class Recipe:
     # Proxy pretraining (full fine-tune of the random tiny model, or of ``init_from``)
     proxy_rule: str = "mean"  # how a cell's code is read (pretraining.PROXY_RULES)
     init_from: str | None = None  # a model folder to go on from (None: the random tiny model)
+    # TinySpec fields that differ from the registry's tiny model (experiments only: the shipped base has none)
+    shape: dict[str, int] = field(default_factory=dict)
     steps: int = 4000
     learning_rate: float = 1e-3
     lr_scheduler: str = "cosine"
@@ -109,9 +111,16 @@ class Recipe:
             raise ValueError(f"proxy rule {self.proxy_rule!r} is not one of {pretraining.PROXY_RULES}")
         if self.init_from is not None and not (Path(self.init_from) / "config.json").exists():
             raise ValueError(f"init_from {self.init_from}: no config.json there; give a saved model folder")
+        known = {f.name for f in dataclasses.fields(models.TinySpec)} - {"seed", "vocab_size"}
+        if set(self.shape) - known or not all(isinstance(v, int) and v > 0 for v in self.shape.values()):
+            raise ValueError(f"shape {self.shape}: give positive integers for fields among {sorted(known)}")
         unknown = set(self.difficulties) - set(DIFFICULTY_MIX)
         if unknown:
             raise ValueError(f"unknown difficulties {sorted(unknown)}; known: {sorted(DIFFICULTY_MIX)}")
+
+    def spec(self) -> models.TinySpec:
+        """The tiny model's shape: the registry's, with ``shape`` applied."""
+        return dataclasses.replace(models.REGISTRY["tiny-gemma3"].tiny, **self.shape)
 
 
 # --- hashes -----------------------------------------------------------------------------------------
@@ -232,14 +241,14 @@ def build(out_dir: Path, recipe: Recipe, work_dir: Path, command: str | None = N
     work_dir.mkdir(parents=True, exist_ok=True)
     jsonls = build_conversations(recipe, work_dir, log)
     t_data = time.time() - t_start
-    spec = models.REGISTRY["tiny-gemma3"].tiny
+    spec = recipe.spec()
     if recipe.init_from is None:
         start = models.build_tiny(work_dir / "random-base", spec)
     else:
         start = Path(recipe.init_from)
         info = models.model_info(str(start))
         if info is None or info.tiny != spec:
-            raise ValueError(f"init_from {start}: not a tiny Gemma 3 of the registry's shape ({spec})")
+            raise ValueError(f"init_from {start}: not a tiny Gemma 3 of this recipe's shape ({spec})")
     ds = pretraining.proxy_dataset(jsonls, recipe.max_examples, recipe.train_seed, recipe.proxy_rule)
     log(f"{len(ds)} proxy conversations from {len(jsonls)} files; {recipe.steps} steps")
     train_out = work_dir / "pretrain"
@@ -274,7 +283,7 @@ def build(out_dir: Path, recipe: Recipe, work_dir: Path, command: str | None = N
     log_df = _final_loss(train_out / "log.csv")
     recipe_record = {
         "model_id": "tiny-gemma3-proxy",
-        "what": "tiny Gemma 3 (TinySpec defaults) after a full fine-tune on the label-free proxy task "
+        "what": f"tiny Gemma 3 (TinySpec {'with ' + str(recipe.shape) if recipe.shape else 'defaults'}) after a full fine-tune on the label-free proxy task "
         f"(colour and texture codes {PROXY_CODES[0]}-{PROXY_CODES[-1]} of each grid cell; "
         "pretraining.proxy_dataset), a stand-in for Gemma 3's pretraining",
         "proxy_task": {

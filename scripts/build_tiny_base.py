@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         help="how a cell's code is read: its mean colour, or the commonest code of its pixels",
     )
     p.add_argument("--init-from", default=d.init_from, help="a model folder to go on from (default: random)")
+    p.add_argument(
+        "--shape",
+        nargs="+",
+        default=[],
+        metavar="FIELD=INT",
+        help="TinySpec fields to change, e.g. vision_layers=4 (experiments; the shipped base has none)",
+    )
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.learning_rate)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
@@ -50,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-examples", type=int, default=d.max_examples)
     p.add_argument("--logging-steps", type=int, default=d.logging_steps)
     args = p.parse_args(argv)
+    try:
+        shape = {k: int(v) for k, v in (item.split("=", 1) for item in args.shape)}
+    except ValueError:
+        p.error(f"--shape {' '.join(args.shape)}: write each change as FIELD=INT, e.g. vision_layers=4")
     recipe = tiny_base.Recipe(
         seeds=args.seeds,
         difficulties=args.difficulties,
@@ -62,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         text4seg_encoding=args.text4seg_encoding,
         proxy_rule=args.proxy_rule,
         init_from=args.init_from,
+        shape=shape,
         steps=args.steps,
         learning_rate=args.lr,
         warmup_steps=args.warmup_steps,

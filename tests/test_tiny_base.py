@@ -99,13 +99,17 @@ def test_build_script_end_to_end(tmp_path):
     out = tmp_path / "base"
     cmd = [sys.executable, str(ROOT / "scripts" / "build_tiny_base.py"), "--out", str(out),
            "--work-dir", str(tmp_path / "work"), "--steps", "3", "--warmup-steps", "1", "--logging-steps", "1",
-           "--seeds", "1001", "--difficulties", "hard", "--countries", "vietnam", "--scene-size", "256"]  # fmt: skip
+           "--seeds", "1001", "--difficulties", "hard", "--countries", "vietnam", "--scene-size", "256",
+           "--shape", "vision_layers=3"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert tiny_base.verify(out) == out
     recipe = json.loads((out / "RECIPE.json").read_text())
-    assert recipe["command"].endswith("--scene-size 256")
+    assert recipe["command"].endswith("--scene-size 256 --shape vision_layers=3")
+    assert recipe["recipe"]["shape"] == {"vision_layers": 3} and recipe["tiny_spec"]["vision_layers"] == 3
+    spec = models.TinySpec(vision_layers=3)
+    assert recipe["tiny_spec_hash"] == spec.config_hash() != models.TinySpec().config_hash()
     assert recipe["recipe"]["seeds"] == [1001] and recipe["recipe"]["steps"] == 3 == recipe["steps_done"]
     assert recipe["recipe"]["learning_rate"] == 1e-3 and recipe["recipe"]["batch_size"] == 8
     assert recipe["recipe"]["lr_scheduler"] == "cosine"
@@ -116,6 +120,8 @@ def test_build_script_end_to_end(tmp_path):
     assert not (out / "checkpoints").exists() and not list(out.glob("*.csv"))
     model, processor = models.load_model_and_processor(str(out))
     assert model.config.text_config.hidden_size == models.TinySpec().hidden
+    assert model.config.vision_config.num_hidden_layers == 3  # the shape asked for, not the registry's 2
+    assert models.model_info(str(out)).tiny == models.TinySpec(vision_layers=3)
     assert len(processor.tokenizer) == model.config.text_config.vocab_size
 
 
@@ -144,6 +150,11 @@ def test_build_script_goes_on_from_a_base_with_the_majority_rule(tmp_path):
 def test_recipe_refuses_an_unknown_rule_and_a_missing_start(tmp_path):
     with pytest.raises(ValueError, match="proxy rule 'median' is not one of"):
         tiny_base.Recipe(proxy_rule="median")
+    for bad in ({"vision_depth": 4}, {"vision_layers": 0}, {"seed": 3}):
+        with pytest.raises(ValueError, match=r"shape .*: give positive integers for fields among \['heads'"):
+            tiny_base.Recipe(shape=bad)
+    assert tiny_base.Recipe(shape={"vision_layers": 4}).spec() == models.TinySpec(vision_layers=4)
+    assert tiny_base.Recipe().spec() == models.REGISTRY["tiny-gemma3"].tiny
     with pytest.raises(ValueError, match=f"init_from {tmp_path}: no config.json there"):
         tiny_base.Recipe(init_from=str(tmp_path))
 
