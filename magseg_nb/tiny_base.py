@@ -281,9 +281,10 @@ def build(out_dir: Path, recipe: Recipe, work_dir: Path, command: str | None = N
             shutil.copy2(trained / name, tmp / name)
     files.write_json(tmp / "tiny_spec.json", dataclasses.asdict(spec))
     log_df = _final_loss(train_out / "log.csv")
+    shape_text = f"TinySpec with {recipe.shape}" if recipe.shape else "TinySpec defaults"
     recipe_record = {
         "model_id": "tiny-gemma3-proxy",
-        "what": f"tiny Gemma 3 (TinySpec {'with ' + str(recipe.shape) if recipe.shape else 'defaults'}) after a full fine-tune on the label-free proxy task "
+        "what": f"tiny Gemma 3 ({shape_text}) after a full fine-tune on the label-free proxy task "
         f"(colour and texture codes {PROXY_CODES[0]}-{PROXY_CODES[-1]} of each grid cell; "
         "pretraining.proxy_dataset), a stand-in for Gemma 3's pretraining",
         "proxy_task": {
