@@ -246,9 +246,15 @@ def make_example(
         images = [crop_patch(tile_image, patch, patch_layout)]
     elif fmt == "magseg" and variant != "index":
         images.append(second_image(tile_image, patch, patch_layout, variant))
-    content = [{"type": "image"} for _ in images]
-    content.append({"type": "text", "text": instruction(fmt, grid, encoding, patch, patch_layout, variant)})
-    return {"images": images, "prompt": [{"role": "user", "content": content}]}
+    text = instruction(fmt, grid, encoding, patch, patch_layout, variant)
+    return {"images": images, "prompt": user_message(len(images), text)}
+
+
+def user_message(n_images: int, text: str) -> list[dict]:
+    """The prompt's one user turn: ``n_images`` image slots, then the instruction."""
+    content = [{"type": "image"} for _ in range(n_images)]
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
 
 
 def completion(mask, encoding: str) -> list[dict]:

@@ -1144,11 +1144,11 @@ def view_answers(
 ) -> list[list[str]]:
     """Greedy answers of every row of ``ds`` in each extra view (``views[1:]``), one list per view.
 
-    A row's tile image is its first image; its patch, grid, encoding and prompt variant are its columns
-    (rows of notebook 02's JSONL)."""
+    A row's first image is its tile (its patch, for a ``crop_only`` row); its patch, grid, encoding and
+    prompt variant are its columns (rows of notebook 02's JSONL)."""
     out = []
     for v in views[1:]:
-        examples = [views_mod.view_example(r["images"][0], *prompts.row_prompt(r), v) for r in ds]
+        examples = [views_mod.row_view_example(r["images"][0], *prompts.row_prompt(r), v) for r in ds]
         out.append(
             models.generate(model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
         )

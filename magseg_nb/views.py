@@ -68,6 +68,22 @@ def view_example(
     )
 
 
+def row_view_example(
+    image, fmt: str, grid: int, encoding: str, patch, patch_layout: int, variant: str, v: int
+) -> dict:
+    """The prompt of a conversation row in view ``v``, from the row's first image (``prompts.row_prompt``
+    gives the rest): the tile, or for a ``crop_only`` row, whose only image is its patch, that patch.
+
+    The patch of the turned tile at :func:`view_patch` is the turned patch (when the tile's side divides
+    into patches, as ``tests/test_views.py`` checks), so a ``crop_only`` row's view is its image turned."""
+    if not (fmt == "magseg" and variant == "crop_only"):
+        return view_example(image, fmt, grid, encoding, patch, patch_layout, variant, v)
+    crop = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    moved = view_patch(patch, patch_layout, v)
+    text = prompts.instruction(fmt, grid, encoding, moved, patch_layout, variant)
+    return {"images": [Image.fromarray(to_view(crop, v))], "prompt": prompts.user_message(1, text)}
+
+
 def vote(masks: Sequence[np.ndarray]) -> np.ndarray:
     """Per-cell majority of same-shaped class grids; a tie keeps the first grid's label."""
     stack = np.stack([np.asarray(m) for m in masks])

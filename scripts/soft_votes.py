@@ -67,7 +67,7 @@ def main() -> None:
         examples = (
             [{"images": r["images"], "prompt": r["prompt"]} for r in ds]
             if v == 0
-            else [views_mod.view_example(r["images"][0], *prompts.row_prompt(r), v) for r in ds]
+            else [views_mod.row_view_example(r["images"][0], *prompts.row_prompt(r), v) for r in ds]
         )
         t, s = models.generate(model, processor, examples, budget, args.batch_size, token_probs=token_ids)
         texts.append(t)

@@ -139,6 +139,49 @@ def test_evaluate_views_of_text4seg_whole_tile_answers(tmp_path, monkeypatch):
     assert textgrid.decode(ans[0]["answer"], (8, 8), "rle").mask.tolist() == truth.tolist()
 
 
+@pytest.mark.parametrize("v", range(8))
+def test_a_crop_only_row_is_viewed_from_its_patch(v):
+    """A crop_only row holds only its patch: its view is the prompt the turned tile would give."""
+    tile = np.random.default_rng(v).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    for patch in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        crop = prompts.make_example(tile, "magseg", 4, "rle", patch, 2, "crop_only")["images"][0]
+        got = views.row_view_example(crop, "magseg", 4, "rle", patch, 2, "crop_only", v)
+        want = views.view_example(tile, "magseg", 4, "rle", patch, 2, "crop_only", v)
+        assert got["prompt"] == want["prompt"] and len(got["images"]) == len(want["images"]) == 1
+        assert np.array_equal(np.asarray(got["images"][0]), np.asarray(want["images"][0]))
+    # every other variant's first image is the tile: the same as view_example
+    same = views.row_view_example(tile, "magseg", 4, "rle", (1, 0), 2, "crop", v)
+    want = views.view_example(tile, "magseg", 4, "rle", (1, 0), 2, "crop", v)
+    assert same["prompt"] == want["prompt"] and len(same["images"]) == len(want["images"]) == 2
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(*(same["images"], want["images"]), strict=True)
+    )
+
+
+def test_evaluate_views_of_crop_only_rows(tmp_path, monkeypatch):
+    """Scoring crop_only rows in eight views asks about the turned patch, never a part of it."""
+    sem = blocky_semantic(32, 32, seed=11)
+    tile = prompts.TileRecord("t2", "s0", "val", COLORS[sem], sem)
+    path = prompts.write_conversations([tile], tmp_path, "magseg", 4, "rle", 2, "crop_only")["val"]
+    ds = training.load_split(path)
+    shapes = set()
+
+    def patch_oracle(model, processor, examples, max_new_tokens, batch_size=8):
+        out = []
+        for ex in examples:
+            img = np.asarray(ex["images"][0]).astype(int)
+            shapes.add(img.shape)
+            seen = np.argmin(((img[:, :, None, :] - COLORS[None, None]) ** 2).sum(-1), axis=-1)
+            out.append(textgrid.encode(prompts.downsample_mask(seen, 4), "rle"))
+        return out
+
+    monkeypatch.setattr(training.models, "generate", patch_oracle)
+    rep, ans = training.evaluate(MODEL, None, ds, max_new_tokens=8, test_views=8)
+    assert shapes == {(16, 16, 3)}  # each view shows a whole 16 x 16 patch (a quarter of it, before the fix)
+    assert rep["model"]["cell_accuracy"] == 1.0 and len(ans) == 4 and ans[0]["views"] == 8
+
+
 def test_view_augmented_run_turns_rows_targets_and_crops(tmp_path):
     import importlib.util
 
