@@ -45,11 +45,13 @@ def main(argv=None) -> Path:
     rows = []
     for r in prompts.read_jsonl(src / TRAIN):
         v = int(rng.integers(8))
-        tile = Image.open(src / r["image_paths"][0]).convert("RGB")
-        ex = views.view_example(tile, *prompts.row_prompt(r), v)
+        first = Image.open(src / r["image_paths"][0]).convert("RGB")  # the tile (a crop_only row: its patch)
+        ex = views.row_view_example(first, *prompts.row_prompt(r), v)
         gt = views.to_view(np.asarray(r["gt_mask"]), v)
         # the viewed tile is shared by its patches' rows: written once per (tile, view)
-        paths = [f"{IMAGES}/{r['tile_id']}__v{v}.png", f"{IMAGES}/{r['id']}__v{v}_{r['variant']}.png"]
+        patch_png = f"{IMAGES}/{r['id']}__v{v}_{r['variant']}.png"
+        tile_png = f"{IMAGES}/{r['tile_id']}__v{v}.png"
+        paths = [patch_png] if r["variant"] == "crop_only" else [tile_png, patch_png][: len(ex["images"])]
         for img, rel in zip(ex["images"], paths, strict=True):
             if not (dst / rel).exists():
                 prompts.save_png(img, dst / rel)

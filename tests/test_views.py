@@ -155,7 +155,7 @@ def test_a_crop_only_row_is_viewed_from_its_patch(v):
     assert same["prompt"] == want["prompt"] and len(same["images"]) == len(want["images"]) == 2
     assert all(
         np.array_equal(np.asarray(a), np.asarray(b))
-        for a, b in zip(*(same["images"], want["images"]), strict=True)
+        for a, b in zip(same["images"], want["images"], strict=True)
     )
 
 
@@ -214,3 +214,28 @@ def test_view_augmented_run_turns_rows_targets_and_crops(tmp_path):
     assert (tmp_path / "aug" / "01_dataset_prep").is_symlink() and (
         out.parent / "magseg_train.jsonl"
     ).is_file()
+
+
+def test_view_augmented_run_turns_crop_only_rows_whole(tmp_path):
+    """A crop_only row's one image is its patch: the augmented row holds that patch turned, whole."""
+    import importlib.util
+
+    from tests.test_sft_experiment import ROOT
+
+    spec = importlib.util.spec_from_file_location("aug", ROOT / "scripts" / "view_augmented_run.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    sem = blocky_semantic(32, 32, seed=12)
+    run02 = tmp_path / "run" / "02_instruction_format"
+    tile = prompts.TileRecord("t0", "s0", "train", COLORS[sem], sem)
+    prompts.write_conversations([tile], run02, "magseg", 4, "rle", 2, "crop_only")
+    (tmp_path / "run" / "01_dataset_prep").mkdir()
+    out = script.main(["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "aug"), "--seed", "3"])
+    before, after = prompts.read_jsonl(run02 / "magseg_train.jsonl"), prompts.read_jsonl(out)
+    assert len(after) == 4 and len({r["view"] for r in after}) > 1
+    for b, a in zip(before, after, strict=True):
+        assert len(a["image_paths"]) == 1 and a["image_paths"][0].endswith("_crop_only.png")
+        patch = np.asarray(Image.open(run02 / b["image_paths"][0]))
+        turned = np.asarray(Image.open(out.parent / a["image_paths"][0]))
+        assert turned.shape == (16, 16, 3) and np.array_equal(turned, views.to_view(patch, a["view"]))
+        assert a["gt_mask"] == views.to_view(np.asarray(b["gt_mask"]), a["view"]).tolist()
