@@ -58,13 +58,23 @@ def view_patch(patch, patch_layout: int, v: int):
     return (int(r), int(c))
 
 
+def _rgb(image) -> np.ndarray:
+    """An image (PIL or array) as an RGB array."""
+    return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+
+
 def view_example(
     tile_image, fmt: str, grid: int, encoding: str, patch, patch_layout: int, variant: str, v: int
 ) -> dict:
     """The prompt of one patch in view ``v``, built by the same function as the training data."""
-    image = np.asarray(tile_image.convert("RGB") if isinstance(tile_image, Image.Image) else tile_image)
     return prompts.make_example(
-        to_view(image, v), fmt, grid, encoding, view_patch(patch, patch_layout, v), patch_layout, variant
+        to_view(_rgb(tile_image), v),
+        fmt,
+        grid,
+        encoding,
+        view_patch(patch, patch_layout, v),
+        patch_layout,
+        variant,
     )
 
 
@@ -78,10 +88,9 @@ def row_view_example(
     into patches, as ``tests/test_views.py`` checks), so a ``crop_only`` row's view is its image turned."""
     if not (fmt == "magseg" and variant == "crop_only"):
         return view_example(image, fmt, grid, encoding, patch, patch_layout, variant, v)
-    crop = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     moved = view_patch(patch, patch_layout, v)
     text = prompts.instruction(fmt, grid, encoding, moved, patch_layout, variant)
-    return {"images": [Image.fromarray(to_view(crop, v))], "prompt": prompts.user_message(1, text)}
+    return {"images": [Image.fromarray(to_view(_rgb(image), v))], "prompt": prompts.user_message(1, text)}
 
 
 def vote(masks: Sequence[np.ndarray]) -> np.ndarray:
