@@ -182,7 +182,8 @@ def test_evaluate_views_of_crop_only_rows(tmp_path, monkeypatch):
     assert rep["model"]["cell_accuracy"] == 1.0 and len(ans) == 4 and ans[0]["views"] == 8
 
 
-def test_view_augmented_run_turns_rows_targets_and_crops(tmp_path):
+def augment_script():
+    """``scripts/view_augmented_run.py`` as a module."""
     import importlib.util
 
     from tests.test_sft_experiment import ROOT
@@ -190,6 +191,11 @@ def test_view_augmented_run_turns_rows_targets_and_crops(tmp_path):
     spec = importlib.util.spec_from_file_location("aug", ROOT / "scripts" / "view_augmented_run.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_view_augmented_run_turns_rows_targets_and_crops(tmp_path):
+    script = augment_script()
     sem = blocky_semantic(32, 32, seed=10)
     run02 = tmp_path / "run" / "02_instruction_format"
     prompts.write_conversations(
@@ -218,13 +224,7 @@ def test_view_augmented_run_turns_rows_targets_and_crops(tmp_path):
 
 def test_view_augmented_run_turns_crop_only_rows_whole(tmp_path):
     """A crop_only row's one image is its patch: the augmented row holds that patch turned, whole."""
-    import importlib.util
-
-    from tests.test_sft_experiment import ROOT
-
-    spec = importlib.util.spec_from_file_location("aug", ROOT / "scripts" / "view_augmented_run.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = augment_script()
     sem = blocky_semantic(32, 32, seed=12)
     run02 = tmp_path / "run" / "02_instruction_format"
     tile = prompts.TileRecord("t0", "s0", "train", COLORS[sem], sem)
