@@ -267,9 +267,9 @@ def wide_table(long, metrics=HEADLINE, index=("method",), digits: int = 3):
 def ablation_pairs(methods: list[dict], masks: str = "refined") -> list[tuple[str, str, str]]:
     """(question, method A, method B) pairs that differ in one factor, among the methods present.
 
-    Refinement (coarse -> refined, per variant: superpixels or SAM), then on ``masks`` ("coarse" or "refined"): GRPO
-    after SFT (per format), the MAgSeg format vs the Text4Seg format (same training), and each model
-    vs the watershed baseline.
+    Refinement (coarse -> refined, per variant: superpixels, self-trained or SAM), then on ``masks``
+    ("coarse" or "refined"): GRPO after SFT (per format), the MAgSeg format vs the Text4Seg format (same
+    training), and each model vs the watershed baseline.
     """
     names = {m["name"] for m in methods}
     wiring = {m["name"] for m in methods if m.get("wiring")}

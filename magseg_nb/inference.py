@@ -450,8 +450,8 @@ def refine_scene(
     predictor,
     **sam_kw,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Refinement (SAM, or image superpixels) tile by tile on the scene's coarse mask; overlaps vote by
-    the refinement's probability.
+    """Refinement (SAM, image superpixels, or a fitted self-trained pixel classifier) tile by tile on the
+    scene's coarse mask; overlaps vote by the refinement's probability.
 
     Returns (refined uint8, probability float32, seconds per tile id). ``predictor=None`` copies the
     coarse mask and its confidence.
@@ -462,16 +462,13 @@ def refine_scene(
     votes = SceneVotes(coarse.shape)
     seconds = {}
     for t in scene_tiles.itertuples(index=False):
-        win = (
-            slice(int(t.row_off), int(t.row_off) + int(t.height)),
-            slice(int(t.col_off), int(t.col_off) + int(t.width)),
-        )
+        win = _window(t)
         tile_coarse = coarse[win]
         if (tile_coarse == NODATA).all():
             continue
         t0 = time.perf_counter()
         image = geo.read_tile(run01, t.tile_id).image
-        if isinstance(predictor, refine.SuperpixelRefiner):
+        if isinstance(predictor, (refine.SuperpixelRefiner, refine.SelfTrainedRefiner)):
             refined, prob = predictor.refine(image, tile_coarse, confidence[win])
         else:
             refined, prob = refine.sam_refine(image, tile_coarse, predictor, return_prob=True, **sam_kw)
@@ -504,16 +501,47 @@ def limit_tiles(tiles: pd.DataFrame, n: int) -> pd.DataFrame:
     return ordered.assign(_rank=rank).sort_values(["_rank", "scene_id"]).head(n).drop(columns="_rank")
 
 
-def predict_scene(model, processor, run01, scene_tiles, spec: FormatSpec, predictor=None, sam_kw=None, **kw):
-    """One scene's coarse mask (``infer_scene`` with ``kw``) refined on its inferred tiles.
-    Returns (SceneResult, refined, refined confidence, refine seconds per tile, refine seconds)."""
-    res = infer_scene(model, processor, run01, scene_tiles, spec, **kw)
-    inferred = res.tiles[res.tiles.status == "inferred"] if len(res.tiles) else res.tiles
-    t0 = time.perf_counter()
-    refined, prob, ref_s = refine_scene(
-        run01, inferred, res.coarse, res.confidence, predictor, **(sam_kw or {})
+def _window(t) -> tuple[slice, slice]:
+    """A tile's (rows, cols) window in its scene, from a row of tiles.csv."""
+    return (
+        slice(int(t.row_off), int(t.row_off) + int(t.height)),
+        slice(int(t.col_off), int(t.col_off) + int(t.width)),
     )
-    return res, refined, prob, ref_s, time.perf_counter() - t0
+
+
+def _inferred(res: SceneResult) -> pd.DataFrame:
+    return res.tiles[res.tiles.status == "inferred"] if len(res.tiles) else res.tiles
+
+
+def fit_refiner(predictor, run01: Path, results: Sequence[SceneResult]):
+    """The refiner ready for ``results``: an unfitted :class:`refine.SelfTrainedRefiner` is fitted on the
+    coarse masks of all their inferred tiles at once; any other refiner is returned as it is."""
+    if not isinstance(predictor, refine.SelfTrainedRefiner) or predictor.fitted:
+        return predictor
+    if not any(len(_inferred(res)) for res in results):  # nothing to learn from, nothing to refine
+        return predictor
+    tiles = (
+        (geo.read_tile(run01, t.tile_id).image, res.coarse[_window(t)])
+        for res in results
+        for t in _inferred(res).itertuples(index=False)
+    )
+    return predictor.fit(tiles)
+
+
+def refine_results(run01: Path, results: Sequence[SceneResult], predictor=None, sam_kw=None):
+    """Each scene of ``results`` refined on its inferred tiles, the refiner fitted first where it learns
+    from the coarse masks (:func:`fit_refiner`). Yields (SceneResult, refined, confidence, seconds per
+    tile, seconds), the fit's seconds counted in the first scene's."""
+    t0 = time.perf_counter()
+    predictor = fit_refiner(predictor, run01, results)
+    fit_s = time.perf_counter() - t0
+    for res in results:
+        t0 = time.perf_counter()
+        refined, prob, ref_s = refine_scene(
+            run01, _inferred(res), res.coarse, res.confidence, predictor, **(sam_kw or {})
+        )
+        yield res, refined, prob, ref_s, time.perf_counter() - t0 + fit_s
+        fit_s = 0.0
 
 
 def run_variant(
@@ -540,20 +568,23 @@ def run_variant(
     out_dir = Path(out_dir)
     test = select_test_tiles(tiles)
     records, answers, timings = [], [], {"infer_s": 0.0, "refine_s": 0.0, "polygonize_s": 0.0}
-    for scene_id, scene_tiles in test.groupby("scene_id", sort=True):
-        scene_id = str(scene_id)
-        res, refined, prob, ref_s, refine_s = predict_scene(
-            model, processor, run01, scene_tiles, spec, predictor, sam_kw,
-            batch_size=batch_size, max_new_tokens=max_new_tokens, max_nodata_frac=max_nodata_frac,
-            generate=generate, log=log, test_views=test_views,
-        )  # fmt: skip
+    infer_kw = dict(
+        batch_size=batch_size, max_new_tokens=max_new_tokens, max_nodata_frac=max_nodata_frac,
+        generate=generate, log=log, test_views=test_views,
+    )  # fmt: skip
+    # Every scene is inferred before any is refined: a self-trained refiner learns from all coarse masks.
+    results = [
+        infer_scene(model, processor, run01, scene_tiles, spec, **infer_kw)
+        for _, scene_tiles in test.groupby("scene_id", sort=True)
+    ]
+    for res, refined, prob, ref_s, refine_s in refine_results(run01, results, predictor, sam_kw):
         timings["refine_s"] += refine_s
         tile_rows = res.tiles.assign(refine_s=res.tiles.tile_id.map(ref_s)) if len(res.tiles) else res.tiles
-        for name, arr, nodata in (("coarse", res.coarse, NODATA), ("refined", refined, NODATA)):
+        for name, arr in (("coarse", res.coarse), ("refined", refined)):
             geo.write_geotiff(
-                layout.mask_path(out_dir, name, scene_id), arr, res.crs, res.transform, nodata=nodata
+                layout.mask_path(out_dir, name, res.scene_id), arr, res.crs, res.transform, nodata=NODATA
             )
-        geo.write_geotiff(layout.mask_path(out_dir, "confidence", scene_id), prob, res.crs, res.transform)
+        geo.write_geotiff(layout.mask_path(out_dir, "confidence", res.scene_id), prob, res.crs, res.transform)
         records.append(tile_rows)
         answers.extend(res.answers)
         timings["infer_s"] += float(tile_rows.get("infer_s", pd.Series(dtype=float)).sum())
@@ -779,15 +810,23 @@ def run_map_scenes(
     out = variant_dir / layout.WHOLE_SCENE
     extra = map_only_tiles(all_tiles, test_tiles, scene_ids)
     t0, rows = time.perf_counter(), []
-    for scene_id in [str(s) for s in scene_ids]:
-        scene_tiles = extra[extra["scene_id"].astype(str) == scene_id]
+    infer_kw = dict(
+        batch_size=batch_size, max_new_tokens=max_new_tokens, max_nodata_frac=max_nodata_frac,
+        generate=generate, log=log, test_views=test_views,
+    )  # fmt: skip
+    scene_ids = [str(s) for s in scene_ids]
+    results = [
+        infer_scene(model, processor, run01, extra[extra["scene_id"].astype(str) == s], spec, **infer_kw)
+        for s in scene_ids
+        if (extra["scene_id"].astype(str) == s).any()
+    ]
+    done = {res.scene_id: (res, refined, prob) for res, refined, prob, _, _ in refine_results(
+        run01, results, predictor, sam_kw
+    )}  # fmt: skip
+    for scene_id in scene_ids:
         shape, crs, transform = scene_grid(run01, scene_id)
-        if len(scene_tiles):
-            res, refined, prob, _, _ = predict_scene(
-                model, processor, run01, scene_tiles, spec, predictor, sam_kw,
-                batch_size=batch_size, max_new_tokens=max_new_tokens, max_nodata_frac=max_nodata_frac,
-                generate=generate, log=log, test_views=test_views,
-            )  # fmt: skip
+        if scene_id in done:
+            res, refined, prob = done[scene_id]
             coarse, conf = res.coarse, res.confidence
             rows.append(res.tiles)
         else:

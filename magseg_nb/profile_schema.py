@@ -126,6 +126,7 @@ MAGSEG_VARIANTS = ("index", "mark", "crop", "crop_only")  # prompts.ALL_VARIANTS
 SAM_BACKENDS = (
     "none",
     "superpixels",
+    "selftrained",
     "tiny",
     "vit_b",
     "vit_h",

@@ -8,6 +8,8 @@
   negative points, optionally one box per connected component), iterates feeding back SAM's
   low-resolution logits, and paints the refined classes by their highest logit.
 - ``SuperpixelRefiner`` snaps a coarse mask to image superpixels (CPU, no weights).
+- ``SelfTrainedRefiner`` fits a per-pixel classifier to the model's own coarse labels of the tiles it
+  refines, then votes its pixel labels per superpixel (CPU, no weights, no ground truth).
 
 Field instances and polygons are :mod:`magseg_nb.instances`.
 """
@@ -15,7 +17,7 @@ Field instances and polygons are :mod:`magseg_nb.instances`.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from magseg_nb.labels import CLASS_IDS, CLASSES, NODATA
 
 # Refinement backends of notebook 05: none, image superpixels (CPU, no weights), or SAM (tiny random
 # weights for wiring checks; vit_b / vit_h real checkpoints).
-SAM_BACKENDS = ("none", "superpixels", "tiny", "vit_b", "vit_h")
+SAM_BACKENDS = ("none", "superpixels", "selftrained", "tiny", "vit_b", "vit_h")
 SAM_MANIFEST = Path(__file__).resolve().parents[1] / "data_manifests" / "sam_checkpoints.yaml"
 FIELD = CLASS_IDS["field"]
 LOGIT = 10.0  # magnitude of the logits a binary coarse mask is turned into (SAM's own outputs are ~±10)
@@ -108,8 +110,8 @@ def load_sam(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
 ):
-    """A ``SamPredictor`` for ``backend``, a :class:`SuperpixelRefiner` for ``"superpixels"``, or None
-    for ``"none"``.
+    """A ``SamPredictor`` for ``backend``, a :class:`SuperpixelRefiner` for ``"superpixels"``, an unfitted
+    :class:`SelfTrainedRefiner` for ``"selftrained"``, or None for ``"none"``.
 
     ``tiny`` is random (seeded); ``vit_b``/``vit_h`` load ``checkpoint`` or, when it is None, fetch the
     manifest's checkpoint into ``cache_dir`` (default ``~/.cache/magseg_nb/sam``).
@@ -120,6 +122,8 @@ def load_sam(
         return None
     if backend == "superpixels":
         return SuperpixelRefiner()
+    if backend == "selftrained":
+        return SelfTrainedRefiner(seed=seed)
     import torch
     from segment_anything import SamPredictor, sam_model_registry
 
@@ -171,6 +175,83 @@ class SuperpixelRefiner:
         refined = np.where(valid, votes.argmax(1)[segments], NODATA).astype(np.uint8)
         prob = np.where(valid, share.max(1)[segments], 0).astype(np.float32)
         return refined, prob
+
+
+@dataclass(frozen=True)
+class SelfTrainedRefiner:
+    """Refinement by a pixel classifier that the model teaches: the baseline's features and classifier
+    (:mod:`magseg_nb.pixel_baseline`) fitted to the model's coarse labels of every tile being refined,
+    then each pixel's predicted class voted per superpixel (:class:`SuperpixelRefiner`).
+
+    A coarse cell labels all its pixels with its majority class, so a thin tree line inside a field cell is
+    labelled field. Fitted on the pixels at least ``margin_px`` inside a region of one coarse class, pooled
+    over all tiles, the classifier learns what each class looks like from the many pixels the model got
+    right and labels the thin parts pixel by pixel. It sees no ground truth: what it knows of the classes
+    comes from the model's answers. Chosen on the demo's validation tiles (docs/experiments.md): a margin of
+    2 px, and one classifier for all tiles (one per scene was unstable with few tiles).
+    """
+
+    margin_px: int = 2  # training pixels lie at least this far inside a region of one coarse class
+    seed: int = 0  # pixel sampling and the classifier's random state
+    superpixels: SuperpixelRefiner = SuperpixelRefiner()
+    model: object | None = None  # the fitted pixel_baseline.PixelModel (None: not fitted yet)
+    fallback: bool = False  # fitted on one class only: refine as SuperpixelRefiner does
+
+    def training_pixels(self, image: np.ndarray, coarse: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of up to ``samples_per_tile`` pixels of one tile well inside its coarse regions."""
+        from magseg_nb import pixel_baseline
+
+        coarse = np.asarray(coarse)
+        inside = np.zeros(coarse.shape, bool)
+        for k in np.unique(coarse[coarse != NODATA]):
+            region = coarse == k
+            inside |= (
+                ndi.binary_erosion(region, iterations=self.margin_px, border_value=1)
+                if self.margin_px
+                else region
+            )
+        settings = pixel_baseline.PixelSettings(seed=self.seed)
+        idx = pixel_baseline.sample_pixels(
+            np.where(inside, coarse, NODATA), pixel_baseline.valid_pixels(image), settings.samples_per_tile,
+            settings.sampling, rng,
+        )  # fmt: skip
+        feats = pixel_baseline.pixel_features(image, settings)
+        return feats.reshape(-1, feats.shape[-1])[idx], coarse.ravel()[idx].astype(np.uint8)
+
+    def fit(self, tiles) -> SelfTrainedRefiner:
+        """A fitted copy, from ``tiles``: (image, coarse mask) pairs, the tiles about to be refined."""
+        from magseg_nb import pixel_baseline
+
+        rng = np.random.default_rng(self.seed)
+        parts = [self.training_pixels(image, coarse, rng) for image, coarse in tiles]
+        if not parts:
+            raise ValueError(
+                "SelfTrainedRefiner.fit got no tiles: it learns from the coarse masks it refines"
+            )
+        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        if len(np.unique(y)) < 2:  # nothing to tell apart: the superpixel vote of the coarse mask
+            return replace(self, model=None, fallback=True)
+        return replace(self, model=pixel_baseline.fit(x, y, pixel_baseline.PixelSettings(seed=self.seed)))
+
+    @property
+    def fitted(self) -> bool:
+        return self.model is not None or self.fallback
+
+    def refine(self, image: np.ndarray, coarse: np.ndarray, confidence: np.ndarray | None = None):
+        """(refined uint8 class ids, probability float32) as :meth:`SuperpixelRefiner.refine` returns them,
+        voting the classifier's pixel labels; NODATA stays NODATA."""
+        from magseg_nb import pixel_baseline
+
+        if not self.fitted:
+            raise RuntimeError(
+                "SelfTrainedRefiner is not fitted: call .fit(tiles) with the tiles to refine first"
+            )
+        coarse = np.asarray(coarse)
+        if self.fallback:
+            return self.superpixels.refine(image, coarse, confidence)
+        labels = pixel_baseline.predict_tile(self.model, image)
+        labels = np.where(coarse == NODATA, NODATA, labels).astype(np.uint8)
+        return self.superpixels.refine(image, labels)
 
 
 def mask_prompt(binary: np.ndarray, predictor) -> np.ndarray:

@@ -534,7 +534,7 @@ BAD_PROFILES = [
     ),
     (
         "stages:\n  05: {sam_backend: vit_x}\n",
-        "stages.05_inference.sam_backend is 'vit_x'; allowed: one of 'none', 'superpixels', 'tiny', 'vit_b', 'vit_h'",
+        "stages.05_inference.sam_backend is 'vit_x'; allowed: one of 'none', 'superpixels', 'selftrained', 'tiny', 'vit_b', 'vit_h'",
     ),
     ("stages:\n  06: {n_boot: .nan}\n", "stages.06_metrics.n_boot is nan; allowed: an integer >= 1"),
     ("stages:\n  09: {}\n", "stages.09: unknown stage '09'; stages are 01_dataset_prep"),

@@ -374,6 +374,49 @@ def test_run_variant_with_tiny_sam(scene, tmp_path):
     assert summary["refine_s"] >= 0
 
 
+def test_run_variant_fits_a_selftrained_refiner_once_on_every_scene(tmp_path, monkeypatch):
+    """The self-trained refiner learns from the coarse masks of all test tiles of all scenes at once (one
+    fit, after every scene is inferred), then refines each tile with that one classifier."""
+    from magseg_nb import refine
+
+    a, b = blocky_semantic(64, 64), blocky_semantic(32, 64, seed=5)
+    run01, tiles = make_run01(
+        tmp_path,
+        {"s0": (a, [(0, 0, "test"), (32, 32, "test"), (0, 32, "train")]), "s1": (b, [(0, 32, "test")])},
+    )
+    fits, real_fit = [], refine.SelfTrainedRefiner.fit
+
+    def spy(self, pairs):
+        pairs = list(pairs)
+        fits.append((pairs, real_fit(self, pairs)))
+        return fits[-1][1]
+
+    monkeypatch.setattr(refine.SelfTrainedRefiner, "fit", spy)
+    out = tmp_path / "v"
+    summary = inference.run_variant(
+        None,
+        None,
+        run01,
+        tiles,
+        SPEC,
+        out,
+        predictor=refine.load_sam("selftrained"),
+        generate=oracle(),
+        log=None,
+    )
+    assert len(fits) == 1 and summary["tiles_inferred"] == 3
+    pairs, fitted = fits[0]
+    assert [c.shape for _, c in pairs] == [(TILE, TILE)] * 3 and fitted.model is not None
+    for scene_id, sem, (r, c) in (("s0", a, (0, 0)), ("s0", a, (32, 32)), ("s1", b, (0, 32))):
+        refined = instances.read_mask(out / "refined" / f"{scene_id}.tif")[0]
+        coarse = instances.read_mask(out / "coarse" / f"{scene_id}.tif")[0]
+        window = (slice(r, r + TILE), slice(c, c + TILE))
+        assert np.array_equal(coarse[window], sem[window])  # the oracle's exact cells
+        image = geo.read_tile(run01, f"{scene_id}_{r}_{c}").image
+        assert np.array_equal(refined[window], fitted.refine(image, coarse[window])[0])
+    assert (instances.read_mask(out / "refined" / "s0.tif")[0][:32, 32:] == NODATA).all()  # a train tile
+
+
 # --- the real (tiny, random) model ------------------------------------------------------------------
 
 

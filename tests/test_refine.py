@@ -22,7 +22,7 @@ def tiny_predictor():
 def test_load_sam_none_and_unknown():
     assert refine.load_sam("none") is None
     with pytest.raises(
-        ValueError, match="unknown SAM backend 'vit_l'.*none, superpixels, tiny, vit_b, vit_h"
+        ValueError, match="unknown SAM backend 'vit_l'.*none, superpixels, selftrained, tiny, vit_b, vit_h"
     ):
         refine.load_sam("vit_l")
 
@@ -136,6 +136,67 @@ def test_superpixel_refinement_snaps_class_borders_to_the_image():
 
     assert iou(refined) > iou(coarse) + 0.02 and iou(refined) > 0.9
     assert 0.5 <= prob[coarse != NODATA].min() and prob.max() <= 1.0
+
+
+def _orchard_tiles(n: int = 3):
+    """(image, truth) tiles: fields with a dozen round tree groups each, 4 to 14 px across, off the cell grid."""
+    rng = np.random.default_rng(1)
+    rr, cc = np.mgrid[:128, :128]
+    tiles = []
+    for _ in range(n):
+        truth = np.full((128, 128), CLASS_IDS["field"], np.uint8)
+        for _ in range(12):
+            r0, c0, radius = rng.uniform(0, 128), rng.uniform(0, 128), rng.uniform(4, 14)
+            truth[(rr - r0) ** 2 + (cc - c0) ** 2 < radius**2] = CLASS_IDS["tree"]
+        colour = np.where(truth[..., None] == CLASS_IDS["tree"], [40, 110, 40], [200, 180, 90]).astype(float)
+        tiles.append((np.clip(colour + rng.normal(0, 8, colour.shape), 1, 255).astype(np.uint8), truth))
+    return tiles
+
+
+def test_selftrained_refinement_beats_the_superpixel_vote_without_seeing_the_truth():
+    """Fitted on the blocky coarse masks alone, the pixel classifier learns the two colours and labels the
+    tree groups' edges pixel by pixel; the superpixel vote of the coarse mask keeps more of the blocks."""
+
+    tiles = _orchard_tiles()
+    coarse = [
+        np.kron(prompts.downsample_mask(truth, 16), np.ones((8, 8), int)).astype(np.uint8)
+        for _, truth in tiles
+    ]
+    coarse[0][:, :8] = NODATA
+    refiner = refine.load_sam("selftrained", seed=0)
+    assert isinstance(refiner, refine.SelfTrainedRefiner) and not refiner.fitted
+    with pytest.raises(RuntimeError, match=r"not fitted: call \.fit\(tiles\)"):
+        refiner.refine(tiles[0][0], coarse[0])
+    fitted = refiner.fit((image, c) for (image, _), c in zip(tiles, coarse, strict=True))
+    assert fitted.fitted and fitted.model is not None and not refiner.fitted  # a fitted copy
+
+    def tree_iou(pred, truth):
+        keep = pred != NODATA
+        return metrics.semantic_from_cm(metrics.confusion_matrix(truth[keep], pred[keep]))["iou"][
+            CLASS_IDS["tree"]
+        ]
+
+    ious = []
+    for (image, truth), c in zip(tiles, coarse, strict=True):
+        refined, prob = fitted.refine(image, c)
+        assert refined.shape == truth.shape and prob.dtype == np.float32
+        assert ((refined == NODATA) == (c == NODATA)).all() and (prob[c == NODATA] == 0).all()
+        plain, _ = refine.SuperpixelRefiner().refine(image, c)
+        ious.append((tree_iou(c, truth), tree_iou(plain, truth), tree_iou(refined, truth)))
+    coarse_iou, superpixel_iou, selftrained_iou = np.mean(ious, axis=0)
+    assert coarse_iou < 0.75 and superpixel_iou < 0.9 and selftrained_iou > 0.95
+
+
+def test_selftrained_refinement_of_one_class_falls_back_to_superpixels_and_needs_tiles():
+    image, truth = _orchard_tiles(1)[0]
+    field = np.full(truth.shape, CLASS_IDS["field"], np.uint8)
+    fitted = refine.SelfTrainedRefiner().fit([(image, field)])
+    assert fitted.fitted and fitted.fallback and fitted.model is None
+    refined, prob = fitted.refine(image, field)
+    expected, expected_prob = refine.SuperpixelRefiner().refine(image, field)
+    assert (refined == expected).all() and np.allclose(prob, expected_prob)
+    with pytest.raises(ValueError, match="got no tiles: it learns from the coarse masks it refines"):
+        refine.SelfTrainedRefiner().fit([])
 
 
 def test_sam_settings_rename_notebook_parameters_and_fit_sam_refine():
