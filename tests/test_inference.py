@@ -417,6 +417,30 @@ def test_run_variant_fits_a_selftrained_refiner_once_on_every_scene(tmp_path, mo
     assert (instances.read_mask(out / "refined" / "s0.tif")[0][:32, 32:] == NODATA).all()  # a train tile
 
 
+def test_map_scenes_fit_their_own_selftrained_refiner_on_the_map_tiles(tmp_path, monkeypatch):
+    """The map-only tiles (never scored) are refined by a classifier fitted on their own coarse masks, once."""
+    from magseg_nb import refine
+
+    sem = blocky_semantic(64, 96)
+    windows = [(r, c, "test" if (r, c) == (0, 0) else "train") for r in (0, 32) for c in (0, 32, 64)]
+    run01, tiles = make_run01(tmp_path, {"s0": (sem, windows)})
+    fits, real_fit = [], refine.SelfTrainedRefiner.fit
+    monkeypatch.setattr(
+        refine.SelfTrainedRefiner, "fit", lambda self, p: fits.append(list(p)) or real_fit(self, fits[-1])
+    )
+    test = inference.select_test_tiles(tiles)
+    summary = inference.run_map_scenes(
+        None, None, run01, tiles, test, ["s0"], SPEC, tmp_path / "v", predictor=refine.load_sam("selftrained"),
+        generate=oracle(), log=None,
+    )  # fmt: skip
+    assert summary["map_tiles"] == 5 and len(fits) == 1 and len(fits[0]) == 5
+    refined = instances.read_mask(tmp_path / "v" / "whole_scene" / "refined" / "s0.tif")[0]
+    mapped = np.ones(refined.shape, bool)
+    mapped[:32, :32] = False  # the test tile: no scored run was written here, so nothing to show
+    assert (refined[mapped] != NODATA).all() and (refined[~mapped] == NODATA).all()
+    assert set(np.unique(refined[mapped])) <= {0, 1, 2, 3}
+
+
 # --- the real (tiny, random) model ------------------------------------------------------------------
 
 
