@@ -183,12 +183,14 @@ class SelfTrainedRefiner:
     (:mod:`magseg_nb.pixel_baseline`) fitted to the model's coarse labels of every tile being refined,
     then each pixel's predicted class voted per superpixel (:class:`SuperpixelRefiner`).
 
-    A coarse cell labels all its pixels with its majority class, so a thin tree line inside a field cell is
-    labelled field. Fitted on the pixels at least ``margin_px`` inside a region of one coarse class, pooled
-    over all tiles, the classifier learns what each class looks like from the many pixels the model got
-    right and labels the thin parts pixel by pixel. It sees no ground truth: what it knows of the classes
-    comes from the model's answers. Chosen on the demo's validation tiles (docs/experiments.md): a margin of
-    2 px, and one classifier for all tiles (one per scene was unstable with few tiles).
+    A coarse cell labels all its pixels with its majority class, so the minority pixels of mixed cells are
+    mislabelled, most of them near the borders of the coarse regions. Fitted on the pixels at least
+    ``margin_px`` inside a region of one coarse class, pooled over all tiles, the classifier learns what each
+    class looks like from the pixels the model got right and labels every border pixel by its own look. It
+    sees no ground truth: what it knows of the classes comes from the model's answers, so a part that never
+    holds a cell's majority (a tree line thinner than half a cell, everywhere) stays as the cells say. Chosen
+    on the demo's validation tiles (docs/experiments.md): a margin of 2 px, and one classifier for all tiles
+    (one per scene was unstable with few tiles).
     """
 
     margin_px: int = 2  # training pixels lie at least this far inside a region of one coarse class
