@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -468,7 +468,7 @@ def refine_scene(
             continue
         t0 = time.perf_counter()
         image = geo.read_tile(run01, t.tile_id).image
-        if isinstance(predictor, (refine.SuperpixelRefiner, refine.SelfTrainedRefiner)):
+        if hasattr(predictor, "refine"):  # an image-only refiner (refine.SuperpixelRefiner's signature)
             refined, prob = predictor.refine(image, tile_coarse, confidence[win])
         else:
             refined, prob = refine.sam_refine(image, tile_coarse, predictor, return_prob=True, **sam_kw)
@@ -513,10 +513,14 @@ def _inferred(res: SceneResult) -> pd.DataFrame:
     return res.tiles[res.tiles.status == "inferred"] if len(res.tiles) else res.tiles
 
 
+def _learns_from_coarse(predictor) -> bool:
+    return isinstance(predictor, refine.SelfTrainedRefiner) and not predictor.fitted
+
+
 def fit_refiner(predictor, run01: Path, results: Sequence[SceneResult]):
     """The refiner ready for ``results``: an unfitted :class:`refine.SelfTrainedRefiner` is fitted on the
     coarse masks of all their inferred tiles at once; any other refiner is returned as it is."""
-    if not isinstance(predictor, refine.SelfTrainedRefiner) or predictor.fitted:
+    if not _learns_from_coarse(predictor):
         return predictor
     if not any(len(_inferred(res)) for res in results):  # nothing to learn from, nothing to refine
         return predictor
@@ -528,13 +532,17 @@ def fit_refiner(predictor, run01: Path, results: Sequence[SceneResult]):
     return predictor.fit(tiles)
 
 
-def refine_results(run01: Path, results: Sequence[SceneResult], predictor=None, sam_kw=None):
-    """Each scene of ``results`` refined on its inferred tiles, the refiner fitted first where it learns
-    from the coarse masks (:func:`fit_refiner`). Yields (SceneResult, refined, confidence, seconds per
-    tile, seconds), the fit's seconds counted in the first scene's."""
-    t0 = time.perf_counter()
-    predictor = fit_refiner(predictor, run01, results)
-    fit_s = time.perf_counter() - t0
+def refine_results(run01: Path, results: Iterable[SceneResult], predictor=None, sam_kw=None):
+    """Each scene of ``results`` refined on its inferred tiles, one at a time as they come, unless the
+    refiner learns from the coarse masks (:func:`fit_refiner`): then every scene is inferred before any is
+    refined. Yields (SceneResult, refined, confidence, seconds per tile, seconds), the fit's seconds
+    counted in the first scene's."""
+    fit_s = 0.0
+    if _learns_from_coarse(predictor):
+        results = list(results)
+        t0 = time.perf_counter()
+        predictor = fit_refiner(predictor, run01, results)
+        fit_s = time.perf_counter() - t0
     for res in results:
         t0 = time.perf_counter()
         refined, prob, ref_s = refine_scene(
@@ -572,11 +580,10 @@ def run_variant(
         batch_size=batch_size, max_new_tokens=max_new_tokens, max_nodata_frac=max_nodata_frac,
         generate=generate, log=log, test_views=test_views,
     )  # fmt: skip
-    # Every scene is inferred before any is refined: a self-trained refiner learns from all coarse masks.
-    results = [
+    results = (
         infer_scene(model, processor, run01, scene_tiles, spec, **infer_kw)
         for _, scene_tiles in test.groupby("scene_id", sort=True)
-    ]
+    )
     for res, refined, prob, ref_s, refine_s in refine_results(run01, results, predictor, sam_kw):
         timings["refine_s"] += refine_s
         tile_rows = res.tiles.assign(refine_s=res.tiles.tile_id.map(ref_s)) if len(res.tiles) else res.tiles
@@ -815,18 +822,18 @@ def run_map_scenes(
         generate=generate, log=log, test_views=test_views,
     )  # fmt: skip
     scene_ids = [str(s) for s in scene_ids]
-    results = [
-        infer_scene(model, processor, run01, extra[extra["scene_id"].astype(str) == s], spec, **infer_kw)
-        for s in scene_ids
-        if (extra["scene_id"].astype(str) == s).any()
-    ]
-    done = {res.scene_id: (res, refined, prob) for res, refined, prob, _, _ in refine_results(
-        run01, results, predictor, sam_kw
-    )}  # fmt: skip
+    scene_tiles = {s: extra[extra["scene_id"].astype(str) == s] for s in scene_ids}
+    # the scenes with map-only tiles, refined in this order as the loop below reaches them
+    refined_scenes = refine_results(
+        run01,
+        (infer_scene(model, processor, run01, t, spec, **infer_kw) for t in scene_tiles.values() if len(t)),
+        predictor,
+        sam_kw,
+    )
     for scene_id in scene_ids:
         shape, crs, transform = scene_grid(run01, scene_id)
-        if scene_id in done:
-            res, refined, prob = done[scene_id]
+        if len(scene_tiles[scene_id]):
+            res, refined, prob, _, _ = next(refined_scenes)
             coarse, conf = res.coarse, res.confidence
             rows.append(res.tiles)
         else:

@@ -212,7 +212,7 @@ class SelfTrainedRefiner:
                 if self.margin_px
                 else region
             )
-        settings = pixel_baseline.PixelSettings(seed=self.seed)
+        settings = self.pixel_settings
         idx = pixel_baseline.sample_pixels(
             np.where(inside, coarse, NODATA), pixel_baseline.valid_pixels(image), settings.samples_per_tile,
             settings.sampling, rng,
@@ -233,7 +233,14 @@ class SelfTrainedRefiner:
         x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         if len(np.unique(y)) < 2:  # nothing to tell apart: the superpixel vote of the coarse mask
             return replace(self, model=None, fallback=True)
-        return replace(self, model=pixel_baseline.fit(x, y, pixel_baseline.PixelSettings(seed=self.seed)))
+        return replace(self, model=pixel_baseline.fit(x, y, self.pixel_settings))
+
+    @property
+    def pixel_settings(self):
+        """The pixel baseline's settings (its one source of defaults), with this refiner's seed."""
+        from magseg_nb import pixel_baseline
+
+        return pixel_baseline.PixelSettings(seed=self.seed)
 
     @property
     def fitted(self) -> bool:
