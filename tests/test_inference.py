@@ -374,6 +374,21 @@ def test_run_variant_with_tiny_sam(scene, tmp_path):
     assert summary["refine_s"] >= 0
 
 
+def _record_fits(monkeypatch) -> list:
+    """Every ``SelfTrainedRefiner.fit`` call from now on, as (the (image, coarse) pairs, the fitted copy)."""
+    from magseg_nb import refine
+
+    fits, real_fit = [], refine.SelfTrainedRefiner.fit
+
+    def spy(self, pairs):
+        pairs = list(pairs)
+        fits.append((pairs, real_fit(self, pairs)))
+        return fits[-1][1]
+
+    monkeypatch.setattr(refine.SelfTrainedRefiner, "fit", spy)
+    return fits
+
+
 def test_run_variant_fits_a_selftrained_refiner_once_on_every_scene(tmp_path, monkeypatch):
     """The self-trained refiner learns from the coarse masks of all test tiles of all scenes at once (one
     fit, after every scene is inferred), then refines each tile with that one classifier."""
@@ -384,14 +399,7 @@ def test_run_variant_fits_a_selftrained_refiner_once_on_every_scene(tmp_path, mo
         tmp_path,
         {"s0": (a, [(0, 0, "test"), (32, 32, "test"), (0, 32, "train")]), "s1": (b, [(0, 32, "test")])},
     )
-    fits, real_fit = [], refine.SelfTrainedRefiner.fit
-
-    def spy(self, pairs):
-        pairs = list(pairs)
-        fits.append((pairs, real_fit(self, pairs)))
-        return fits[-1][1]
-
-    monkeypatch.setattr(refine.SelfTrainedRefiner, "fit", spy)
+    fits = _record_fits(monkeypatch)
     out = tmp_path / "v"
     summary = inference.run_variant(
         None,
@@ -424,16 +432,13 @@ def test_map_scenes_fit_their_own_selftrained_refiner_on_the_map_tiles(tmp_path,
     sem = blocky_semantic(64, 96)
     windows = [(r, c, "test" if (r, c) == (0, 0) else "train") for r in (0, 32) for c in (0, 32, 64)]
     run01, tiles = make_run01(tmp_path, {"s0": (sem, windows)})
-    fits, real_fit = [], refine.SelfTrainedRefiner.fit
-    monkeypatch.setattr(
-        refine.SelfTrainedRefiner, "fit", lambda self, p: fits.append(list(p)) or real_fit(self, fits[-1])
-    )
+    fits = _record_fits(monkeypatch)
     test = inference.select_test_tiles(tiles)
     summary = inference.run_map_scenes(
         None, None, run01, tiles, test, ["s0"], SPEC, tmp_path / "v", predictor=refine.load_sam("selftrained"),
         generate=oracle(), log=None,
     )  # fmt: skip
-    assert summary["map_tiles"] == 5 and len(fits) == 1 and len(fits[0]) == 5
+    assert summary["map_tiles"] == 5 and len(fits) == 1 and len(fits[0][0]) == 5
     refined = instances.read_mask(tmp_path / "v" / "whole_scene" / "refined" / "s0.tif")[0]
     mapped = np.ones(refined.shape, bool)
     mapped[:32, :32] = False  # the test tile: no scored run was written here, so nothing to show
