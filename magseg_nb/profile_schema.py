@@ -150,6 +150,7 @@ SCHEDULERS = (
 )
 TEST_VIEWS = Rule(int, choices=(1, 4, 8))  # views.VIEW_COUNTS (a test keeps them equal)
 SIDE_BY_SIDE = Rule((bool, str), choices=(True, False, "auto"))  # side_by_side.threads_each
+AUTO_BOOL = Rule((bool, str), choices=(True, False, "auto"))  # training.use_compile, use_cpu_autocast
 _TRAIN = {
     "formats": Rule(list, items=Rule(str, choices=FORMATS), nonempty=True),
     "learning_rate": POSITIVE,
@@ -234,6 +235,8 @@ STAGES: dict[str, dict[str, Rule]] = {
         "tile_group": _int(1),
         "equal_tokens": BOOL,
         "train_side_by_side": SIDE_BY_SIDE,
+        "torch_compile": AUTO_BOOL,
+        "cpu_autocast": AUTO_BOOL,
         "conversation_layout": Rule(str, choices=("per_patch", "per_tile")),
         "lr_scheduler": Rule(str, choices=SCHEDULERS),
         "warmup_steps": _int(0),

@@ -53,11 +53,11 @@ class CommonSettings:
     output_dir: str = ""
     val_jsonl: str | None = None
     learning_rate: float = 0.002  # the tiny model needs more than Gemma 3 LoRA's usual 2e-4
-    # SFT: one epoch of the demo's MAgSeg rows in batches of 4. Batch 4 x 1650 steps scored level with batch
-    # 8 x 1100 (1.3 epochs) on two landscapes in 0.73 of the training time, and +0.011 mean Dice over batch 8
-    # at the same rows (825 steps); 600 batch-8 steps left tree and others under 0.85 and every doubling up
-    # to 4800 gained (docs/experiments.md). GRPOSettings sets its own steps and batch.
-    max_steps: int = 1650
+    # SFT: three epochs of the demo's MAgSeg rows in batches of 4. 4950 steps scored +0.017 mean Dice over one
+    # epoch (1650) and level with the pixel classifier on every class, seeds 0 and 1; compiled, in bf16
+    # autocast, they cost about what one epoch did in float32 (docs/experiments.md). Batches of 4 beat 8 at
+    # equal rows. GRPOSettings sets its own steps and batch.
+    max_steps: int = 4950
     batch_size: int = 4  # per device
     grad_accum: int = 1
     warmup_steps: int = 20
@@ -110,6 +110,12 @@ class SFTSettings(CommonSettings):
     # Loss weight of the class tokens of mixed cells (purity under MIXED_PURITY, from ``pixel_labels``); every
     # other answer token weighs 1 and each batch's loss is the weighted mean. 1: no weighting.
     mixed_cell_weight: float = 1.0
+    # CPU speed, not the recipe (docs/experiments.md, "Three epochs in the time of one"). "auto": compile the
+    # model (torch.compile, inductor) for a CPU run of COMPILE_MIN_STEPS steps or more when a C++ compiler is
+    # on PATH; train in bf16 autocast, weights kept in fp32, on a CPU that does bf16 natively (AVX512-BF16 or
+    # AMX). Either changes the trained weights a little, as a thread count does; train_done.json records both.
+    torch_compile: bool | str = "auto"
+    cpu_autocast: bool | str = "auto"
 
     def __post_init__(self):
         # Checked when the settings are read, so a bad value fails before the model loads.
@@ -316,6 +322,33 @@ def use_bf16(flag: bool | str) -> bool:
     if flag == "auto":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return bool(flag)
+
+
+# torch.compile's one-off cost (about 35 s for the tiny model on one core) pays back after about 400 steps.
+COMPILE_MIN_STEPS = 1000
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would use ($CXX, then g++, c++, clang++), or None."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((path for name in names if (path := shutil.which(name))), None)
+
+
+def use_compile(flag: bool | str, max_steps: int) -> bool:
+    """Whether SFT compiles the model: ``torch_compile`` resolved for this machine and run length."""
+    if flag != "auto":
+        return bool(flag)
+    return not _torch().cuda.is_available() and max_steps >= COMPILE_MIN_STEPS and cxx_compiler() is not None
+
+
+def use_cpu_autocast(flag: bool | str) -> bool:
+    """Whether SFT on the CPU trains in bf16 autocast: ``cpu_autocast`` resolved for this CPU."""
+    torch = _torch()
+    if torch.cuda.is_available():
+        return False
+    if flag != "auto":
+        return bool(flag)
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _is_main() -> bool:
@@ -584,8 +617,11 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
         n = s.max_steps * s.batch_size * s.grad_accum
         rows = rows.select(tile_grouped_order(train_ds["tile_id"], s.tile_group, n, s.seed))
         order = {"train_sampling_strategy": "sequential"}
+    speed = {"torch_compile": use_compile(s.torch_compile, s.max_steps)}
+    if use_cpu_autocast(s.cpu_autocast):
+        speed["bf16"] = True  # on the CPU: autocast, the weights stay float32 (_train_dtype)
     args = SFTConfig(
-        **_common_args(s, out / "checkpoints"),
+        **{**_common_args(s, out / "checkpoints"), **speed},
         **order,
         max_length=None,  # never truncate: image tokens must stay whole
         completion_only_loss=True,  # the loss covers the answer (and <end_of_turn>) only
@@ -939,6 +975,8 @@ def _save_trained(trainer, processor, dest: Path, s, t0: float, n_train: int) ->
         "tokens_seen": int(tokens[-1]) if tokens else None,
         "train_seconds": round(time.time() - t0, 1),
         "torch_threads": _torch().get_num_threads(),  # train_seconds depends on it (and the results may)
+        "torch_compile": bool(trainer.args.torch_compile),  # so may these two
+        "cpu_autocast": bool(trainer.args.bf16 and not _torch().cuda.is_available()),
         "n_train": n_train,
     }
     if done["stopped_early"]:

@@ -80,7 +80,7 @@ def test_budget_note_says_a_reduced_budget_plainly(tmp_path):
     # the study profile runs 03 for one step only: the note compares with the demo's recipe instead
     assert study.budget_note(300, 8, tiles, tmp_path, 1) == (
         "REDUCED BUDGET: 300 optimizer steps per run (batch 8; this run's notebook 03 trained 1, the demo's "
-        "1650), 1 of 1 training tiles, 6 of 6 validation tiles. Short runs measure the machinery and early "
+        "4950), 1 of 1 training tiles, 6 of 6 validation tiles. Short runs measure the machinery and early "
         "learning, not what the formats reach."
     )
 

@@ -704,3 +704,50 @@ def test_a_scoring_helper_gives_the_same_answers(convs, tmp_path, monkeypatch):
         tmp_path / "alone" / "answers.jsonl"
     ).read_bytes()
     assert helped["eval"]["model"] == alone["eval"]["model"] and helped["eval"]["model"]["n"] == 6
+
+
+def test_cpu_speed_settings_resolve_per_machine_and_run_length(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert training.cxx_compiler() is None and training.use_compile("auto", 10**6) is False
+    monkeypatch.setenv("CXX", shutil.which("python3") or shutil.which("python"))  # any executable
+    assert training.use_compile("auto", training.COMPILE_MIN_STEPS) is True
+    assert (
+        training.use_compile("auto", training.COMPILE_MIN_STEPS - 1) is False
+    )  # the start would not pay back
+    assert training.use_compile(True, 2) is True and training.use_compile(False, 10**6) is False
+
+    native = {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False}
+    for name in native:
+        monkeypatch.setattr(torch.cpu, name, lambda name=name: native[name])
+    assert training.use_cpu_autocast("auto") is False and training.use_cpu_autocast(True) is True
+    native["_is_amx_tile_supported"] = True
+    assert training.use_cpu_autocast("auto") is True and training.use_cpu_autocast(False) is False
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU: bf16 is the `bf16` setting's
+    assert training.use_cpu_autocast(True) is False and training.use_compile("auto", 10**6) is False
+
+
+def test_sft_compiled_in_bf16_autocast_resumes_and_saves_float32_weights(convs, tmp_path):
+    from safetensors.torch import load_file
+
+    logged = dict(logging_steps=1)
+    eager = training.run_sft(
+        _tiny_sft(convs, tmp_path / "eager", "magseg", torch_compile=False, cpu_autocast=False, **logged)
+    )
+    cfg = _tiny_sft(convs, tmp_path, "magseg", torch_compile=True, cpu_autocast=True, **logged)
+    training.run_sft(cfg)
+    out = tmp_path / "sft"
+    shutil.rmtree(out / "adapter")  # interrupted: resume the compiled run from its step-2 checkpoint
+    assert training.run_sft({**cfg, "max_steps": 3})["steps"] == 3
+    done = json.loads((out / training.DONE_FILE).read_text())
+    assert done["torch_compile"] is True and done["cpu_autocast"] is True and done["steps"] == 3
+    plain = json.loads((tmp_path / "eager" / "sft" / training.DONE_FILE).read_text())
+    assert plain["torch_compile"] is False and plain["cpu_autocast"] is False and eager["steps"] == 2
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert weights and {t.dtype for t in weights.values()} == {__import__("torch").float32}
+    # the same first step as the eager run, up to bf16 rounding
+    first = [pd.read_csv(d / "log.csv")["loss"].dropna().iloc[0] for d in (tmp_path / "eager" / "sft", out)]
+    assert first[1] == pytest.approx(first[0], rel=0.05)
