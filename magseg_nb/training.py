@@ -111,9 +111,11 @@ class SFTSettings(CommonSettings):
     # other answer token weighs 1 and each batch's loss is the weighted mean. 1: no weighting.
     mixed_cell_weight: float = 1.0
     # CPU speed, not the recipe (docs/experiments.md, "Three epochs in the time of one"). "auto": compile the
-    # model (torch.compile, inductor) for a CPU run of COMPILE_MIN_STEPS steps or more when a C++ compiler is
-    # on PATH; train in bf16 autocast, weights kept in fp32, on a CPU that does bf16 natively (AVX512-BF16 or
-    # AMX). Either changes the trained weights a little, as a thread count does; train_done.json records both.
+    # model (torch.compile, inductor) for a CPU run of COMPILE_MIN_STEPS steps or more whose rows all have one
+    # shape (one_shape: MAgSeg's plain grids; Text4Seg's answers vary and would recompile it again and again)
+    # when a C++ compiler is on PATH; train in bf16 autocast, the weights kept in float32, on a CPU that does
+    # bf16 natively (AVX512-BF16 or AMX). Either moves the trained weights a little, as a thread count does;
+    # train_done.json records both.
     torch_compile: bool | str = "auto"
     cpu_autocast: bool | str = "auto"
 
@@ -334,11 +336,28 @@ def cxx_compiler() -> str | None:
     return next((path for name in names if (path := shutil.which(name))), None)
 
 
-def use_compile(flag: bool | str, max_steps: int) -> bool:
-    """Whether SFT compiles the model: ``torch_compile`` resolved for this machine and run length."""
+def use_compile(flag: bool | str, max_steps: int, fixed_shape: bool = True) -> bool:
+    """Whether SFT compiles the model: ``torch_compile`` resolved for this machine, the run's length and
+    whether its batches all have one shape (``fixed_shape``; else the model is compiled again and again)."""
     if flag != "auto":
         return bool(flag)
-    return not _torch().cuda.is_available() and max_steps >= COMPILE_MIN_STEPS and cxx_compiler() is not None
+    long_run = max_steps >= COMPILE_MIN_STEPS
+    return not _torch().cuda.is_available() and long_run and fixed_shape and cxx_compiler() is not None
+
+
+def one_shape(rows, processor, n: int = 256) -> bool:
+    """Whether the first ``n`` prompt/completion rows all hold as many images and as many prompt and
+    answer tokens (MAgSeg's plain grids do; Text4Seg's run-length answers do not)."""
+    if "completion" not in rows.column_names:
+        return False
+    tok = getattr(processor, "tokenizer", processor)
+
+    def n_tokens(messages) -> int:
+        text = "".join(p.get("text") or "" for m in messages for p in m["content"] if isinstance(p, dict))
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    head = rows.select(range(min(n, len(rows))))
+    return len({(len(r["images"]), n_tokens(r["prompt"]), n_tokens(r["completion"])) for r in head}) == 1
 
 
 def use_cpu_autocast(flag: bool | str) -> bool:
@@ -617,7 +636,7 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
         n = s.max_steps * s.batch_size * s.grad_accum
         rows = rows.select(tile_grouped_order(train_ds["tile_id"], s.tile_group, n, s.seed))
         order = {"train_sampling_strategy": "sequential"}
-    speed = {"torch_compile": use_compile(s.torch_compile, s.max_steps)}
+    speed = {"torch_compile": use_compile(s.torch_compile, s.max_steps, one_shape(rows, processor))}
     if use_cpu_autocast(s.cpu_autocast):
         speed["bf16"] = True  # on the CPU: autocast, the weights stay float32 (_train_dtype)
     args = SFTConfig(

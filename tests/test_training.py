@@ -751,3 +751,41 @@ def test_sft_compiled_in_bf16_autocast_resumes_and_saves_float32_weights(convs, 
     # the same first step as the eager run, up to bf16 rounding
     first = [pd.read_csv(d / "log.csv")["loss"].dropna().iloc[0] for d in (tmp_path / "eager" / "sft", out)]
     assert first[1] == pytest.approx(first[0], rel=0.05)
+
+
+def test_one_shape_tells_fixed_grids_from_run_length_answers(tmp_path):
+    from datasets import Dataset
+
+    from magseg_nb import models
+
+    _, processor = models.load_model_and_processor(
+        models.resolve_model("tiny-gemma3", tmp_path / "models"), device="cpu"
+    )
+
+    def rows(answers, questions=("row 1, column 2",)):
+        def msg(role, text):
+            return [{"role": role, "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+        return Dataset.from_list(
+            [
+                {
+                    "images": ["a.png", "b.png"],
+                    "prompt": msg("user", f"Segment {q}."),
+                    "completion": msg("assistant", a),
+                }
+                for a in answers
+                for q in questions
+            ]
+        )
+
+    grids = ["field|tree\nwater|others", "field|field\nfield|field", "tree|tree\nwater|water"]
+    assert training.one_shape(rows(grids, ("row 1, column 2", "row 4, column 3")), processor)
+    assert not training.one_shape(
+        rows(["field *4", "field *1, tree *2, water *1"]), processor
+    )  # Text4Seg-like
+    assert not training.one_shape(
+        rows(grids[:1], ("row 1, column 2", "the patch in the top left corner")), processor
+    )
+    # a row that misses the rule's shape: compile "auto" stays off, an explicit setting wins
+    assert training.use_compile("auto", 10**6, fixed_shape=False) is False
+    assert training.use_compile(True, 10, fixed_shape=False) is True
