@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from magseg_nb import profile_schema, prompts, study, validation
+from magseg_nb import profile_schema, prompts, study, training, validation
 from magseg_nb.labels import NODATA
 
 
@@ -65,22 +65,24 @@ def test_select_tiles_spreads_a_subset_over_blocks():
 
 def test_budget_note_says_a_reduced_budget_plainly(tmp_path):
     _table().to_csv(tmp_path / "tiles.csv", index=False)
+    recipe = training.SFTSettings.max_steps  # the demo's notebook 03
+    more = recipe + 50
     tiles = [prompts.TileRecord(t, "s0", "val", None, None) for t in ("t0", "t3")]
-    note = study.budget_note(40, 8, tiles, tmp_path, {"magseg": 1700, "text4seg": 937})
-    assert note.startswith("REDUCED BUDGET: 40 optimizer steps per run (batch 8; notebook 03 trains 1700)")
+    note = study.budget_note(40, 8, tiles, tmp_path, {"magseg": more, "text4seg": 937})
+    assert note.startswith(f"REDUCED BUDGET: 40 optimizer steps per run (batch 8; notebook 03 trains {more})")
     assert "0 of 1 training tiles, 2 of 6 validation tiles." in note
     tiles = [
         prompts.TileRecord(t, "s0", s, None, None)
         for t, s in zip(_table()["tile_id"], _table()["split"], strict=True)
     ]
-    assert study.budget_note(1700, 8, tiles, tmp_path, 1700) == (
-        "Budget: 1700 optimizer steps per run (batch 8; notebook 03 trains 1700), "
+    assert study.budget_note(more, 8, tiles, tmp_path, more) == (
+        f"Budget: {more} optimizer steps per run (batch 8; notebook 03 trains {more}), "
         "1 of 1 training tiles, 6 of 6 validation tiles."
     )
     # the study profile runs 03 for one step only: the note compares with the demo's recipe instead
     assert study.budget_note(300, 8, tiles, tmp_path, 1) == (
         "REDUCED BUDGET: 300 optimizer steps per run (batch 8; this run's notebook 03 trained 1, the demo's "
-        "4950), 1 of 1 training tiles, 6 of 6 validation tiles. Short runs measure the machinery and early "
+        f"{recipe}), 1 of 1 training tiles, 6 of 6 validation tiles. Short runs measure the machinery and early "
         "learning, not what the formats reach."
     )
 
