@@ -54,9 +54,9 @@ class CommonSettings:
     val_jsonl: str | None = None
     learning_rate: float = 0.002  # the tiny model needs more than Gemma 3 LoRA's usual 2e-4
     # SFT: three epochs of the demo's MAgSeg rows in batches of 4. 4950 steps scored +0.017 mean Dice over one
-    # epoch (1650) and level with the pixel classifier on every class, seeds 0 and 1; compiled, in bf16
-    # autocast, they cost about what one epoch did in float32 (docs/experiments.md). Batches of 4 beat 8 at
-    # equal rows. GRPOSettings sets its own steps and batch.
+    # epoch (1650) and level with the pixel classifier on every class, seeds 0 and 1; compiled and in bf16
+    # autocast each step costs 0.73 of its float32 time (torch_compile, cpu_autocast; docs/experiments.md).
+    # Batches of 4 beat 8 at equal rows. GRPOSettings sets its own steps and batch.
     max_steps: int = 4950
     batch_size: int = 4  # per device
     grad_accum: int = 1
