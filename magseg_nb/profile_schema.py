@@ -149,8 +149,8 @@ SCHEDULERS = (
     "warmup_stable_decay",
 )
 TEST_VIEWS = Rule(int, choices=(1, 4, 8))  # views.VIEW_COUNTS (a test keeps them equal)
-SIDE_BY_SIDE = Rule((bool, str), choices=(True, False, "auto"))  # side_by_side.threads_each
-AUTO_BOOL = Rule((bool, str), choices=(True, False, "auto"))  # training.use_compile, use_cpu_autocast
+# true / false / "auto" (resolved for the machine: side_by_side.threads_each, training.use_compile, use_cpu_autocast)
+AUTO_BOOL = Rule((bool, str), choices=(True, False, "auto"))
 _TRAIN = {
     "formats": Rule(list, items=Rule(str, choices=FORMATS), nonempty=True),
     "learning_rate": POSITIVE,
@@ -234,7 +234,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "class_balance": FRACTION,
         "tile_group": _int(1),
         "equal_tokens": BOOL,
-        "train_side_by_side": SIDE_BY_SIDE,
+        "train_side_by_side": AUTO_BOOL,
         "torch_compile": AUTO_BOOL,
         "cpu_autocast": AUTO_BOOL,
         "conversation_layout": Rule(str, choices=("per_patch", "per_tile")),
@@ -279,7 +279,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "show_scene": TEXT,
         "map_scenes": Rule((str, list), choices=("first", "all", "none"), items=Rule(str, name=True)),
         "map_views": TEST_VIEWS,
-        "variants_side_by_side": SIDE_BY_SIDE,
+        "variants_side_by_side": AUTO_BOOL,
     },
     "06_metrics": {
         "iou_threshold": _num(1e-9, 1),
