@@ -222,6 +222,10 @@ def pretrain_proxy_base(
         seed=seed,
         time_budget_s=time_budget_s,
         eval_max_examples=0,
+        # its cache key names the recipe only: the run trains as the shipped base did, on any CPU
+        torch_compile=False,
+        cpu_autocast=False,
+        group_by_length=False,
     )
     run_sft(s, train_ds=ds)
     model_dir = work / "model"  # completed here, then renamed: a found dest is always whole

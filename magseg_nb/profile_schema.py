@@ -237,6 +237,7 @@ STAGES: dict[str, dict[str, Rule]] = {
         "train_side_by_side": AUTO_BOOL,
         "torch_compile": AUTO_BOOL,
         "cpu_autocast": AUTO_BOOL,
+        "group_by_length": AUTO_BOOL,
         "conversation_layout": Rule(str, choices=("per_patch", "per_tile")),
         "lr_scheduler": Rule(str, choices=SCHEDULERS),
         "warmup_steps": _int(0),

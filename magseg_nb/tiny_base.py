@@ -268,6 +268,10 @@ def build(out_dir: Path, recipe: Recipe, work_dir: Path, command: str | None = N
         logging_steps=recipe.logging_steps,
         seed=recipe.train_seed,
         eval_max_examples=0,
+        # the shipped base trained in float32, eager, rows at random: a rebuild keeps to it on any CPU
+        torch_compile=False,
+        cpu_autocast=False,
+        group_by_length=False,
     )
     t_train0 = time.time()
     result = training.run_sft(settings, train_ds=ds)

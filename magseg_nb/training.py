@@ -111,13 +111,17 @@ class SFTSettings(CommonSettings):
     # other answer token weighs 1 and each batch's loss is the weighted mean. 1: no weighting.
     mixed_cell_weight: float = 1.0
     # CPU speed, not the recipe (docs/experiments.md, "Three epochs in the time of one"). "auto": compile the
-    # model (torch.compile, inductor) for a CPU run of COMPILE_MIN_STEPS steps or more whose rows all have one
-    # shape (one_shape: MAgSeg's plain grids; Text4Seg's answers vary and would recompile it again and again)
-    # when a C++ compiler is on PATH; train in bf16 autocast, the weights kept in float32, on a CPU that does
-    # bf16 natively (AVX512-BF16 or AMX). Either moves the trained weights a little, as a thread count does;
-    # train_done.json records both.
+    # model (torch.compile, inductor) for a CPU run of COMPILE_MIN_STEPS steps or more whose batches keep their
+    # shape (one_shape: MAgSeg's plain grids; Text4Seg's answers of many lengths only in batches of similar
+    # length, group_by_length) when a C++ compiler is on PATH; train in bf16 autocast, the weights kept in
+    # float32, on a CPU that does bf16 natively (AVX512-BF16 or AMX). Either moves the trained weights a
+    # little, as a thread count does; train_done.json records both.
     torch_compile: bool | str = "auto"
     cpu_autocast: bool | str = "auto"
+    # Batches of rows of similar length (length_grouped_epoch): the same rows and tokens a pass, less padding.
+    # "auto": on when the rows differ in length (Text4Seg's run-length answers; MAgSeg's plain grids do not) and
+    # tile_group is 1; true / false. The batches' make-up changes, so the trained weights do a little.
+    group_by_length: bool | str = "auto"
 
     def __post_init__(self):
         # Checked when the settings are read, so a bad value fails before the model loads.
@@ -336,13 +340,14 @@ def cxx_compiler() -> str | None:
     return next((path for name in names if (path := shutil.which(name))), None)
 
 
-def use_compile(flag: bool | str, max_steps: int, fixed_shape: bool = True) -> bool:
+def use_compile(flag: bool | str, max_steps: int, steady_shapes: bool = True) -> bool:
     """Whether SFT compiles the model: ``torch_compile`` resolved for this machine, the run's length and
-    whether its batches all have one shape (``fixed_shape``; else the model is compiled again and again)."""
+    whether its batches keep their shape (``steady_shapes``: rows of one shape, or batches of similar
+    length; rows of any length at random made the compiled model slower than eager, docs/experiments.md)."""
     if flag != "auto":
         return bool(flag)
     long_run = max_steps >= COMPILE_MIN_STEPS
-    return not _torch().cuda.is_available() and long_run and fixed_shape and cxx_compiler() is not None
+    return not _torch().cuda.is_available() and long_run and steady_shapes and cxx_compiler() is not None
 
 
 def one_shape(rows, processor, n: int = 256) -> bool:
@@ -358,6 +363,18 @@ def one_shape(rows, processor, n: int = 256) -> bool:
 
     head = rows.select(range(min(n, len(rows))))
     return len({(len(r["images"]), n_tokens(r["prompt"]), n_tokens(r["completion"])) for r in head}) == 1
+
+
+def use_length_groups(flag: bool | str, fixed_shape: bool, tile_group: int = 1) -> bool:
+    """Whether SFT batches rows of similar length: ``group_by_length`` resolved for rows that all have one
+    shape or not (``fixed_shape``: grouping them saves nothing) and for ``tile_group`` (its own order)."""
+    if flag == "auto":
+        return not fixed_shape and tile_group == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if flag and tile_group > 1:
+        raise ValueError("group_by_length and tile_group > 1 each set the order of the rows: set one of them")
+    if flag and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("group_by_length trains in one process only: set it false for a multi-process run")
+    return bool(flag)
 
 
 def use_cpu_autocast(flag: bool | str) -> bool:
@@ -428,6 +445,55 @@ def tile_grouped_order(tile_ids, group: int, n: int, seed: int = 0) -> np.ndarra
         for k in rng.permutation(len(runs)):
             order.extend(runs[k].tolist())
     return np.asarray(order[:n], dtype=int)
+
+
+def length_grouped_epoch(lengths, batch: int, seed: int = 0, epoch: int = 0) -> np.ndarray:
+    """One pass over the rows (each once) in which each run of ``batch`` rows has similar lengths:
+    transformers' ``get_length_grouped_indices`` (as its ``group_by_length`` sampler), seeded by
+    ``seed`` and ``epoch``, so a resumed run draws its epoch again as it was."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    lengths = [int(x) for x in lengths]
+    if batch < 1 or not lengths:
+        raise ValueError(f"length_grouped_epoch needs rows and a batch of at least 1, got {len(lengths)}, {batch}")
+    gen = _torch().Generator().manual_seed(seed * 7919 + epoch)
+    return np.asarray(get_length_grouped_indices(lengths, batch, generator=gen), dtype=int)
+
+
+def length_grouped(trainer_cls, lengths, batch: int, seed: int):
+    """``trainer_cls`` drawing its training rows in batches of similar length (:func:`length_grouped_epoch`),
+    epoch by epoch as its own random sampler would: same rows a pass, same short last batch, fewer pads."""
+    torch = _torch()
+
+    class Epochs(torch.utils.data.Sampler):
+        def __init__(self):
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at each epoch's start
+            self.epoch = epoch
+
+        def __len__(self) -> int:
+            return len(lengths)
+
+        def __iter__(self):
+            return iter(length_grouped_epoch(lengths, batch, seed, self.epoch).tolist())
+
+    class LengthGrouped(trainer_cls):
+        length_groups = True  # recorded in train_done.json
+
+        def _get_train_sampler(self, train_dataset=None):
+            return Epochs()
+
+    return LengthGrouped
+
+
+def row_tokens(ds, collate, chunk: int = 64) -> np.ndarray:
+    """Tokens of each row of ``ds`` as ``collate`` builds them (its attention mask: no padding)."""
+    counts: list[int] = []
+    for i in range(0, len(ds), chunk):
+        batch = collate([ds[j] for j in range(i, min(i + chunk, len(ds)))])
+        counts.extend(batch["attention_mask"].sum(1).tolist())
+    return np.asarray(counts, dtype=int)
 
 
 def training_rows(s: CommonSettings, train_ds=None):
@@ -609,6 +675,13 @@ def sft_dataset(ds):
     return ds.select_columns(keep)
 
 
+def _prompt_collator(processor):
+    """TRL's collator for prompt/completion rows with images (the one SFTTrainer builds for them)."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    return DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)
+
+
 def sft_collator(ds, processor):
     """None (TRL's prompt/completion collator) for per-patch rows; for multi-turn rows (one per tile)
     a collator that puts the loss on every answer and its <end_of_turn>, as TRL's does for one."""
@@ -636,7 +709,9 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
         n = s.max_steps * s.batch_size * s.grad_accum
         rows = rows.select(tile_grouped_order(train_ds["tile_id"], s.tile_group, n, s.seed))
         order = {"train_sampling_strategy": "sequential"}
-    speed = {"torch_compile": use_compile(s.torch_compile, s.max_steps, one_shape(rows, processor))}
+    fixed = one_shape(rows, processor)
+    grouped = use_length_groups(s.group_by_length, fixed, s.tile_group)
+    speed = {"torch_compile": use_compile(s.torch_compile, s.max_steps, fixed or grouped)}
     if use_cpu_autocast(s.cpu_autocast):
         speed["bf16"] = True  # on the CPU: autocast, the weights stay float32 (_train_dtype)
     args = SFTConfig(
@@ -647,6 +722,9 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     )
     trainer_cls = label_weighted(SFTTrainer, label_token_weights(processor, s.label_weights))
     trainer_cls = loraplus(trainer_cls, s.loraplus_lr_ratio)
+    if grouped:
+        collate = sft_collator(train_ds, processor) or _prompt_collator(processor)
+        trainer_cls = length_grouped(trainer_cls, row_tokens(rows, collate), s.batch_size * s.grad_accum, s.seed)
     if s.by_cells:
         ids = class_token_ids(processor)
         trainer_cls = soft_labelled(trainer_cls, ids, s.soft_labels, s.mixed_cell_weight)
@@ -996,6 +1074,7 @@ def _save_trained(trainer, processor, dest: Path, s, t0: float, n_train: int) ->
         "torch_threads": _torch().get_num_threads(),  # train_seconds depends on it (and the results may)
         "torch_compile": bool(trainer.args.torch_compile),  # so may these two
         "cpu_autocast": bool(trainer.args.bf16 and not _torch().cuda.is_available()),
+        "length_groups": bool(getattr(trainer, "length_groups", False)),  # batches of similar length
         "n_train": n_train,
     }
     if done["stopped_early"]:
@@ -1426,18 +1505,12 @@ def tokens_per_step(s: SFTSettings, train_ds=None, chunk: int = 64) -> float:
     one pass of the rows training would draw. Each epoch's short last batch counts as a step, as the
     trainer's data loader makes it one."""
     from transformers import AutoProcessor
-    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     rows = training_rows(s, train_ds)
     processor = AutoProcessor.from_pretrained(s.base_model)
-    collate = sft_collator(rows, processor) or DataCollatorForVisionLanguageModeling(
-        processor=processor, completion_only_loss=True
-    )
+    collate = sft_collator(rows, processor) or _prompt_collator(processor)
     ds = sft_dataset(rows)
-    tokens = 0
-    for i in range(0, len(ds), chunk):
-        batch = collate([ds[j] for j in range(i, min(i + chunk, len(ds)))])
-        tokens += int(batch["attention_mask"].sum())
+    tokens = int(row_tokens(ds, collate, chunk).sum())
     steps_per_epoch = -(-len(ds) // s.batch_size) / s.grad_accum
     return tokens / steps_per_epoch
 

@@ -420,6 +420,39 @@ def test_tile_grouped_order_draws_runs_of_one_tile_and_every_row_once_a_pass():
         training.tile_grouped_order(tiles, 0, 5)
 
 
+def test_length_grouped_epochs_batch_rows_of_similar_length_and_draw_every_row_once():
+    lengths = np.random.default_rng(0).permutation(np.arange(100, 164))  # 64 rows of distinct lengths
+    first, second = (training.length_grouped_epoch(lengths, 2, seed=3, epoch=e) for e in (0, 1))
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(64))  # every row once an epoch
+    assert first.tolist() != second.tolist()  # each epoch drawn anew
+
+    def padding(o):  # padded minus real tokens over the batches of 2
+        pairs = lengths[np.asarray(o)].reshape(-1, 2)
+        return int((pairs.max(1)[:, None] - pairs).sum())
+
+    # sorted within megabatches of 16 rows (transformers: 64 // (2 x 4) batches): ~4 tokens a pair, ~21 at random
+    assert padding(first) * 4 < padding(np.random.default_rng(0).permutation(64))
+    assert training.length_grouped_epoch(lengths, 2, seed=3, epoch=0).tolist() == first.tolist()
+    assert training.length_grouped_epoch(lengths, 2, seed=4, epoch=0).tolist() != first.tolist()
+    with pytest.raises(ValueError, match="needs rows and a batch of at least 1, got 64, 0"):
+        training.length_grouped_epoch(lengths, 0)
+
+
+def test_length_groups_resolve_for_the_rows_and_the_other_orders(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert training.use_length_groups("auto", fixed_shape=False) is True  # Text4Seg-like rows
+    assert training.use_length_groups("auto", fixed_shape=True) is False  # plain grids: nothing to save
+    assert training.use_length_groups("auto", fixed_shape=False, tile_group=4) is False
+    assert training.use_length_groups(True, fixed_shape=True) is True
+    assert training.use_length_groups(False, fixed_shape=False) is False
+    with pytest.raises(ValueError, match="group_by_length and tile_group > 1 each set the order"):
+        training.use_length_groups(True, fixed_shape=False, tile_group=4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert training.use_length_groups("auto", fixed_shape=False) is False
+    with pytest.raises(ValueError, match="group_by_length trains in one process only"):
+        training.use_length_groups(True, fixed_shape=False)
+
+
 def test_a_finished_training_is_adopted_by_every_process_and_copied_by_the_main_one(tmp_path, monkeypatch):
     """Under several processes all of them must skip training (or the others wait for rank 0 forever);
     only the main process writes."""
@@ -753,6 +786,15 @@ def test_sft_compiled_in_bf16_autocast_resumes_and_saves_float32_weights(convs, 
     assert first[1] == pytest.approx(first[0], rel=0.05)
 
 
+def test_text4seg_rows_train_in_batches_of_similar_length_and_say_so(convs, tmp_path):
+    cfg = _tiny_sft(convs, tmp_path, "text4seg", torch_compile=False, cpu_autocast=False, max_steps=3)
+    assert training.run_sft(cfg)["steps"] == 3
+    done = json.loads((tmp_path / "sft" / training.DONE_FILE).read_text())
+    assert done["length_groups"] is True and done["torch_compile"] is False and done["steps"] == 3
+    with pytest.raises(ValueError, match="group_by_length and tile_group > 1 each set the order"):
+        training.run_sft({**cfg, "output_dir": str(tmp_path / "both"), "group_by_length": True, "tile_group": 4})
+
+
 def test_one_shape_tells_fixed_grids_from_run_length_answers(tmp_path):
     from datasets import Dataset
 
@@ -786,6 +828,6 @@ def test_one_shape_tells_fixed_grids_from_run_length_answers(tmp_path):
     assert not training.one_shape(
         rows(grids[:1], ("row 1, column 2", "the patch in the top left corner")), processor
     )
-    # a row that misses the rule's shape: compile "auto" stays off, an explicit setting wins
-    assert training.use_compile("auto", 10**6, fixed_shape=False) is False
-    assert training.use_compile(True, 10, fixed_shape=False) is True
+    # rows of many lengths drawn at random: compile "auto" stays off, an explicit setting wins
+    assert training.use_compile("auto", 10**6, steady_shapes=False) is False
+    assert training.use_compile(True, 10, steady_shapes=False) is True
