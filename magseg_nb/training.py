@@ -455,7 +455,9 @@ def length_grouped_epoch(lengths, batch: int, seed: int = 0, epoch: int = 0) -> 
 
     lengths = [int(x) for x in lengths]
     if batch < 1 or not lengths:
-        raise ValueError(f"length_grouped_epoch needs rows and a batch of at least 1, got {len(lengths)}, {batch}")
+        raise ValueError(
+            f"length_grouped_epoch needs rows and a batch of at least 1, got {len(lengths)}, {batch}"
+        )
     gen = _torch().Generator().manual_seed(seed * 7919 + epoch)
     return np.asarray(get_length_grouped_indices(lengths, batch, generator=gen), dtype=int)
 
@@ -724,7 +726,9 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     trainer_cls = loraplus(trainer_cls, s.loraplus_lr_ratio)
     if grouped:
         collate = sft_collator(train_ds, processor) or _prompt_collator(processor)
-        trainer_cls = length_grouped(trainer_cls, row_tokens(rows, collate), s.batch_size * s.grad_accum, s.seed)
+        trainer_cls = length_grouped(
+            trainer_cls, row_tokens(rows, collate), s.batch_size * s.grad_accum, s.seed
+        )
     if s.by_cells:
         ids = class_token_ids(processor)
         trainer_cls = soft_labelled(trainer_cls, ids, s.soft_labels, s.mixed_cell_weight)

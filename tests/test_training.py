@@ -792,7 +792,9 @@ def test_text4seg_rows_train_in_batches_of_similar_length_and_say_so(convs, tmp_
     done = json.loads((tmp_path / "sft" / training.DONE_FILE).read_text())
     assert done["length_groups"] is True and done["torch_compile"] is False and done["steps"] == 3
     with pytest.raises(ValueError, match="group_by_length and tile_group > 1 each set the order"):
-        training.run_sft({**cfg, "output_dir": str(tmp_path / "both"), "group_by_length": True, "tile_group": 4})
+        training.run_sft(
+            {**cfg, "output_dir": str(tmp_path / "both"), "group_by_length": True, "tile_group": 4}
+        )
 
 
 def test_one_shape_tells_fixed_grids_from_run_length_answers(tmp_path):
