@@ -351,18 +351,20 @@ def use_compile(flag: bool | str, max_steps: int, steady_shapes: bool = True) ->
 
 
 def one_shape(rows, processor, n: int = 256) -> bool:
-    """Whether the first ``n`` prompt/completion rows all hold as many images and as many prompt and
-    answer tokens (MAgSeg's plain grids do; Text4Seg's run-length answers do not)."""
-    if "completion" not in rows.column_names:
+    """Whether the first ``n`` rows all hold as many images and as many tokens in each part (prompt and
+    answer, or each turn of a multi-turn row): MAgSeg's plain grids do; Text4Seg's run-length answers do not."""
+    parts = ["prompt", "completion"] if "completion" in rows.column_names else ["messages"]
+    if parts[-1] not in rows.column_names:
         return False
     tok = getattr(processor, "tokenizer", processor)
 
-    def n_tokens(messages) -> int:
-        text = "".join(p.get("text") or "" for m in messages for p in m["content"] if isinstance(p, dict))
+    def n_tokens(message) -> int:
+        text = "".join(p.get("text") or "" for p in message["content"] if isinstance(p, dict))
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
     head = rows.select(range(min(n, len(rows))))
-    return len({(len(r["images"]), n_tokens(r["prompt"]), n_tokens(r["completion"])) for r in head}) == 1
+    shapes = {(len(r["images"]), *(n_tokens(m) for part in parts for m in r[part])) for r in head}
+    return len(shapes) == 1
 
 
 def use_length_groups(flag: bool | str, fixed_shape: bool, tile_group: int = 1) -> bool:

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -797,6 +798,37 @@ def test_text4seg_rows_train_in_batches_of_similar_length_and_say_so(convs, tmp_
         )
 
 
+def test_a_length_grouped_run_resumed_mid_epoch_ends_where_the_whole_run_does(convs, tmp_path):
+    """Each epoch's batches are drawn from the seed and the epoch: a run resumed from a checkpoint in the
+    middle of an epoch sees the same rows as the run that never stopped, and ends with the same weights."""
+    from safetensors.torch import load_file
+
+    speed = dict(torch_compile=False, cpu_autocast=False, group_by_length=True)
+    whole = _tiny_sft(convs, tmp_path / "whole", "text4seg", max_steps=4, save_steps=1, **speed)
+    training.run_sft(whole)  # 6 rows at batch 4: epochs of 2 steps; step 3 is the first of the second
+    part = _tiny_sft(convs, tmp_path / "part", "text4seg", max_steps=4, save_steps=1, **speed)
+    ckpts = Path(part["output_dir"]) / "checkpoints"
+    shutil.copytree(Path(whole["output_dir"]) / "checkpoints", ckpts)
+    shutil.rmtree(ckpts / "checkpoint-4")  # as if stopped after step 3
+    assert training.run_sft(part)["steps"] == 4
+    weights = [
+        load_file(Path(c["output_dir"]) / "adapter" / "adapter_model.safetensors") for c in (whole, part)
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch_equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # another seed draws other batches (and other LoRA weights)
+    other = _tiny_sft(convs, tmp_path / "other", "text4seg", max_steps=4, save_steps=4, seed=1, **speed)
+    training.run_sft(other)
+    w = load_file(Path(other["output_dir"]) / "adapter" / "adapter_model.safetensors")
+    assert not all(torch_equal(w[k], weights[0][k]) for k in w)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
 def test_one_shape_tells_fixed_grids_from_run_length_answers(tmp_path):
     from datasets import Dataset
 
@@ -830,6 +862,24 @@ def test_one_shape_tells_fixed_grids_from_run_length_answers(tmp_path):
     assert not training.one_shape(
         rows(grids[:1], ("row 1, column 2", "the patch in the top left corner")), processor
     )
+
+    # multi-turn rows (one conversation per tile): each turn's tokens count
+    def tile_rows(answers):
+        turns = [m for a in answers for m in msg_pair(a)]
+        return Dataset.from_list(
+            [{"images": ["a.png"], "messages": turns}, {"images": ["b.png"], "messages": turns}]
+        )
+
+    def msg_pair(answer):
+        return [
+            {"role": "user", "content": [{"type": "text", "text": "Segment row 1, column 2."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]
+
+    assert training.one_shape(tile_rows(grids[:2]), processor)
+    uneven = tile_rows(grids[:2]).to_list()
+    uneven[1]["messages"] = [m for a in ["field *4", grids[0]] for m in msg_pair(a)]
+    assert not training.one_shape(Dataset.from_list(uneven), processor)
     # rows of many lengths drawn at random: compile "auto" stays off, an explicit setting wins
     assert training.use_compile("auto", 10**6, steady_shapes=False) is False
     assert training.use_compile(True, 10, steady_shapes=False) is True
