@@ -371,10 +371,10 @@ def use_length_groups(flag: bool | str, fixed_shape: bool, tile_group: int = 1) 
     """Whether SFT batches rows of similar length: ``group_by_length`` resolved for rows that all have one
     shape or not (``fixed_shape``: grouping them saves nothing) and for ``tile_group`` (its own order)."""
     if flag == "auto":
-        return not fixed_shape and tile_group == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        return not fixed_shape and tile_group == 1 and _one_process()
     if flag and tile_group > 1:
         raise ValueError("group_by_length and tile_group > 1 each set the order of the rows: set one of them")
-    if flag and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if flag and not _one_process():
         raise ValueError("group_by_length trains in one process only: set it false for a multi-process run")
     return bool(flag)
 
@@ -391,6 +391,11 @@ def use_cpu_autocast(flag: bool | str) -> bool:
 
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _one_process() -> bool:
+    """Whether this run trains in one process (no torchrun/accelerate world of several)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) == 1
 
 
 def load_split(jsonl: str | Path, max_examples: int | None = None, seed: int = 0):
@@ -679,11 +684,14 @@ def sft_dataset(ds):
     return ds.select_columns(keep)
 
 
-def _prompt_collator(processor):
-    """TRL's collator for prompt/completion rows with images (the one SFTTrainer builds for them)."""
+def token_collator(ds, processor):
+    """The collator whose attention mask counts each row's tokens as training sees them: ours for
+    multi-turn rows (:func:`sft_collator`), TRL's prompt/completion collator with images otherwise."""
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    return DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)
+    return sft_collator(ds, processor) or DataCollatorForVisionLanguageModeling(
+        processor=processor, completion_only_loss=True
+    )
 
 
 def sft_collator(ds, processor):
@@ -703,7 +711,7 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     if s.by_cells:  # before any reordering: the shares follow train_ds's rows
         rows = with_cell_shares(rows, train_ds, s)
     if s.tile_group > 1:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not _one_process():
             raise ValueError(
                 "tile_group > 1 trains in one process only: set tile_group: 1 for a multi-process run"
             )
@@ -727,10 +735,8 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     trainer_cls = label_weighted(SFTTrainer, label_token_weights(processor, s.label_weights))
     trainer_cls = loraplus(trainer_cls, s.loraplus_lr_ratio)
     if grouped:
-        collate = sft_collator(train_ds, processor) or _prompt_collator(processor)
-        trainer_cls = length_grouped(
-            trainer_cls, row_tokens(rows, collate), s.batch_size * s.grad_accum, s.seed
-        )
+        lengths = row_tokens(rows, token_collator(train_ds, processor))
+        trainer_cls = length_grouped(trainer_cls, lengths, s.batch_size * s.grad_accum, s.seed)
     if s.by_cells:
         ids = class_token_ids(processor)
         trainer_cls = soft_labelled(trainer_cls, ids, s.soft_labels, s.mixed_cell_weight)
@@ -1514,10 +1520,8 @@ def tokens_per_step(s: SFTSettings, train_ds=None, chunk: int = 64) -> float:
 
     rows = training_rows(s, train_ds)
     processor = AutoProcessor.from_pretrained(s.base_model)
-    collate = sft_collator(rows, processor) or _prompt_collator(processor)
-    ds = sft_dataset(rows)
-    tokens = int(row_tokens(ds, collate, chunk).sum())
-    steps_per_epoch = -(-len(ds) // s.batch_size) / s.grad_accum
+    tokens = int(row_tokens(sft_dataset(rows), token_collator(rows, processor), chunk).sum())
+    steps_per_epoch = -(-len(rows) // s.batch_size) / s.grad_accum
     return tokens / steps_per_epoch
 
 

@@ -801,6 +801,7 @@ def test_text4seg_rows_train_in_batches_of_similar_length_and_say_so(convs, tmp_
 def test_a_length_grouped_run_resumed_mid_epoch_ends_where_the_whole_run_does(convs, tmp_path):
     """Each epoch's batches are drawn from the seed and the epoch: a run resumed from a checkpoint in the
     middle of an epoch sees the same rows as the run that never stopped, and ends with the same weights."""
+    import torch
     from safetensors.torch import load_file
 
     speed = dict(torch_compile=False, cpu_autocast=False, group_by_length=True)
@@ -815,18 +816,12 @@ def test_a_length_grouped_run_resumed_mid_epoch_ends_where_the_whole_run_does(co
         load_file(Path(c["output_dir"]) / "adapter" / "adapter_model.safetensors") for c in (whole, part)
     ]
     assert weights[0].keys() == weights[1].keys()
-    assert all(torch_equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     # another seed draws other batches (and other LoRA weights)
     other = _tiny_sft(convs, tmp_path / "other", "text4seg", max_steps=4, save_steps=4, seed=1, **speed)
     training.run_sft(other)
     w = load_file(Path(other["output_dir"]) / "adapter" / "adapter_model.safetensors")
-    assert not all(torch_equal(w[k], weights[0][k]) for k in w)
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))
+    assert not all(torch.equal(w[k], weights[0][k]) for k in w)
 
 
 def test_one_shape_tells_fixed_grids_from_run_length_answers(tmp_path):
