@@ -721,7 +721,8 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
         n = s.max_steps * s.batch_size * s.grad_accum
         rows = rows.select(tile_grouped_order(train_ds["tile_id"], s.tile_group, n, s.seed))
         order = {"train_sampling_strategy": "sequential"}
-    fixed = one_shape(rows, processor)
+    # one_shape tokenizes 256 rows: only an "auto" setting reads it
+    fixed = "auto" in (s.group_by_length, s.torch_compile) and one_shape(rows, processor)
     grouped = use_length_groups(s.group_by_length, fixed, s.tile_group)
     speed = {"torch_compile": use_compile(s.torch_compile, s.max_steps, fixed or grouped)}
     if use_cpu_autocast(s.cpu_autocast):
