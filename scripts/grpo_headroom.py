@@ -9,8 +9,12 @@ answers, the reward has little to push on (docs/experiments.md).
     OMP_NUM_THREADS=1 .venv/bin/python scripts/grpo_headroom.py --run-dir runs/demo \
         --adapter runs/demo/03_sft/magseg/adapter --against runs/demo/03_sft/magseg --out runs/exp/headroom
 
-Writes under --out: ``sample/answers.jsonl`` (each prompt's first sample), ``best_of_<n>/answers.jsonl``
-(the sample with the highest reward among the first n, ties to the earlier sample) and ``headroom.json``.
+The samples answer one view of each tile, so the reference is the greedy answer of that view: an answers file
+written with ``test_views`` > 1 keeps it as ``plain_answer``, and that is what is compared (``greedy/answers.jsonl``).
+
+Writes under --out: ``greedy/answers.jsonl`` (the reference), ``sample/answers.jsonl`` (each prompt's first
+sample), ``best_of_<n>/answers.jsonl`` (the sample with the highest reward among the first n, ties to the earlier
+sample) and ``headroom.json``.
 """
 
 from __future__ import annotations
@@ -49,6 +53,23 @@ def answer_row(row_id, text: str, gt) -> dict:
     }
 
 
+def plain_reference(answers_jsonl: Path, out_jsonl: Path, ids, gts) -> Path:
+    """``out_jsonl``: the greedy answers of one view (``plain_answer`` where the file has it, else ``answer``)."""
+    greedy = validation.read_answers(answers_jsonl)
+    missing = [i for i in ids if str(i) not in greedy]
+    if missing:
+        raise SystemExit(
+            f"{answers_jsonl} has no answer for {len(missing)} validation rows (e.g. {missing[0]})"
+        )
+    rows = [
+        answer_row(i, (r := greedy[str(i)]).get("plain_answer", r["answer"]), g)
+        for i, g in zip(ids, gts, strict=True)
+    ]
+    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
+    files.write_jsonl(out_jsonl, rows)
+    return out_jsonl
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, required=True, help="a run with notebooks 01 and 02 finished")
@@ -70,7 +91,6 @@ def main(argv=None) -> dict:
         if not path.exists():
             raise SystemExit(f"{path} not found: run notebooks 01-03 (magseg-nb run --to 03) first")
     ds = training.load_split(val)
-    greedy = validation.read_answers(greedy_path)
     model, processor = models.load_model_and_processor(
         inference.adapter_base(args.adapter), adapter_dir=args.adapter
     )
@@ -91,6 +111,8 @@ def main(argv=None) -> dict:
     )
     seconds = time.perf_counter() - t0
     gts = [np.asarray(g) for g in ds["gt_mask"]]
+    greedy_path = plain_reference(greedy_path, args.out / "greedy" / layout.ANSWERS, ds["id"], gts)
+    greedy = validation.read_answers(greedy_path)
     samples = [texts[i * args.k : (i + 1) * args.k] for i in range(len(ds))]
     args.out.mkdir(parents=True, exist_ok=True)
     files.write_jsonl(
@@ -110,6 +132,7 @@ def main(argv=None) -> dict:
         "seed": args.seed,
         "prompts": len(ds),
         "generate_seconds": round(seconds, 1),
+        "reference": "greedy, one view (plain_answer)",
         "reward_greedy": round(float(greedy_reward.mean()), 4),
         "reward_sample": round(float(reward_k.mean()), 4),
         "groups_all_equal": {},

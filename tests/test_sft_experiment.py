@@ -139,6 +139,31 @@ def test_headroom_answer_rows_are_scored_like_evaluate():
     assert bad["mean_dice"] == pytest.approx(0.0)
 
 
+def test_headroom_compares_against_the_plain_view_greedy_answer(tmp_path):
+    """Samples answer one view: the reference is each row's plain_answer (a four-view file keeps it), else answer."""
+    import json
+
+    h = _headroom()
+    gts = [np.array([[1, 1], [2, 2]]), np.array([[3, 3], [3, 3]])]
+    voted = {
+        "id": "a",
+        "answer": "field|field\ntree|tree",
+        "plain_answer": "field|field\nfield|field",
+        "views": 4,
+    }
+    one_view = {"id": "b", "answer": "water|water\nwater|water"}
+    src = tmp_path / "answers.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in (voted, one_view)))
+    out = h.plain_reference(src, tmp_path / "greedy" / "answers.jsonl", ["a", "b"], gts)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["answer"] for r in rows] == ["field|field\nfield|field", "water|water\nwater|water"]
+    assert rows[0]["mean_dice"] == pytest.approx((2 * 2 / 6 + 0.0) / 2)  # field 2 of 4 written, tree missed
+    assert rows[1]["mean_dice"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit, match="has no answer for 1 validation rows"):
+        h.plain_reference(src, tmp_path / "other.jsonl", ["a", "b", "c"], gts + [gts[1]])
+    assert not (tmp_path / "other.jsonl").exists()
+
+
 def test_headroom_refuses_a_run_without_answers(tmp_path):
     with pytest.raises(SystemExit, match="not found: run notebooks 01-03"):
         _headroom().main(
