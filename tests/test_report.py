@@ -170,11 +170,14 @@ def test_robustness_runs_get_one_row_each(run_dir, tmp_path):
             _long([({"format": "magseg", "scorer": "pixel classifier baseline", "answers": "all"}, pixel)]),
         ]
     ).to_csv(other / "03_sft" / "eval_table.csv", index=False)
-    lines = report.checks_section([other, tmp_path / "missing"])
+    lines = report.checks_section([other, tmp_path / "missing"], main_run=run_dir)
     table = "\n".join(lines)
-    assert lines[0].startswith("### Other landscapes") and table.count("| check-seed1 | 1 |") == 1
+    assert lines[0].startswith("### Every landscape side by side") and table.count("| check-seed1 | 1 |") == 1
     assert "0.871 [0.821, 0.911]" in table and "50.0 %" in table and "0.031 [0.012, 0.050]" in table
-    row = next(line for line in table.splitlines() if line.startswith("| check-seed1"))
+    rows = [line for line in table.splitlines() if line.startswith("| demo") or line.startswith("| check")]
+    assert [r.split(" | ")[0] for r in rows] == ["| demo", "| check-seed1"]  # the main run first
+    row = rows[1]
+    assert "| water 0.854 | n/a |" in row  # its lowest class; no answers here to pair with the classifier
     assert row.endswith("| 0.104 [0.026, 0.187] | 0.015 [0.009, 0.023] |")  # the SFT row, not GRPO's
     assert "| 0.950 / 0.900 / 0.581 / 0.930 (0.840) |" in row  # the baseline per class, not only its mean
     # a run that stopped before notebook 06 says so instead of leaving the columns out
@@ -201,3 +204,26 @@ def test_the_study_section_shows_runs_and_generated_findings(run_dir):
     assert "| run | cells / tile side | steps | well-formed |" in block
     assert f"- {finding}" in block and "- REDUCED BUDGET: 40 steps" in block
     assert report.study_section(run_dir.parent / "none") == []
+
+
+def test_the_standing_against_the_classifier_comes_from_the_paired_block_intervals(tmp_path):
+    """The model answers perfectly, the classifier calls every pixel field: ahead on field and tree only."""
+    import shutil
+
+    from .test_validation import _fake_run
+
+    run01, val, answers = _fake_run(tmp_path / "run")
+    run = run01.parent
+    shutil.move(val, run / "02_instruction_format" / "magseg_val.jsonl")
+    (run / "03_sft" / "magseg").mkdir(parents=True)
+    shutil.copy(answers, run / "03_sft" / "magseg" / "answers.jsonl")
+    write_state(run / "03_sft", {}, params={"n_boot": 200, "ci": 0.95, "seed": 3})
+    assert report.classifier_standing(run) == (
+        "ahead on field +0.333 [+0.333, +0.333], tree +1.000 [+1.000, +1.000]; level on the rest"
+    )
+    all_field = [json.loads(line) for line in answers.read_text().splitlines()]
+    for row in all_field:
+        row["answer"] = "\n".join(["field|field|field|field"] * 4)
+    (run / "03_sft" / "magseg" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_field))
+    assert report.classifier_standing(run) == "level on every class"  # the same answers as the classifier
+    assert report.classifier_standing(run, "text4seg") == "n/a"
