@@ -91,6 +91,9 @@ def main(argv=None) -> dict:
         if not path.exists():
             raise SystemExit(f"{path} not found: run notebooks 01-03 (magseg-nb run --to 03) first")
     ds = training.load_split(val)
+    gts = [np.asarray(g) for g in ds["gt_mask"]]  # the reference is checked before minutes of sampling
+    greedy_path = plain_reference(greedy_path, args.out / "greedy" / layout.ANSWERS, ds["id"], gts)
+    greedy = validation.read_answers(greedy_path)
     model, processor = models.load_model_and_processor(
         inference.adapter_base(args.adapter), adapter_dir=args.adapter
     )
@@ -110,9 +113,6 @@ def main(argv=None) -> dict:
         temperature=args.temperature,
     )
     seconds = time.perf_counter() - t0
-    gts = [np.asarray(g) for g in ds["gt_mask"]]
-    greedy_path = plain_reference(greedy_path, args.out / "greedy" / layout.ANSWERS, ds["id"], gts)
-    greedy = validation.read_answers(greedy_path)
     samples = [texts[i * args.k : (i + 1) * args.k] for i in range(len(ds))]
     args.out.mkdir(parents=True, exist_ok=True)
     files.write_jsonl(
