@@ -276,14 +276,8 @@ def classifier_standing(run: Path, fmt: str = "magseg") -> str:
     diff = validation.compare(
         frames[validation.PIXEL], frames[validation.MODEL],
         int(params.get("n_boot", 1000)), float(params.get("ci", 0.95)), int(params.get("seed", 0)),
-    ).set_index("metric")  # fmt: skip
-    groups: dict[str, list[str]] = {"higher": [], "lower": []}
-    for metric in (m for m in CLASS_COLUMNS if m.startswith("dice_") and m in diff.index):
-        r, verdict = diff.loc[metric], validation.verdict(diff.reset_index(), metric)
-        if verdict in groups:
-            groups[verdict].append(
-                f"{CLASS_COLUMNS[metric]} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
-            )
+    )  # fmt: skip
+    groups = validation.class_verdicts(diff)
     parts = [f"ahead on {', '.join(groups['higher'])}"] if groups["higher"] else []
     parts += [f"behind on {', '.join(groups['lower'])}"] if groups["lower"] else []
     return "; ".join(parts) + ("; level on the rest" if parts else "level on every class")

@@ -142,6 +142,20 @@ SHORT = {MODEL: "val", ALL_FIELD: "all_field", PIXEL: "pixel"}
 _CLASS_METRICS = tuple(f"dice_{c}" for c in CLASSES)
 
 
+def class_verdicts(diff: pd.DataFrame) -> dict[str, list[str]]:
+    """The classes of a paired B - A table by :func:`verdict` ('higher', 'lower', 'not resolved'), each as
+    "tree +0.012 [+0.003, +0.020]"; classes without a difference (absent on both sides) left out."""
+    groups: dict[str, list[str]] = {"higher": [], "lower": [], "not resolved": []}
+    rows = diff.set_index("metric")
+    for metric in _CLASS_METRICS:
+        if metric in rows.index and not np.isnan(rows.loc[metric, "diff"]):
+            r = rows.loc[metric]
+            groups[verdict(diff, metric)].append(
+                f"{metric.removeprefix('dice_')} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
+            )
+    return groups
+
+
 def conclusions(versus: dict, notes: list[str] = ()) -> list[str]:
     """Sentences stating what the paired tables show, generated from their intervals.
 
@@ -153,15 +167,8 @@ def conclusions(versus: dict, notes: list[str] = ()) -> list[str]:
     """
     lines = list(notes)
     for (run, baseline), diff in versus.items():
-        groups: dict[str, list[str]] = {"higher": [], "lower": [], "not resolved": []}
-        rows = diff.set_index("metric")
-        for metric in _CLASS_METRICS:
-            if metric in rows.index and not np.isnan(rows.loc[metric, "diff"]):
-                r = rows.loc[metric]
-                groups[verdict(diff, metric)].append(
-                    f"{metric.removeprefix('dice_')} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
-                )
-        n = rows.iloc[0]
+        groups = class_verdicts(diff)
+        n = diff.iloc[0]
         where = f"{int(n['n_tiles'])} answers in {int(n['n_units'])} blocks"
         parts = [
             f"ahead on {', '.join(groups['higher'])}" if groups["higher"] else "ahead on no class",
