@@ -305,15 +305,31 @@ def rasterize_labels(
     return Masks(semantic, boundary, instances, report)
 
 
+def percentile_stretch(array: np.ndarray, valid: np.ndarray, low: float = 2, high: float = 98) -> np.ndarray:
+    """(bands, H, W) of any dtype -> (3, H, W) uint8: each band's ``low``-``high`` percentile range over
+    ``valid`` mapped linearly onto 1..255 (clipped); 0 where not valid."""
+    out = np.zeros((3, *array.shape[1:]), np.uint8)
+    for b in range(3):
+        lo, hi = np.percentile(array[b][valid], [low, high]) if valid.any() else (0, 1)
+        out[b] = np.clip(1 + 254 * (array[b].astype(np.float32) - lo) / max(hi - lo, 1e-6), 1, 255)
+    out[:, ~valid] = 0
+    return out
+
+
+def stretched_tile(image: np.ndarray) -> np.ndarray:
+    """An (H, W, >=3) tile as the model and the pixel classifier see it: (H, W, 3) uint8, each band
+    stretched from its 2nd to its 98th percentile over the valid pixels (any band non-zero) onto 1..255,
+    nodata left 0. Per tile, so a haze veil's loss of contrast is mostly undone (docs/experiments.md)."""
+    image = np.asarray(image)
+    valid = image[..., :3].any(axis=-1)
+    return np.ascontiguousarray(
+        percentile_stretch(image[..., :3].transpose(2, 0, 1), valid).transpose(1, 2, 0)
+    )
+
+
 def to_rgb8(array: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """(bands, H, W) of any dtype -> (3, H, W) uint8 with a 2-98 % stretch per band; 0 = nodata."""
-    if array.dtype == np.uint8:
-        out = array[:3].copy()
-    else:
-        out = np.zeros((3, *array.shape[1:]), np.uint8)
-        for b in range(3):
-            lo, hi = np.percentile(array[b][valid], [2, 98]) if valid.any() else (0, 1)
-            out[b] = np.clip(1 + 254 * (array[b].astype(np.float32) - lo) / max(hi - lo, 1e-6), 1, 255)
+    out = array[:3].copy() if array.dtype == np.uint8 else percentile_stretch(array, valid)
     out[:, ~valid] = 0
     out[:, valid] = np.maximum(out[:, valid], 1)  # keep 0 for nodata only
     return out

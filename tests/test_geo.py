@@ -451,3 +451,17 @@ def test_invalid_polygons_are_repaired_and_lines_dropped(tmp_path):
     geo.write_vector(only_line, tmp_path / "line.gpkg")
     with pytest.raises(geo.GeoDataError, match=r"line\.gpkg has no polygons"):
         geo.prepare_scene(image, tmp_path / "line.gpkg", tmp_path / "s2")
+
+
+def test_percentile_stretch_maps_the_2_98_range_onto_1_255():
+    band = np.tile(np.arange(101, dtype=np.float32), (101, 1))  # every value 0..100, once per row
+    array = np.stack([band, band * 2 + 10, np.full_like(band, 7)])
+    valid = np.ones(band.shape, bool)
+    valid[0, :] = False
+    out = geo.percentile_stretch(array, valid)
+    assert out.shape == (3, 101, 101) and out.dtype == np.uint8
+    assert (out[:, 0] == 0).all(), "not valid -> 0"
+    assert out[0, 1, 2] == 1 and out[0, 1, 98] == 255 and out[0, 1, 0] == 1 and out[0, 1, 100] == 255
+    assert out[0, 1, 50] == 128  # 1 + 254 * (50 - 2) / 96
+    np.testing.assert_array_equal(out[1], out[0])  # a band's affine change does not change its stretch
+    assert (out[2, 1:] == 1).all()  # a flat band: no range to stretch

@@ -104,7 +104,8 @@ def test_beats_all_field_on_a_generated_landscape():
     and texture separate, are found (all-field scores 0 on them), and field beats the all-field baseline.
 
     Water is not asserted: its colour differs from scene to scene (murky vs clear), and one training
-    scene does not show enough of it (Dice 0.02 here; 0.89 on the demo's 419 train tiles)."""
+    scene does not show enough of it (Dice 0.13 here, 0.02 without the stretch; 0.96 on the demo's
+    419 train tiles)."""
     semantic = {}
     scenes = {k: landscape.generate_scene(k, "vietnam", 192, 0.8, seed=s) for k, s in (("a", 0), ("b", 1))}
     for k, scene in scenes.items():
@@ -121,8 +122,8 @@ def test_beats_all_field_on_a_generated_landscape():
     ours = pixel_baseline.cell_scores([(truth, prompts.patch_target(pred, None, 1, 24))])
     all_field = pixel_baseline.cell_scores([(truth, np.ones_like(truth))])
     assert all_field.loc["water", "dice"] == 0 and all_field.loc["tree", "dice"] == 0
-    assert ours.loc["others", "dice"] > 0.85 and ours.loc["tree", "dice"] > 0.55  # measured 0.91, 0.64
-    assert ours.loc["field", "dice"] > all_field.loc["field", "dice"] + 0.15  # 0.85 vs 0.62
+    assert ours.loc["others", "dice"] > 0.85 and ours.loc["tree", "dice"] > 0.55  # measured 0.90, 0.64
+    assert ours.loc["field", "dice"] > all_field.loc["field", "dice"] + 0.15  # 0.89 vs 0.62
     assert ours.attrs["mdice"] > all_field.attrs["mdice"] + 0.4
 
 
@@ -253,3 +254,24 @@ def test_tuning_uses_validation_and_settings_defaults(tmp_path):
     assert pixel_baseline.make_settings(samples_per_tile=None, max_iter=7) == pixel_baseline.PixelSettings(
         max_iter=7
     )
+
+
+def test_stretch_makes_the_classifier_see_through_a_haze_veil(tmp_path):
+    """A uniform grey veil is an affine change of each band, which the per-tile percentile stretch undoes:
+    trained on clear tiles, the stretched classifier labels a veiled tile as it labels the clear one; the
+    raw one loses pixels (measured: 0.999 vs 0.977 right)."""
+    run01, _, _ = fake_run(tmp_path, water_in_train=True)
+    val = geo.read_tile(run01, "t1_1")
+    valid = pixel_baseline.valid_pixels(val.image)
+    veiled = (val.image * 0.25 + np.array([196, 200, 206]) * 0.75).astype(np.uint8)
+    veiled[~valid] = 0
+    labelled = val.semantic != NODATA
+    right = {}
+    for stretch in (True, False):
+        model, record = pixel_baseline.train_pixel_classifier(run01, replace(FAST, stretch=stretch))
+        assert record["settings"]["stretch"] is stretch
+        clear, hazy = (pixel_baseline.predict_tile(model, im) for im in (val.image, veiled))
+        assert (clear[labelled] == val.semantic[labelled]).mean() > 0.99
+        right[stretch] = (hazy[labelled] == val.semantic[labelled]).mean()
+    assert right[True] > 0.99 and right[False] < right[True] - 0.01
+    assert pixel_baseline.PixelSettings().stretch is True  # the default (chosen on the demo's validation)
