@@ -317,9 +317,10 @@ def percentile_stretch(array: np.ndarray, valid: np.ndarray, low: float = 2, hig
 
 
 def stretched_tile(image: np.ndarray) -> np.ndarray:
-    """An (H, W, >=3) tile as the model and the pixel classifier see it: (H, W, 3) uint8, each band
-    stretched from its 2nd to its 98th percentile over the valid pixels (any band non-zero) onto 1..255,
-    nodata left 0. Per tile, so a haze veil's loss of contrast is mostly undone (docs/experiments.md)."""
+    """An (H, W, >=3) tile as the pixel classifier sees it: (H, W, 3) uint8, each band stretched from its
+    2nd to its 98th percentile over the valid pixels (any band non-zero) onto 1..255, nodata left 0. Per
+    tile, so a haze veil's loss of contrast is mostly undone. The model is shown the tiles unstretched: on
+    its stretched tiles it gained on one landscape and lost on two (docs/experiments.md)."""
     image = np.asarray(image)
     valid = image[..., :3].any(axis=-1)
     return np.ascontiguousarray(

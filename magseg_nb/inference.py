@@ -232,7 +232,6 @@ def predict_tiles(
     view's (what the model wrote for the tile as it is)."""
     if generate is None:
         from magseg_nb.models import generate
-    images = [geo.stretched_tile(img) for img in images]  # as notebook 02 wrote the conversations' images
     views = views_mod.view_ids(test_views)
     patches = tile_patches(spec)
     layout_ = spec.patch_layout if spec.fmt == "magseg" else 1

@@ -319,7 +319,7 @@ def conversation_rows(
     """The JSONL rows of one tile (its images are written to ``out_dir/images``)."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    image = Image.fromarray(geo.stretched_tile(tile.image))  # what the model sees, here and at inference
+    image = Image.fromarray(np.asarray(tile.image, dtype=np.uint8)).convert("RGB")
     tile_png = f"images/{files.safe_id(tile.tile_id, 'tile id')}.png"
     save_png(image, out_dir / tile_png)
     layout = patch_layout if fmt == "magseg" else 1

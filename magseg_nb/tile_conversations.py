@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from magseg_nb import files, geo, prompts
+from magseg_nb import files, prompts
 from magseg_nb.labels import NODATA
 
 IGNORE = -100
@@ -70,9 +70,7 @@ def tile_row(
     """The JSONL row of one tile's multi-turn conversation (images written to ``out_dir/images``)."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    conv = tile_conversation(
-        geo.stretched_tile(tile.image), grid, encoding, patch_layout, variant, tile.semantic
-    )
+    conv = tile_conversation(tile.image, grid, encoding, patch_layout, variant, tile.semantic)
     paths = [f"images/{tile.tile_id}.png"]
     for (r, c), _img in zip(conv["patches"], conv["images"][1:], strict=False):
         paths.append(f"images/{tile.tile_id}__p{r}_{c}_{variant}.png")

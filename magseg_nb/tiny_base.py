@@ -8,10 +8,6 @@ demo's conversation layout (both formats). The result is saved like a hub checkp
 ``pretrained/tiny-gemma3-proxy/`` with ``RECIPE.json`` (how it was made) and ``SHA256SUMS`` (every
 file's hash), and ``models.resolve_model("tiny-gemma3-proxy")`` verifies the hashes before handing the
 folder to ``from_pretrained``.
-
-The shipped weights were built before tiles were stretched per band for the model (``geo.stretched_tile``,
-2026-12-07): the base saw unstretched tiles, and the demo's LoRA SFT sees stretched ones. A rebuild with
-the script would now pretrain on stretched tiles; it takes about 70 minutes (``RECIPE.json``).
 """
 
 from __future__ import annotations

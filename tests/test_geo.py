@@ -465,3 +465,7 @@ def test_percentile_stretch_maps_the_2_98_range_onto_1_255():
     assert out[0, 1, 50] == 128  # 1 + 254 * (50 - 2) / 96
     np.testing.assert_array_equal(out[1], out[0])  # a band's affine change does not change its stretch
     assert (out[2, 1:] == 1).all()  # a flat band: no range to stretch
+    tile = np.where(valid[..., None], array.transpose(1, 2, 0), 0).astype(np.uint8)  # (H, W, 3), 0 = nodata
+    np.testing.assert_array_equal(
+        geo.stretched_tile(tile), geo.percentile_stretch(tile.transpose(2, 0, 1), valid).transpose(1, 2, 0)
+    )

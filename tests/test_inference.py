@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
-from PIL import Image
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
@@ -580,25 +579,3 @@ def test_smoke_chain_outputs_read_back(smoke_run):
         assert {"class", "area_m2", "scene_id", "tile_id", "confidence", "instance_id"} <= set(gdf.columns)
         assert gdf.geometry.is_valid.all() and (gdf.area_m2 > 0).all()
         assert len(gpd.read_parquet(vdir / "fields.parquet")) == len(gdf)
-
-
-def test_the_model_sees_the_same_stretched_tile_in_training_and_at_inference(tmp_path):
-    """Notebook 02's conversation images and inference's prompts hold the same tile, stretched per band
-    (``geo.stretched_tile``): a low-contrast tile reaches 255, nodata stays 0."""
-    rng = np.random.default_rng(0)
-    sem = rng.integers(0, 4, (32, 32)).astype(np.uint8)
-    image = (60 + 0.4 * rng.integers(0, 255, (32, 32, 3))).astype(np.uint8)  # values 60..161: hazy
-    image[:4, :4] = 0
-    tile = prompts.TileRecord("t", "s", "train", image, sem)
-    prompts.write_conversations([tile], tmp_path, "magseg", 4, "plain", 2, "crop")
-    written = np.asarray(Image.open(tmp_path / "images" / "t.png"))
-    np.testing.assert_array_equal(written, geo.stretched_tile(image))
-    assert (written[:4, :4] == 0).all() and written[4:].min() == 1 and written[4:].max() == 255
-    seen = []
-
-    def capture(model, processor, examples, max_new_tokens, batch_size):
-        seen.extend(np.asarray(ex["images"][0]) for ex in examples)
-        return [""] * len(examples)
-
-    inference.predict_tile(None, None, image, "magseg", 4, 2, "plain", "crop", generate=capture)
-    assert len(seen) == 4 and all(np.array_equal(s, written) for s in seen)

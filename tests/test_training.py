@@ -680,9 +680,7 @@ def test_soft_labels_train_class_tokens_towards_the_cells_pixel_shares(tmp_path,
 
     plain = losses("plain_run")
     assert losses("tiny", soft_labels=1e-9) == pytest.approx(plain, abs=1e-4)
-    # mixed cells change the first loss by more than the tolerance the equal runs meet (2.8e-4 measured: the
-    # untrained model's class probabilities are nearly even, so the soft targets move its loss little)
-    assert abs(losses("soft", soft_labels=1.0)[0] - plain[0]) > 1e-4
+    assert abs(losses("soft", soft_labels=1.0)[0] - plain[0]) > 1e-3  # mixed cells change the first loss
     assert losses("mixed_one", mixed_cell_weight=1.0 + 1e-9) == pytest.approx(plain, abs=1e-4)
     assert abs(losses("mixed_zero", mixed_cell_weight=0.0)[0] - plain[0]) > 1e-3
     # Each row carries its own cells' shares, so batches of one tile's patches (reordered rows) keep them.
