@@ -27,13 +27,13 @@ loaded 2-core machine, so seconds are wall time and approximate):
 | 300 | 50 | 0.1 | balanced sampling | 0.889 | 0.935 | 0.925 | 0.869 | 0.905 | 14 |
 | 200 | 40 | 0.1 | 15 leaves | 0.891 | 0.938 | 0.917 | 0.796 | 0.885 | 9 |
 | 300 | 50 | 0.2 | | 0.921 | 0.956 | 0.949 | 0.895 | 0.930 | 8 |
-| **300** | **50** | **0.2** | **stretch** | 0.927 | 0.964 | 0.954 | 0.955 | **0.950** | 8 |
+| **300** | **50** | **0.2** | **stretch** | 0.928 | 0.965 | 0.955 | 0.961 | **0.952** | 8 |
 
 ``stretch`` (the default since 2026-12-07): each tile's bands are stretched from their 2nd to 98th
 percentile onto 1..255 before the features (``geo.percentile_stretch``), which undoes most of the contrast
 a haze veil takes away. Measured on the other landscapes too (validation mean cell Dice, raw -> stretch,
-the same settings otherwise, one thread each): check-seed1 0.841 -> 0.922 (water 0.580 -> 0.876, its hazy
-blocks), check-seed2 0.858 -> 0.888, check-hard 0.934 -> 0.916 (others 0.919 -> 0.901). The choice was
+the same settings otherwise; notebook 01 of each check profile): check-seed1 0.841 -> 0.923 (water 0.580 ->
+0.879, its hazy blocks), check-seed2 0.858 -> 0.888, check-hard 0.934 -> 0.918 (others 0.919 -> 0.900). The choice was
 made on the demo's validation, as every row here; ``{"stretch": False}`` is one of the tuning candidates.
 
 ``tune_pixel_classifier`` repeats such a choice on any run (fit each candidate on train, pick the best
@@ -62,7 +62,7 @@ SCORE_GRID = 16  # cells per tile side when scoring whole tiles: 8 px cells on 1
 DEFAULTS_TUNED_ON = (
     "demo validation split (seed 0), mean cell Dice at 16x16 cells; see pixel_baseline's docstring"
 )
-# Candidates for tune_pixel_classifier (overrides of PixelSettings): the defaults and two neighbours.
+# Candidates for tune_pixel_classifier (overrides of PixelSettings): the defaults and three neighbours.
 TUNE_CANDIDATES = ({}, {"learning_rate": 0.1}, {"sampling": "balanced"}, {"stretch": False})
 
 
