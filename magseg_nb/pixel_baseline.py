@@ -30,7 +30,7 @@ loaded 2-core machine, so seconds are wall time and approximate):
 | **300** | **50** | **0.2** | **stretch** | 0.928 | 0.965 | 0.955 | 0.961 | **0.952** | 8 |
 
 ``stretch`` (the default since 2026-12-07): each tile's bands are stretched from their 2nd to 98th
-percentile onto 1..255 before the features (``geo.percentile_stretch``), which undoes most of the contrast
+percentile onto 1..255 before the features (``geo.stretched_tile``), which undoes most of the contrast
 a haze veil takes away. Measured on the other landscapes too (validation mean cell Dice, raw -> stretch,
 the same settings otherwise; notebook 01 of each check profile): check-seed1 0.841 -> 0.923 (water 0.580 ->
 0.879, its hazy blocks), check-seed2 0.858 -> 0.888, check-hard 0.934 -> 0.918 (others 0.919 -> 0.900). The choice was
@@ -78,7 +78,7 @@ class PixelSettings:
     max_iter: int = 50  # boosting iterations (prediction time grows with them)
     learning_rate: float = 0.2
     max_leaf_nodes: int = 31
-    stretch: bool = True  # each tile's bands stretched 2-98 % (geo.percentile_stretch) before the features
+    stretch: bool = True  # each tile's bands stretched 2-98 % (geo.stretched_tile) before the features
     seed: int = 0  # pixel sampling and the classifier's random state
 
 
