@@ -110,6 +110,10 @@ class SFTSettings(CommonSettings):
     # Loss weight of the class tokens of mixed cells (purity under MIXED_PURITY, from ``pixel_labels``); every
     # other answer token weighs 1 and each batch's loss is the weighted mean. 1: no weighting.
     mixed_cell_weight: float = 1.0
+    # >0: each training row's images (the tile and its patch alike) in a random colour: brightness, contrast
+    # and saturation each scaled by a factor drawn from [1 - photometric, 1 + photometric] (Pillow's
+    # ImageEnhance), drawn afresh each time a row is batched; scoring sees the images as they are. 0: off.
+    photometric: float = 0.0
     # CPU speed, not the recipe (docs/experiments.md, "Three epochs in the time of one"). "auto": compile the
     # model (torch.compile, inductor) for a CPU run of COMPILE_MIN_STEPS steps or more whose batches keep their
     # shape (one_shape: MAgSeg's plain grids; Text4Seg's answers of many lengths only in batches of similar
@@ -133,6 +137,10 @@ class SFTSettings(CommonSettings):
             raise ValueError(f"soft_labels must be in [0, 1], not {self.soft_labels}")
         if self.mixed_cell_weight < 0:
             raise ValueError(f"mixed_cell_weight must be >= 0, not {self.mixed_cell_weight}")
+        if not 0 <= self.photometric < 1:
+            raise ValueError(
+                f"photometric must be in [0, 1) (a factor's spread around 1), not {self.photometric}"
+            )
         if not self.by_cells:
             return
         named = self.cell_settings
@@ -295,6 +303,7 @@ NEUTRAL = {
     "soft_labels": 0.0,
     "pixel_labels": "",
     "mixed_cell_weight": 1.0,
+    "photometric": 0.0,
 }
 # A cell whose majority class holds under this share of its pixels is mixed (``mixed_cell_weight``): the
 # upper edge of the mixed bins of ``validation.errors_by_purity`` (not imported from validation: training
@@ -752,6 +761,8 @@ def train_sft(model, processor, train_ds, s: SFTSettings, out: Path, peft_config
     )
     if s.by_cells:
         trainer.data_collator = SharesCollator(trainer.data_collator)
+    if s.photometric:
+        trainer.data_collator = JitteredColours(trainer.data_collator, s.photometric, s.seed)
     return fit(trainer, out, share_images=s.tile_group > 1)
 
 
@@ -791,6 +802,37 @@ def class_token_ids(processor) -> list[int]:
             f"soft labels and mixed-cell weights need one token per class name; this tokenizer writes {ids}"
         )
     return [i[0] for i in ids.values()]
+
+
+def jitter_colours(images, factors):
+    """``images`` (PIL) with brightness, contrast and saturation scaled by ``factors`` (three floats, 1: as is)."""
+    from PIL import ImageEnhance
+
+    out = []
+    for img in images:
+        img = img.convert("RGB")
+        for enhance, f in zip(
+            (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color), factors, strict=True
+        ):
+            img = enhance(img).enhance(float(f))
+        out.append(img)
+    return out
+
+
+class JitteredColours:
+    """A collator whose rows' images are jittered in colour (:func:`jitter_colours`), one draw of factors in
+    ``[1 - strength, 1 + strength]`` per row, shared by its images, from a generator seeded by ``seed``."""
+
+    def __init__(self, inner, strength: float, seed: int = 0):
+        self.inner, self.strength = inner, strength
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, examples):
+        jittered = []
+        for ex in examples:
+            factors = self.rng.uniform(1 - self.strength, 1 + self.strength, size=3)
+            jittered.append({**ex, "images": jitter_colours(ex["images"], factors)})
+        return self.inner(jittered)
 
 
 class SharesCollator:

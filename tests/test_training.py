@@ -330,6 +330,7 @@ def test_sft_settings_check_the_loss_settings_when_read(tmp_path):
         ({"loraplus_lr_ratio": 0.5}, "loraplus_lr_ratio must be >= 1"),
         ({"soft_labels": 1.5}, r"soft_labels must be in \[0, 1\], not 1.5"),
         ({"mixed_cell_weight": -1.0}, "mixed_cell_weight must be >= 0, not -1"),
+        ({"photometric": 1.0}, r"photometric must be in \[0, 1\) \(a factor's spread around 1\), not 1.0"),
         (
             {"soft_labels": 0.5},
             "^soft_labels: the cells' pixel shares come from pixel_labels; set it to notebook 01's folder",
@@ -354,6 +355,36 @@ def test_sft_settings_check_the_loss_settings_when_read(tmp_path):
     assert ok.by_cells and ok.cell_settings == "mixed_cell_weight"
     assert not training.SFTSettings().by_cells
     assert training.SFTSettings(label_weights={"tree": 2.0}).label_weights == {"tree": 2.0}
+
+
+def test_colour_jitter_scales_contrast_and_shares_one_draw_between_a_rows_images():
+    """Contrast 0.5 halves each pixel's distance from the grey mean; a row's tile and patch get one draw,
+    rows get their own, and the seed fixes the draws."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(40, 216, (16, 16, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(training.jitter_colours([img], (1, 1, 1))[0]), np.asarray(img))
+    half = np.asarray(training.jitter_colours([img], (1, 0.5, 1))[0], float)
+    a = np.asarray(img, float)
+    grey = np.asarray(img.convert("L"), float).mean()
+    assert np.abs(half - (grey + 0.5 * (a - grey))).max() <= 1.0
+    assert half.std() == pytest.approx(0.5 * a.std(), rel=0.02)
+
+    seen = []
+
+    def inner(rows):
+        seen.append([[np.asarray(i, float) for i in r["images"]] for r in rows])
+        return {"n": len(rows)}
+
+    rows = [{"images": [img, img], "prompt": "p"} for _ in range(3)]
+    assert training.JitteredColours(inner, 0.4, seed=1)(rows) == {"n": 3}
+    assert training.JitteredColours(inner, 0.4, seed=1)(rows) == {"n": 3}
+    first, again = seen
+    for tile, patch in first:
+        assert np.array_equal(tile, patch)  # one draw per row, for both its images
+        assert not np.array_equal(tile, a)  # and jittered
+    assert not np.array_equal(first[0][0], first[1][0])  # rows draw their own factors
+    assert all(np.array_equal(x[0], y[0]) for x, y in zip(first, again, strict=True))  # the seed fixes them
+    assert np.array_equal(np.asarray(rows[0]["images"][0]), np.asarray(img))  # the rows are left as they were
 
 
 def test_settings_hash_leaves_out_the_scoring_settings_only(tmp_path):
