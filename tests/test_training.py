@@ -408,6 +408,7 @@ def test_settings_hash_leaves_out_the_scoring_settings_only(tmp_path):
         ("loraplus_lr_ratio", 16.0),
         ("soft_labels", 0.5),
         ("mixed_cell_weight", 2.0),
+        ("photometric", 0.4),
     ]:
         # the cell-share settings need pixel_labels: compared against the same settings with it alone
         base = (
@@ -431,6 +432,7 @@ def test_settings_hash_leaves_out_the_scoring_settings_only(tmp_path):
             "soft_labels",
             "pixel_labels",
             "mixed_cell_weight",
+            "photometric",
         )
     }
     assert h == files.sha256_json({**old, "inputs": training.inputs_hash(s)})[:12]
@@ -544,6 +546,28 @@ def test_checkpoints_of_other_inputs_are_removed_not_resumed(tmp_path, capsys):
     (ck / training.INPUTS_STAMP).unlink()  # unstamped checkpoints (another version): not trusted
     training._drop_checkpoints_of_other_inputs(ck, "bbb")
     assert not (ck / "checkpoint-4").exists()
+
+
+@pytest.mark.slow
+def test_sft_with_photometric_jitters_every_training_row_within_its_spread(convs, tmp_path, monkeypatch):
+    """photometric=0.3: each row of each training batch is jittered once, all its images together, with
+    factors in [0.7, 1.3]; the trained adapter is saved as usual."""
+    cfg = _tiny_sft(convs, tmp_path, "magseg", photometric=0.3)
+    calls, real = [], training.jitter_colours
+
+    def recording(images, factors):
+        calls.append((len(images), np.asarray(factors)))
+        return real(images, factors)
+
+    monkeypatch.setattr(training, "jitter_colours", recording)
+    assert training.run_sft(cfg)["steps"] == 2
+    n_images = len(prompts.load_conversations(convs / "magseg_train.jsonl")[0]["images"])
+    assert len(calls) >= 2 * 4  # two steps of four rows (the trainer may batch once more to measure)
+    assert {n for n, _ in calls} == {n_images}
+    factors = np.stack([f for _, f in calls])
+    assert factors.shape[1] == 3 and factors.min() >= 0.7 and factors.max() <= 1.3
+    assert len(np.unique(factors.round(6), axis=0)) == len(calls)  # a draw of its own per row
+    assert (tmp_path / "sft" / "adapter" / "adapter_config.json").is_file()
 
 
 @pytest.mark.slow
