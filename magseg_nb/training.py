@@ -113,6 +113,8 @@ class SFTSettings(CommonSettings):
     # >0: each training row's images (the tile and its patch alike) in a random colour: brightness, contrast
     # and saturation each scaled by a factor drawn from [1 - photometric, 1 + photometric] (Pillow's
     # ImageEnhance), drawn afresh each time a row is batched; scoring sees the images as they are. 0: off.
+    # Level on four landscapes at 0.4 (docs/experiments.md, thirty-sixth session). A resumed run draws its
+    # factors from the seed again, so it is not the same run as an uninterrupted one.
     photometric: float = 0.0
     # CPU speed, not the recipe (docs/experiments.md, "Three epochs in the time of one"). "auto": compile the
     # model (torch.compile, inductor) for a CPU run of COMPILE_MIN_STEPS steps or more whose batches keep their
