@@ -316,13 +316,18 @@ def percentile_stretch(array: np.ndarray, valid: np.ndarray, low: float = 2, hig
     return out
 
 
+def valid_pixels(image: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels with any non-zero band (notebook 01's images use 0 in every band as nodata)."""
+    return np.asarray(image)[..., :3].any(axis=-1)
+
+
 def stretched_tile(image: np.ndarray) -> np.ndarray:
     """An (H, W, >=3) tile as the pixel classifier sees it: (H, W, 3) uint8, each band stretched from its
     2nd to its 98th percentile over the valid pixels (any band non-zero) onto 1..255, nodata left 0. Per
     tile, so a haze veil's loss of contrast is mostly undone. The model is shown the tiles unstretched: on
     its stretched tiles it gained on one landscape and lost on two (docs/experiments.md)."""
     image = np.asarray(image)
-    valid = image[..., :3].any(axis=-1)
+    valid = valid_pixels(image)
     return np.ascontiguousarray(
         percentile_stretch(image[..., :3].transpose(2, 0, 1), valid).transpose(1, 2, 0)
     )

@@ -116,15 +116,10 @@ def pixel_features(image: np.ndarray, settings: PixelSettings | None = None) -> 
     return np.concatenate([rgb, multi.astype(np.float32, copy=False)], axis=-1)
 
 
-def valid_pixels(image: np.ndarray) -> np.ndarray:
-    """(H, W) bool: pixels with any non-zero band (notebook 01's images use 0 in every band as nodata)."""
-    return np.asarray(image)[..., :3].any(axis=-1)
-
-
 def predict_tile(model: PixelModel, image: np.ndarray) -> np.ndarray:
     """(H, W) uint8 class ids of a tile; NODATA (255) where the image is nodata."""
     image = np.asarray(image)
-    valid = valid_pixels(image)
+    valid = geo.valid_pixels(image)
     out = np.full(image.shape[:2], NODATA, np.uint8)
     if valid.any():
         feats = pixel_features(image, model.settings)
@@ -168,7 +163,7 @@ def training_pixels(run01, settings: PixelSettings) -> tuple[np.ndarray, np.ndar
     xs, ys, used = [], [], []
     for tile_id in split_tiles(run01, "train")["tile_id"]:
         tile = geo.read_tile(run01, tile_id)
-        valid = valid_pixels(tile.image)
+        valid = geo.valid_pixels(tile.image)
         idx = sample_pixels(tile.semantic, valid, settings.samples_per_tile, settings.sampling, rng)
         if len(idx) == 0:
             continue

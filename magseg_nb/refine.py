@@ -201,7 +201,7 @@ class SelfTrainedRefiner:
 
     def training_pixels(self, image: np.ndarray, coarse: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels) of up to ``samples_per_tile`` pixels of one tile well inside its coarse regions."""
-        from magseg_nb import pixel_baseline
+        from magseg_nb import geo, pixel_baseline
 
         coarse = np.asarray(coarse)
         inside = np.zeros(coarse.shape, bool)
@@ -214,7 +214,7 @@ class SelfTrainedRefiner:
             )
         settings = self.pixel_settings
         idx = pixel_baseline.sample_pixels(
-            np.where(inside, coarse, NODATA), pixel_baseline.valid_pixels(image), settings.samples_per_tile,
+            np.where(inside, coarse, NODATA), geo.valid_pixels(image), settings.samples_per_tile,
             settings.sampling, rng,
         )  # fmt: skip
         feats = pixel_baseline.pixel_features(image, settings)

@@ -110,10 +110,10 @@ def test_beats_all_field_on_a_generated_landscape():
     scenes = {k: landscape.generate_scene(k, "vietnam", 192, 0.8, seed=s) for k, s in (("a", 0), ("b", 1))}
     for k, scene in scenes.items():
         semantic[k] = np.where(scene.kind > 3, 0, scene.kind).astype(np.uint8)
-        semantic[k][~pixel_baseline.valid_pixels(scene.image)] = NODATA
+        semantic[k][~geo.valid_pixels(scene.image)] = NODATA
     settings = replace(FAST, samples_per_tile=3000, max_iter=40, num_sigma=3)
     rng = np.random.default_rng(0)
-    valid = pixel_baseline.valid_pixels(scenes["a"].image)
+    valid = geo.valid_pixels(scenes["a"].image)
     idx = pixel_baseline.sample_pixels(semantic["a"], valid, 3000, "uniform", rng)
     feats = pixel_baseline.pixel_features(scenes["a"].image, settings)
     model = pixel_baseline.fit(feats.reshape(-1, feats.shape[-1])[idx], semantic["a"].ravel()[idx], settings)
@@ -262,7 +262,7 @@ def test_stretch_makes_the_classifier_see_through_a_haze_veil(tmp_path):
     raw one loses pixels (measured: 0.999 vs 0.977 right)."""
     run01, _, _ = fake_run(tmp_path, water_in_train=True)
     val = geo.read_tile(run01, "t1_1")
-    valid = pixel_baseline.valid_pixels(val.image)
+    valid = geo.valid_pixels(val.image)
     veiled = (val.image * 0.25 + np.array([196, 200, 206]) * 0.75).astype(np.uint8)
     veiled[~valid] = 0
     labelled = val.semantic != NODATA
