@@ -21,6 +21,15 @@ from magseg_nb.chain import read_state, resolve_run_dir
 FOLDER = "seed_spread"
 
 
+def seed_answers(run_dir, seed: int, fmt: str = "magseg") -> Path:
+    """Where the validation answers of ``seed``'s adapter are: notebook 03's for the stage's own seed, the
+    spread's folder for the others (whether or not it has been trained yet)."""
+    run_dir = Path(run_dir)
+    own = ((read_state(run_dir / "03_sft") or {}).get("params") or {}).get("seed")
+    base = run_dir / "03_sft" if seed == own else run_dir / FOLDER / f"seed_{seed}"
+    return base / fmt / layout.ANSWERS
+
+
 def seed_scores(run01, run02, answers_jsonl, fmt: str, n_boot: int, seed: int) -> pd.DataFrame:
     frames = validation.answer_frames(Path(run02) / f"{fmt}_val.jsonl", answers_jsonl, run01)
     return validation.score_frames({validation.MODEL: frames[validation.MODEL]}, n_boot, seed=seed)
@@ -37,7 +46,7 @@ def run_seeds(run_dir, seeds: Sequence[int], fmt: str = "magseg", n_boot: int = 
     out = run_dir / FOLDER
     parts = [
         seed_scores(
-            run01, run02, run_dir / "03_sft" / fmt / layout.ANSWERS, fmt, n_boot, params["seed"]
+            run01, run02, seed_answers(run_dir, params["seed"], fmt), fmt, n_boot, params["seed"]
         ).assign(seed=params["seed"], steps=sft["summary"].get(f"{fmt}_steps"))
     ]
     for seed in seeds:
@@ -50,12 +59,12 @@ def run_seeds(run_dir, seeds: Sequence[int], fmt: str = "magseg", n_boot: int = 
             fmt,
             sft["summary"]["base_model"],
             run02,
-            out / f"seed_{seed}" / fmt,
+            seed_answers(run_dir, seed, fmt).parent,
         )
         print(f"seed {seed}: training {fmt} for {s.max_steps} steps", flush=True)
         result = training.run_sft(s)
         parts.append(
-            seed_scores(run01, run02, Path(s.output_dir) / layout.ANSWERS, fmt, n_boot, seed).assign(
+            seed_scores(run01, run02, seed_answers(run_dir, seed, fmt), fmt, n_boot, seed).assign(
                 seed=seed, steps=result.get("steps")
             )
         )

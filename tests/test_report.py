@@ -227,3 +227,59 @@ def test_the_standing_against_the_classifier_comes_from_the_paired_block_interva
     (run / "03_sft" / "magseg" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_field))
     assert report.classifier_standing(run) == "level on every class"  # the same answers as the classifier
     assert report.classifier_standing(run, "text4seg") == "n/a"
+
+
+def test_a_landscapes_other_sft_seeds_get_a_row_each_and_a_sentence_over_them(tmp_path):
+    """Notebook 03's seed 3 answers perfectly; the spread's seed 5 calls every cell field, as the
+    classifier does, with 3 of 12 answers malformed: a row per seed, each with its own standing."""
+    import json as _json
+    import shutil
+
+    from magseg_nb import seed_spread
+
+    from .test_validation import _fake_run
+
+    run01, val, answers = _fake_run(tmp_path / "check-seed1")
+    run, run02 = run01.parent, run01.parent / "02_instruction_format"
+    shutil.move(val, run02 / "magseg_val.jsonl")
+    write_state(
+        run / "03_sft", {"magseg_val_valid_fraction": 1.0}, params={"n_boot": 200, "ci": 0.95, "seed": 3}
+    )
+    assert seed_spread.seed_answers(run, 3) == run / "03_sft" / "magseg" / "answers.jsonl"
+    assert seed_spread.seed_answers(run, 5) == run / "seed_spread" / "seed_5" / "magseg" / "answers.jsonl"
+    seed_spread.seed_answers(run, 3).parent.mkdir(parents=True)
+    shutil.copy(answers, seed_spread.seed_answers(run, 3))
+    rows = [_json.loads(line) for line in answers.read_text().splitlines()]
+    for k, row in enumerate(rows):
+        row["answer"], row["valid"] = "\n".join(["field|field|field|field"] * 4), k % 4 != 0
+    seed_spread.seed_answers(run, 5).parent.mkdir(parents=True)
+    seed_spread.seed_answers(run, 5).write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    spread = pd.concat(
+        seed_spread.seed_scores(run01, run02, seed_spread.seed_answers(run, s), "magseg", 200, s).assign(
+            seed=s, steps=50
+        )
+        for s in (3, 5)
+    )
+    spread.to_csv(run / "seed_spread" / "seed_spread.csv", index=False)
+    scores = spread.query("seed == 3").assign(format="magseg")
+    scores.to_csv(run / "03_sft" / "eval_table.csv", index=False)
+
+    lines = report.checks_section([run])
+    table = [line for line in "\n".join(lines).splitlines() if line.startswith("| check-seed1")]
+    assert [r.split(" | ")[1] for r in table] == ["3", "5"]  # notebook 03's seed first
+    assert "| 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |" in table[0]
+    assert (
+        "ahead on field +0.333 [+0.333, +0.333], tree +1.000 [+1.000, +1.000]; level on the rest" in table[0]
+    )
+    assert "| 0.667 [0.667, 0.667] | 0.000 [0.000, 0.000] |" in table[1]
+    assert "| tree 0.000 | level on every class | 75.0 % | n/a | n/a | n/a |" in table[1]
+    assert lines[-2] == (
+        "- check-seed1, SFT seeds 3, 5: mean Dice 0.333 to 1.000; "
+        "ahead of the pixel classifier on field at 1 of 2 seeds, tree at 1 of 2 seeds."
+    )
+    seeds = [line for line in "\n".join(report.seeds_section(run)).splitlines() if line.startswith("| ")]
+    assert seeds[0].endswith("| vs the pixel classifier (paired) |") and len(seeds) == 4
+    assert seeds[2].startswith("| 3 |") and "| ahead on field +0.333 [+0.333, +0.333], tree" in seeds[2]
+    assert seeds[3].startswith("| 5 |") and seeds[3].endswith(
+        "| 0.333 [0.333, 0.333] | 0.500 [0.500, 0.500] | level on every class |"
+    )
