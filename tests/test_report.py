@@ -89,7 +89,7 @@ def test_the_section_round_trips_the_run_folders_numbers(run_dir, tmp_path):
         and "torch 2.14.1" in section
     )
     assert "0.912 [0.862, 0.952]" in section and "0.871 [0.821, 0.911]" in section  # from eval_table.csv
-    assert "373 of 800 steps (**stopped early by a time budget**)" in section
+    assert "373 of 800 steps (**stopped early by a time budget**), 300 s; well-formed" in section
     assert "well-formed answers 97.5 %" in section
     assert "- magseg beats the strongest simple baseline (pixel classifier baseline) on tree." in section
     assert "40 test tiles in 9 blocks" in section and "0.412 [0.362, 0.452]" in section
@@ -98,6 +98,19 @@ def test_the_section_round_trips_the_run_folders_numbers(run_dir, tmp_path):
     before = readme.read_text()
     report.update_readme(readme, report.results_section(run_dir))
     assert readme.read_text() == before
+
+
+def test_the_steps_line_says_whether_sft_ran_compiled_and_in_bf16(run_dir):
+    """Read from the training's own train_done.json; a run without one says nothing rather than guess."""
+    (run_dir / "03_sft" / "magseg").mkdir()
+    done = run_dir / "03_sft" / "magseg" / "train_done.json"
+    done.write_text(json.dumps({"steps": 373, "torch_compile": True, "cpu_autocast": False}))
+    assert "373 of 800 steps (**stopped early by a time budget**), 300 s, compiled, float32; well-formed" in (
+        report.results_section(run_dir)
+    )
+    done.write_text(json.dumps({"steps": 373, "torch_compile": False, "cpu_autocast": True}))
+    assert report.numerics(run_dir, "magseg") == "bf16 autocast"
+    assert report.numerics(run_dir, "text4seg") is None
 
 
 def test_the_section_says_how_the_scored_answers_were_made(run_dir):
