@@ -320,9 +320,8 @@ def other_seeds(run: Path) -> pd.DataFrame:
     path = run / seed_spread.FOLDER / "seed_spread.csv"
     if not path.exists():
         return pd.DataFrame(columns=["seed", "metric", "value", "lo", "hi"])
-    own = ((read_state(run / "03_sft") or {}).get("params") or {}).get("seed")
     table = pd.read_csv(path)
-    return table[table["seed"] != own]
+    return table[table["seed"] != seed_spread.stage_seed(run)]
 
 
 def _dice_cells(values: dict[str, tuple]) -> tuple[dict[str, str], str | None]:

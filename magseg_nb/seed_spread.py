@@ -21,12 +21,16 @@ from magseg_nb.chain import read_state, resolve_run_dir
 FOLDER = "seed_spread"
 
 
+def stage_seed(run_dir) -> int | None:
+    """The SFT seed notebook 03 trained with (None before it has finished)."""
+    return ((read_state(Path(run_dir) / "03_sft") or {}).get("params") or {}).get("seed")
+
+
 def seed_answers(run_dir, seed: int, fmt: str = "magseg") -> Path:
     """Where the validation answers of ``seed``'s adapter are: notebook 03's for the stage's own seed, the
     spread's folder for the others (whether or not it has been trained yet)."""
     run_dir = Path(run_dir)
-    own = ((read_state(run_dir / "03_sft") or {}).get("params") or {}).get("seed")
-    base = run_dir / "03_sft" if seed == own else run_dir / FOLDER / f"seed_{seed}"
+    base = run_dir / "03_sft" if seed == stage_seed(run_dir) else run_dir / FOLDER / f"seed_{seed}"
     return base / fmt / layout.ANSWERS
 
 
